@@ -1,0 +1,77 @@
+"""EngineConfig: the one frozen dataclass that carries every engine knob.
+
+Defaults and validation live here, so an invalid configuration fails at start with a message naming the knob.
+Values discovered at run time (number of KV blocks, the EOS ids, the resolved dtype) are *not* written back
+here; they are returned by the components that find them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _default_kv_cache_memory() -> int:
+    """A sensible share of RAM for the KV pool: 10% of physical memory, capped at 4 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(64 << 20, min(4 << 30, total // 10))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of the engine. Construct it once; it never changes afterwards."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None -> _default_kv_cache_memory()
+    num_kv_blocks: int | None = None  # exact pool size; overrides kv_cache_memory (tests, benchmarks)
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # most requests running at once
+    max_model_len: int | None = None  # None -> the model's context length
+    long_prefill_token_threshold: int | None = None  # most prompt tokens one request may take per step
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seed for requests that bring none
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        positive = ["block_size", "max_num_batched_tokens", "max_num_seqs"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["kv_cache_memory", "num_kv_blocks", "max_model_len", "long_prefill_token_threshold"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when given, got {value}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache_memory if self.kv_cache_memory is not None else _default_kv_cache_memory()
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def parse_memory(text: str) -> int:
+    """'4GiB', '512MB', '1.5G', '1000000' -> bytes."""
+    s = text.strip().lower().replace("ib", "").replace("b", "")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot parse memory size {text!r}; use e.g. 2GiB, 512MiB or a byte count") from None

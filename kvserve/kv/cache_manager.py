@@ -1,0 +1,138 @@
+"""KVCacheManager: each request's block table, prefix-cache lookups, and the blocks it holds.
+
+For a request with block table [b0, b1, ..., bk]:
+  [0, num_computed_tokens)   KV written (or shared from the cache)
+  full blocks below num_computed_tokens are indexed by hash after the step that filled them ran, so a
+  failed step can never publish garbage KV. The partially filled last block is private to its request:
+  it is never indexed, hence never shared mutably.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvserve.kv.block_pool import Block, BlockPool
+from kvserve.kv.hashing import hash_block_chain
+from kvserve.request import Request
+
+
+@dataclass
+class ComputedBlocks:
+    """A prefix-cache hit: blocks to share and how many tokens they cover."""
+
+    blocks: list[Block] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int, enable_caching: bool = True):
+        self.pool = pool
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self._blocks: dict[str, list[Block]] = {}
+        self._num_indexed: dict[str, int] = {}  # full blocks of the request already offered to the index
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    # ------------------------------------------------------------------------------------------- hashing
+    def update_block_hashes(self, request: Request) -> None:
+        """Extend request.block_hashes to cover every full block of its tokens."""
+        hashes = request.block_hashes
+        if len(hashes) == request.num_tokens // self.block_size:
+            return
+        hashes.extend(
+            hash_block_chain(
+                request.all_token_ids,
+                self.block_size,
+                request.extra_keys,
+                parent=hashes[-1] if hashes else None,
+                start_block=len(hashes),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------- lookups
+    def get_computed_blocks(self, request: Request) -> ComputedBlocks:
+        """The longest cached chain of full blocks at the start of the request.
+
+        The last token is never served from cache: its logits are needed to sample, so at most
+        num_tokens - 1 tokens (rounded down to whole blocks) can hit.
+        """
+        if not self.enable_caching:
+            return ComputedBlocks()
+        self.update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hit: list[Block] = []
+        bs = self.block_size
+        for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
+            block = self.pool.lookup(block_hash, request.all_token_ids[i * bs : (i + 1) * bs])
+            if block is None:
+                break
+            hit.append(block)
+        return ComputedBlocks(hit, len(hit) * bs)
+
+    def record_query(self, request: Request, computed: ComputedBlocks) -> None:
+        """Count a first admission's lookup in the hit-rate statistics (in tokens)."""
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += computed.num_tokens
+
+    # ------------------------------------------------------------------------------------------ allocation
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
+        """Make room for num_new_tokens more tokens after the computed ones (and after a cache hit).
+
+        Returns False, changing nothing, when the pool is too short; the scheduler then preempts or waits.
+        """
+        computed = computed or ComputedBlocks()
+        held = self._blocks.get(request.request_id, [])
+        total_tokens = request.num_computed_tokens + computed.num_tokens + num_new_tokens
+        num_needed = -(-total_tokens // self.block_size) - len(held) - len(computed.blocks)
+        # Hit blocks nobody references sit in the free count; taking them shrinks it.
+        num_revived = sum(1 for b in computed.blocks if b.ref_count == 0)
+        if max(num_needed, 0) + num_revived > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(computed.blocks)
+        new_blocks = self.pool.allocate(max(num_needed, 0))
+        self._blocks[request.request_id] = held + computed.blocks + new_blocks
+        if computed.blocks:
+            self._num_indexed.setdefault(request.request_id, len(computed.blocks))
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Index the request's full blocks whose KV is now written (call after the step ran)."""
+        if not self.enable_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        start = self._num_indexed.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        self.update_block_hashes(request)
+        blocks = self._blocks[request.request_id]
+        bs = self.block_size
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], request.block_hashes[i], request.all_token_ids[i * bs : (i + 1) * bs])
+        self._num_indexed[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release every block of the request, deepest first so that leaves are evicted before parents."""
+        blocks = self._blocks.pop(request.request_id, [])
+        self._num_indexed.pop(request.request_id, None)
+        self.pool.free(reversed(blocks))
+
+    def block_ids(self, request: Request) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request.request_id, [])]
+
+    def num_held(self, request: Request) -> int:
+        return len(self._blocks.get(request.request_id, []))
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._blocks)
+
+    def check_invariants(self) -> None:
+        """Pool invariants plus: every block's ref count equals the number of block tables holding it."""
+        self.pool.check_invariants()
+        counts: dict[int, int] = {}
+        for blocks in self._blocks.values():
+            for b in blocks:
+                counts[b.block_id] = counts.get(b.block_id, 0) + 1
+        for b in self.pool.blocks:
+            assert b.ref_count == counts.get(b.block_id, 0), f"block {b.block_id} ref count {b.ref_count} wrong"

@@ -1,0 +1,130 @@
+"""Scheduler: continuous batching with chunked prefill and preemption (no torch here).
+
+One rule covers prefill and decode: each step, every running request asks for
+num_tokens - num_computed_tokens more tokens, capped by the step's token budget (and by
+long_prefill_token_threshold), and gets the KV blocks for them. Running requests go first, oldest first;
+then waiting requests are admitted in arrival order while budget, seats (max_num_seqs) and blocks last.
+A waiting request's prefix-cache hit is counted before admission, so a hit costs neither budget nor blocks
+beyond the shared ones.
+
+When a running request can't get a block, the newest running request is preempted: its blocks are freed
+(they stay in the prefix cache until evicted) and it goes back to the front of the waiting queue, to be
+recomputed later. Nothing fails for want of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvserve.batch import ScheduledRequest, SchedulerOutput
+from kvserve.kv.cache_manager import KVCacheManager
+from kvserve.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    long_prefill_token_threshold: int | None = None
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, kv: KVCacheManager):
+        self.limits = limits
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------------------ queues
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Its KV needs must fit the pool when it runs alone (checked by the engine)."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Finish (or abort) a request wherever it is and release its blocks at once."""
+        assert status.finished
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---------------------------------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocate their KV blocks."""
+        out = SchedulerOutput()
+        budget = self.limits.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, n, out):
+                break  # request itself was preempted; nothing after it runs either
+            scheduled.append(ScheduledRequest(request, n, []))
+            budget -= n
+            i += 1
+
+        if not out.preempted:
+            budget = self._admit_waiting(budget, scheduled)
+
+        for s in scheduled:
+            s.block_ids = self.kv.block_ids(s.request)
+        out.scheduled = scheduled
+        return out
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        n = min(remaining, budget)
+        if self.limits.long_prefill_token_threshold is not None:
+            n = min(n, self.limits.long_prefill_token_threshold)
+        return n
+
+    def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        while not self.kv.allocate_slots(request, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            n = self._chunk(request.num_tokens - computed.num_tokens, budget)
+            if not self.kv.allocate_slots(request, n, computed):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = computed.num_tokens
+                self.kv.record_query(request, computed)
+            request.num_computed_tokens = computed.num_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, n, []))
+            budget -= n
+        return budget
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """The step ran: advance each request's computed tokens and publish its newly full blocks."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed_blocks(s.request)

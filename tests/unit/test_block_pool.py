@@ -1,0 +1,131 @@
+"""BlockPool and LRU policy: exact block ids, eviction order, double-free detection."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.kv.block_pool import BlockPool, NoFreeBlocksError
+from kvserve.kv.eviction import LRUPolicy, make_policy
+from kvserve.kv.hashing import BlockHash, hash_block, hash_block_chain
+
+
+def H(i: int) -> BlockHash:
+    return BlockHash(bytes([i]) * 32)
+
+
+def test_allocate_low_ids_first_and_free_returns_them():
+    pool = BlockPool(4)
+    blocks = pool.allocate(3)
+    assert [b.block_id for b in blocks] == [0, 1, 2]
+    assert pool.num_free_blocks == 1 and pool.usage == 0.75
+    pool.free(blocks)
+    assert pool.num_free_blocks == 4 and pool.usage == 0.0
+    pool.check_invariants()
+
+
+def test_allocate_too_many_takes_nothing():
+    pool = BlockPool(2)
+    with pytest.raises(NoFreeBlocksError):
+        pool.allocate(3)
+    assert pool.num_free_blocks == 2
+    pool.check_invariants()
+
+
+def test_double_free_raises():
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    pool.free([b])
+    with pytest.raises(AssertionError, match="double free"):
+        pool.free([b])
+
+
+def test_cached_block_survives_free_and_is_revived_by_hit():
+    pool = BlockPool(3)
+    (b,) = pool.allocate(1)
+    assert pool.cache_block(b, H(1), (1, 2))
+    pool.free([b])
+    assert pool.num_free_blocks == 3  # evictable counts as free
+    hit = pool.lookup(H(1), (1, 2))
+    assert hit is b
+    pool.touch([hit])
+    assert b.ref_count == 1 and pool.num_free_blocks == 2
+    pool.check_invariants()
+
+
+def test_lookup_compares_tokens_so_a_collision_is_a_miss():
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    pool.cache_block(b, H(1), (1, 2))
+    assert pool.lookup(H(1), (9, 9)) is None
+
+
+def test_empty_blocks_are_used_before_evicting_cached_ones_and_lru_order():
+    pool = BlockPool(4)
+    a, b, c, d = pool.allocate(4)
+    for i, blk in enumerate((a, b, c)):
+        pool.cache_block(blk, H(i), (i,))
+    pool.free([b, a, c])  # b freed first -> evicted first
+    pool.free([d])  # d is empty: handed out before any eviction
+    assert pool.allocate(1) == [d] and pool.num_evictions == 0
+    assert pool.allocate(1) == [b] and pool.num_evictions == 1
+    assert pool.lookup(H(1), (1,)) is None and b.block_hash is None
+    assert pool.allocate(1) == [a]
+    pool.check_invariants()
+
+
+def test_referenced_block_is_never_evicted():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.cache_block(a, H(1), (1,))
+    pool.free([b])
+    pool.allocate(1)
+    with pytest.raises(NoFreeBlocksError):
+        pool.allocate(1)
+    assert pool.lookup(H(1), (1,)) is a
+
+
+def test_same_content_cached_once():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    assert pool.cache_block(a, H(1), (1,))
+    assert not pool.cache_block(b, H(1), (1,))
+    pool.free([a, b])
+    pool.check_invariants()
+    assert pool.num_cached_blocks == 1
+
+
+def test_reset_prefix_cache_drops_only_free_cached_blocks():
+    pool = BlockPool(3)
+    a, b = pool.allocate(2)
+    pool.cache_block(a, H(1), (1,))
+    pool.cache_block(b, H(2), (2,))
+    pool.free([a])
+    assert pool.reset_prefix_cache() == 1
+    assert pool.lookup(H(1), (1,)) is None and pool.lookup(H(2), (2,)) is b
+    pool.check_invariants()
+
+
+def test_lru_policy_remove_middle_and_pop_order():
+    pool = BlockPool(4)
+    blocks = pool.blocks
+    lru = LRUPolicy()
+    for b in blocks:
+        lru.add(b)
+    lru.remove(blocks[1])
+    assert [b.block_id for b in lru] == [0, 2, 3]
+    assert lru.pop() is blocks[0] and lru.pop() is blocks[2] and len(lru) == 1
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_policy("nope")
+
+
+def test_hash_chain_commits_to_prefix_and_extra_keys():
+    tokens = list(range(40))
+    chain = hash_block_chain(tokens, 16)
+    assert len(chain) == 2
+    assert chain[1] == hash_block(chain[0], tokens[16:32])
+    other = hash_block_chain([99] + tokens[1:], 16)
+    assert other[0] != chain[0] and other[1] != chain[1]  # a change in block 0 changes every later hash
+    salted = hash_block_chain(tokens, 16, extra_keys=("tenant-a",))
+    assert salted[0] != chain[0] and salted[1] != chain[1]
+    # resuming the chain gives the same hashes as computing it in one go
+    assert hash_block_chain(tokens, 16, parent=chain[0], start_block=1) == chain[1:]

@@ -1,0 +1,118 @@
+"""Scheduler without a model: token budget, chunked prefill, prefix hits at admission, preemption."""
+
+from __future__ import annotations
+
+from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.cache_manager import KVCacheManager
+from kvserve.request import Request, RequestStatus
+from kvserve.sampling_params import SamplingParams
+from kvserve.scheduler import Scheduler, SchedulerLimits
+
+BS = 4
+
+
+def make(num_blocks=32, budget=16, seqs=8, threshold=None):
+    kv = KVCacheManager(BlockPool(num_blocks), BS)
+    return Scheduler(SchedulerLimits(budget, seqs, threshold), kv), kv
+
+
+def req(rid, tokens, max_tokens=8):
+    return Request(rid, list(tokens), SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
+def run_step(sched, token=7):
+    """Pretend the model ran: advance and append a token for every request whose chunk reached its end."""
+    out = sched.schedule()
+    sched.update_after_step(out)
+    for s in out.scheduled:
+        if s.request.num_computed_tokens == s.request.num_tokens:
+            s.request.append_output_token(token)
+    sched.kv.check_invariants()
+    return out
+
+
+def test_long_prompt_is_chunked_by_the_budget():
+    sched, _ = make(budget=10)
+    r = req("a", range(25))
+    sched.add_request(r)
+    sizes = [run_step(sched).scheduled[0].num_new_tokens for _ in range(4)]
+    assert sizes == [10, 10, 5, 1]  # three prefill chunks, then one decode token
+    assert r.num_output_tokens == 2
+
+
+def test_decodes_and_prefill_chunk_share_a_step():
+    sched, _ = make(budget=8)
+    a = req("a", range(4))
+    sched.add_request(a)
+    run_step(sched)  # a prefilled, has 1 output
+    b = req("b", range(100, 120))
+    sched.add_request(b)
+    out = run_step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_long_prefill_threshold_caps_a_chunk():
+    sched, _ = make(budget=16, threshold=5)
+    sched.add_request(req("a", range(12)))
+    assert run_step(sched).scheduled[0].num_new_tokens == 5
+
+
+def test_prefix_hit_is_counted_at_admission_and_skips_compute():
+    sched, kv = make()
+    a = req("a", list(range(10)))
+    sched.add_request(a)
+    run_step(sched)
+    b = req("b", list(range(9)) + [50, 51])  # shares 9 tokens = 2 full blocks
+    sched.add_request(b)
+    out = run_step(sched)
+    sb = [s for s in out.scheduled if s.request is b][0]
+    assert b.num_cached_tokens == 8 and sb.num_new_tokens == 3
+    assert kv.block_ids(a)[:2] == kv.block_ids(b)[:2]  # shared, not copied
+    assert kv.prefix_hits == 8 and kv.prefix_queries == 21
+
+
+def test_identical_prompt_still_recomputes_last_token():
+    sched, _ = make()
+    sched.add_request(req("a", range(8)))
+    run_step(sched)
+    b = req("b", range(8))
+    sched.add_request(b)
+    run_step(sched)
+    assert b.num_cached_tokens == 4  # 8 tokens = 2 blocks, but the last token must run to give logits
+
+
+def test_max_num_seqs_limits_admission():
+    sched, _ = make(seqs=2)
+    for i in range(3):
+        sched.add_request(req(f"r{i}", range(i * 10, i * 10 + 3)))
+    out = run_step(sched)
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 1
+
+
+def test_out_of_blocks_preempts_newest_then_resumes_it():
+    sched, kv = make(num_blocks=4, budget=64)
+    a = req("a", range(6), max_tokens=20)
+    b = req("b", range(100, 106), max_tokens=20)
+    sched.add_request(a)
+    sched.add_request(b)
+    run_step(sched)  # each holds 2 blocks (7 slots needed after first token)
+    preempted = []
+    for _ in range(6):
+        out = run_step(sched)
+        preempted += out.preempted
+    assert preempted and preempted[0] is b  # the newest goes
+    assert b.num_preemptions >= 1 and a.status == RequestStatus.RUNNING
+    assert a.num_output_tokens == 7  # a never stalled
+    sched.finish_request(a, RequestStatus.FINISHED_LENGTH)
+    out = run_step(sched)
+    assert [s.request for s in out.scheduled] == [b] and b.status == RequestStatus.RUNNING
+    sched.finish_request(b, RequestStatus.FINISHED_ABORTED)
+    assert kv.pool.num_used_blocks == 0
+
+
+def test_finish_waiting_request_frees_nothing_and_removes_it():
+    sched, kv = make()
+    r = req("a", range(5))
+    sched.add_request(r)
+    sched.finish_request(r, RequestStatus.FINISHED_ABORTED)
+    assert not sched.waiting and r.is_finished and kv.pool.num_used_blocks == 0
