@@ -1,8 +1,8 @@
 """Request: one generation's state as the scheduler and KV cache manager see it (no torch here).
 
-  all_token_ids = prompt_token_ids + output_token_ids
-  [0, num_computed_tokens)             KV is in the request's blocks (cached hits included)
-  [num_computed_tokens, num_tokens)    still to compute; the last token's logits give the next sample
+all_token_ids = prompt_token_ids + output_token_ids
+[0, num_computed_tokens)             KV is in the request's blocks (cached hits included)
+[num_computed_tokens, num_tokens)    still to compute; the last token's logits give the next sample
 """
 
 from __future__ import annotations

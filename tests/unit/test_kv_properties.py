@@ -37,8 +37,12 @@ class KVMachine(RuleBasedStateMachine):
         for pos in range(start, end):
             self.shadow[(ids[pos // BS], pos % BS)] = req.all_token_ids[pos]
 
-    @rule(stem=st.sampled_from(STEMS), tail=st.lists(st.integers(0, 3), max_size=9), chunk=st.integers(1, 12),
-          salt=st.sampled_from([None, None, "t1"]))
+    @rule(
+        stem=st.sampled_from(STEMS),
+        tail=st.lists(st.integers(0, 3), max_size=9),
+        chunk=st.integers(1, 12),
+        salt=st.sampled_from([None, None, "t1"]),
+    )
     def admit(self, stem, tail, chunk, salt):
         req = Request(f"r{self.n}", stem + tail, SamplingParams(), cache_salt=salt)
         self.n += 1

@@ -1,0 +1,134 @@
+"""The `kvserve` command: generate (offline), serve (OpenAI-compatible HTTP server).
+
+Engine flags are the EngineConfig fields, spelled with dashes (--block-size, --kv-cache-memory, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvserve.config import EngineConfig, parse_memory
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_memory,
+        default=None,
+        help="bytes for the KV pool, e.g. 2GiB (default: 10%% of RAM, at most 4 GiB)",
+    )
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size; overrides --kv-cache-memory")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=None,
+        help="most prompt tokens one request may compute per step",
+    )
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = set(EngineConfig.field_names())
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvserve.llm import LLM
+    from kvserve.sampling_params import SamplingParams
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print("error: give a prompt or --prompts-file", file=sys.stderr)
+        return 2
+    config = engine_config(args)
+    llm = LLM(**{k: v for k, v in vars(config).items()})
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed_request,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop or ()),
+    )
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=len(prompts) > 1)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    for prompt, out in zip(prompts, outs):
+        c = out.outputs[0]
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": c.text,
+                        "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason,
+                        "num_cached_tokens": out.num_cached_tokens,
+                    }
+                )
+            )
+        else:
+            print(c.text if len(prompts) == 1 else f"--- {prompt!r}\n{c.text}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvserve.server.app import run_server
+
+    run_server(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline")
+    gen.add_argument("prompt", nargs="*", help="prompt(s)")
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed-request", type=int, default=None, help="sampling seed of each request")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    srv.add_argument("model", nargs="?", default="smollm2-135m")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

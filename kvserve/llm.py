@@ -1,0 +1,109 @@
+"""LLM: the offline Python API, in the shape vLLM users know.
+
+from kvserve import LLM, SamplingParams
+llm = LLM(model="smollm2-135m", enable_prefix_caching=True)
+out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+print(out[0].outputs[0].text, out[0].num_cached_tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from kvserve.config import EngineConfig
+from kvserve.engine import LLMEngine
+from kvserve.model.loader import LoadedModel
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", *, loaded: LoadedModel | None = None, **kwargs):
+        """kwargs are EngineConfig fields (dtype, block_size, enable_prefix_caching, ...)."""
+        unknown = set(kwargs) - set(EngineConfig.field_names())
+        if unknown:
+            raise ValueError(f"unknown LLM option(s) {sorted(unknown)}; valid: {EngineConfig.field_names()}")
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine(self.config, loaded=loaded)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (a string or a list of token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        engine = self.engine
+        children: list[list[str]] = []
+        added: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                ids = []
+                for k in range(params.n):
+                    child = params if params.n == 1 else _child_params(params, k)
+                    rid = f"gen-{id(self)}-{i}-{k}"
+                    engine.add_request(prompt, child, request_id=rid, cache_salt=cache_salt)
+                    ids.append(rid)
+                    added.append(rid)
+                children.append(ids)
+            finished: dict[str, RequestOutput] = {}
+            with tqdm(total=len(added), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in added:
+                engine.abort(rid)
+            raise
+        return [_merge([finished[r] for r in ids], prompt) for ids, prompt in zip(children, prompts)]
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        use_tqdm: bool = False,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+        token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm, cache_salt=cache_salt)
+
+
+def _child_params(params: SamplingParams, k: int) -> SamplingParams:
+    seed = None if params.seed is None else params.seed + k
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _merge(outs: list[RequestOutput], prompt: Prompt) -> RequestOutput:
+    first = outs[0]
+    completions = []
+    for k, out in enumerate(outs):
+        c = out.outputs[0]
+        c.index = k
+        completions.append(c)
+    first.outputs = completions
+    first.prompt = prompt if isinstance(prompt, str) else None
+    first.request_id = first.request_id.rsplit("-", 1)[0]
+    return first

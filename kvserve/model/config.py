@@ -1,0 +1,225 @@
+"""Model hyper-parameters, read from a Hugging Face ``config.json`` or from GGUF metadata.
+
+:class:`ModelConfig` is the one description of a decoder-only transformer that the rest of
+kvserve uses (engine, KV cache sizing, sampling stop ids). Only the Llama family of
+architectures is accepted: ``llama``, ``mistral`` and ``qwen2`` (Llama with q/k/v bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+
+# GGUF `general.architecture` -> our architecture name.
+_GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
+
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family causal language model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(_unsupported_message(self.architecture, SUPPORTED_ARCHITECTURES))
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelConfig:
+        """Build from a parsed Hugging Face ``config.json`` (transformers 4.x or 5.x layout)."""
+        architecture = _hf_architecture(config)
+        if config.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported (no bias on gate/up/down projections)")
+        hidden_size = int(config["hidden_size"])
+        num_heads = int(config["num_attention_heads"])
+        rope_theta, rope_scaling = _hf_rope(config)
+        return cls(
+            architecture=architecture,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
+            head_dim=int(config.get("head_dim") or hidden_size // num_heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
+            bos_token_id=_optional_int(config.get("bos_token_id")),
+            eos_token_ids=token_id_tuple(config.get("eos_token_id")),
+        )
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> ModelConfig:
+        """Build from the metadata and tensor table of a ``gguf.GGUFReader``."""
+        meta = GGUFMetadata(reader)
+        gguf_arch = str(meta.get("general.architecture"))
+        if gguf_arch not in _GGUF_ARCHITECTURES:
+            raise ValueError(_unsupported_message(gguf_arch, tuple(_GGUF_ARCHITECTURES)))
+        tensor_names = {tensor.name for tensor in reader.tensors}
+        arch = gguf_arch
+        hidden_size = int(meta.require(f"{arch}.embedding_length"))
+        num_heads = int(meta.require(f"{arch}.attention.head_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length", hidden_size // num_heads))
+        _check_full_rotary(meta.get(f"{arch}.rope.dimension_count"), head_dim)
+        if "rope_freqs.weight" in tensor_names:
+            raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style rope scaling) are not supported")
+        return cls(
+            architecture=_GGUF_ARCHITECTURES[gguf_arch],
+            vocab_size=_gguf_vocab_size(meta, arch),
+            hidden_size=hidden_size,
+            intermediate_size=int(meta.require(f"{arch}.feed_forward_length")),
+            num_hidden_layers=int(meta.require(f"{arch}.block_count")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", _DEFAULT_ROPE_THETA)),
+            rope_scaling=_gguf_rope_scaling(meta, arch),
+            max_position_embeddings=int(meta.require(f"{arch}.context_length")),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias=gguf_arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
+            bos_token_id=_optional_int(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_ids=gguf_eos_token_ids(meta),
+        )
+
+
+class GGUFMetadata:
+    """Read-only access to the key/value metadata of a ``gguf.GGUFReader``."""
+
+    def __init__(self, reader: Any) -> None:
+        self._fields = reader.fields
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The decoded value stored under ``key`` (strings, numbers, lists), or ``default``."""
+        field = self._fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def require(self, key: str) -> Any:
+        """Like :meth:`get`, but a missing key is a ``ValueError``."""
+        if key not in self._fields:
+            raise ValueError(f"GGUF metadata is missing required key {key!r}")
+        return self.get(key)
+
+    def array_length(self, key: str) -> int | None:
+        """Number of elements of an array field, without decoding it."""
+        field = self._fields.get(key)
+        return None if field is None else len(field.data)
+
+
+def token_id_tuple(value: Any) -> tuple[int, ...]:
+    """Normalise an ``eos_token_id``-style value (None, int or list of ints) to a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def merge_token_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
+    """Concatenate id tuples, dropping duplicates and keeping first-seen order."""
+    return tuple(dict.fromkeys(i for group in groups for i in group))
+
+
+def _unsupported_message(architecture: str, supported: tuple[str, ...]) -> str:
+    return f"unsupported model architecture {architecture!r}; supported: {', '.join(supported)}"
+
+
+def _optional_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def _hf_architecture(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError("config.json has no 'model_type'; cannot tell the model architecture")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(_unsupported_message(str(model_type), SUPPORTED_ARCHITECTURES))
+    return str(model_type)
+
+
+def _hf_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either the 4.x keys or 5.x ``rope_parameters``."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta = params.get("rope_theta", config.get("rope_theta", _DEFAULT_ROPE_THETA))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            return float(theta), None
+        return float(theta), scaling
+    scaling = config.get("rope_scaling")
+    return float(config.get("rope_theta", _DEFAULT_ROPE_THETA)), dict(scaling) if scaling else None
+
+
+def _check_full_rotary(rope_dims: Any, head_dim: int) -> None:
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ValueError(
+            f"partial rotary embeddings (rope.dimension_count={rope_dims}, head_dim={head_dim}) are not supported"
+        )
+
+
+def _gguf_vocab_size(meta: GGUFMetadata, arch: str) -> int:
+    size = meta.get(f"{arch}.vocab_size")
+    if size is None:
+        size = meta.array_length("tokenizer.ggml.tokens")
+    if size is None:
+        raise ValueError("GGUF metadata has neither a vocab_size nor tokenizer.ggml.tokens")
+    return int(size)
+
+
+def _gguf_rope_scaling(meta: GGUFMetadata, arch: str) -> dict[str, Any] | None:
+    """Translate llama.cpp's ``rope.scaling.*`` keys to a Hugging Face ``rope_scaling`` dict."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
+    if kind is None or kind == "none" or factor is None:
+        return None
+    scaling: dict[str, Any] = {"rope_type": str(kind), "factor": float(factor)}
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = float(attn_factor)
+    return scaling
+
+
+def gguf_eos_token_ids(meta: GGUFMetadata) -> tuple[int, ...]:
+    """End-of-generation ids a GGUF declares: eos, then end-of-turn and end-of-message if set."""
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    return merge_token_ids(*(token_id_tuple(meta.get(key)) for key in keys))

@@ -1,0 +1,108 @@
+"""Our own forward pass of the Llama family (Llama, Mistral, Qwen2) over a flat batch and a paged KV cache.
+
+RMSNorm -> fused QKV (+bias for Qwen2) -> RoPE -> paged attention (GQA) -> o_proj -> residual
+        -> RMSNorm -> fused gate/up -> SwiGLU -> down_proj -> residual;  final RMSNorm -> (tied) lm_head.
+Numerics follow Hugging Face's modeling_llama: RMSNorm in float32 then cast, RoPE tables cast to the model
+dtype, residual stream in the model dtype. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from kvserve.model.config import ModelConfig
+from kvserve.model.invariant import linear
+from kvserve.model.rope import apply_rope, rope_tables
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (D,)
+    qkv: torch.Tensor  # ((H + 2 KVH) * hd, D)
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor  # (D, H * hd)
+    post_norm: torch.Tensor  # (D,)
+    gate_up: torch.Tensor  # (2 * I, D)
+    down: torch.Tensor  # (D, I)
+
+
+class LlamaModel:
+    """Weights plus forward(); holds no per-request state (the KV cache is an argument)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")  # (V, D)
+        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.final_norm = w("model.norm.weight")
+        self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
+        self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
+        self.sin = sin.to(device=device, dtype=dtype)
+        self.scale = config.head_dim**-0.5
+        self.q_size = config.num_attention_heads * config.head_dim
+        self.kv_size = config.num_key_value_heads * config.head_dim
+
+    def _layer(self, w, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        qkv_bias = None
+        if self.config.attention_bias:
+            qkv_bias = torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"]).contiguous()
+        return LayerWeights(
+            input_norm=w(p + "input_layernorm.weight"),
+            qkv=torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]).contiguous(),
+            qkv_bias=qkv_bias,
+            o_proj=w(attn + "o_proj.weight"),
+            post_norm=w(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
+            down=w(p + "mlp.down_proj.weight"),
+        )
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Hugging Face order: normalise in float32, cast back, then scale by the weight in the model dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps)
+        return weight * normed.to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids: (T,); kv_cache: (layers, 2, blocks, bs, kvh, hd); -> logits (S, V) float32."""
+        cfg = self.config
+        T = input_ids.shape[0]
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        positions = meta.positions
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, hd)
+        sin = self.sin[positions].unsqueeze(1)
+        x = self.embed[input_ids]  # (T, D)
+        for layer, kv_layer in zip(self.layers, kv_cache):
+            h = self._norm(x, layer.input_norm)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)  # (T, (H + 2 KVH) hd)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(T, H, hd), cos, sin)
+            k = apply_rope(k.view(T, KVH, hd), cos, sin)
+            write_kv(kv_layer, k, v.view(T, KVH, hd), meta.slot_mapping)
+            attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
+            x = x + linear(attn.view(T, H * hd), layer.o_proj)
+            h = self._norm(x, layer.post_norm)
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down)
+        h = self._norm(x[logits_rows], self.final_norm)
+        return linear(h, self.lm_head).float()

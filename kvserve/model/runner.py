@@ -1,0 +1,113 @@
+"""ModelRunner: owns the KV tensor, turns a SchedulerOutput into tensors, runs the model, samples.
+
+The flat batch is laid out [decodes (one token each) ..., prefill chunks ...] so attention can run every
+decode in one padded call. Sampled results come back in the scheduler's order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.batch import ScheduledRequest, SchedulerOutput
+from kvserve.model.attention import KEY_CHUNK, AttentionMetadata, SeqChunk
+from kvserve.model.config import ModelConfig
+from kvserve.model.llama import LlamaModel
+from kvserve.model.sampler import SampleResult, sample
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        # (layers, 2, blocks, block_size, kv_heads, head_dim); zeros so padded (masked) reads stay finite.
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers,
+            2,
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=model.dtype,
+            device=self.device,
+        )
+        self._generators: dict[str, torch.Generator] = {}
+        self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+        params = s.request.sampling_params
+        if params.greedy:
+            return None
+        if params.seed is None:
+            return self._default_generator
+        gen = self._generators.get(s.request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+            self._generators[s.request.request_id] = gen
+        return gen
+
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one step; returns the sampled token of every request whose chunk reached its end."""
+        is_decode = [s.num_new_tokens == 1 and s.samples for s in sched.scheduled]
+        decodes = [s for s, d in zip(sched.scheduled, is_decode) if d]
+        prefills = [s for s, d in zip(sched.scheduled, is_decode) if not d]
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in decodes + prefills:
+            token_ids.extend(s.token_ids)
+            for pos in range(s.start, s.end):
+                positions.append(pos)
+                slots.append(s.block_ids[pos // bs] * bs + pos % bs)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            num_decodes=len(decodes),
+            prefills=[],
+        )
+        logits_rows = list(range(len(decodes)))
+        if decodes:
+            width = self._table_width(max(s.end for s in decodes))
+            meta.decode_block_tables = torch.tensor(
+                [_pad(s.block_ids, width) for s in decodes], dtype=torch.long, device=dev
+            )
+        row = len(decodes)
+        for s in prefills:
+            table = torch.tensor(_pad(s.block_ids, self._table_width(s.end)), dtype=torch.long, device=dev)
+            meta.prefills.append(SeqChunk(row, s.start, s.num_new_tokens, table))
+            row += s.num_new_tokens
+            if s.samples:
+                logits_rows.append(row - 1)
+        sampling = [s for s in decodes + prefills if s.samples]
+        logits = self.model.forward(
+            torch.tensor(token_ids, device=dev),
+            self.kv_cache,
+            meta,
+            torch.tensor(logits_rows or [0], device=dev),  # a step of only partial chunks samples nothing
+        )
+        if not sampling:
+            return {}
+        params = [s.request.sampling_params for s in sampling]
+        results = sample(logits, params, [self._generator(s) for s in sampling])
+        return {s.request.request_id: r for s, r in zip(sampling, results)}
+
+    def _table_width(self, num_tokens: int) -> int:
+        """Blocks covering num_tokens keys padded to a multiple of KEY_CHUNK."""
+        return -(-num_tokens // KEY_CHUNK) * KEY_CHUNK // self.block_size
+
+
+def _pad(block_ids: list[int], width: int) -> list[int]:
+    # Padding points at block 0: whatever it holds is masked out and multiplied by exact zeros.
+    return block_ids[:width] + [0] * (width - len(block_ids))

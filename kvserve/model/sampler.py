@@ -1,0 +1,59 @@
+"""Token sampling from logits: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs.
+
+Logprobs are those of the model's raw distribution (before temperature / top-k / top-p), as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None  # of the chosen token, when asked for
+    top_logprobs: dict[int, float] | None  # the k most likely tokens, when logprobs = k > 0
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits: (V,) float32 -> probabilities after temperature, top-k and top-p."""
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop tokens once the mass before them already reaches top_p (the first token always stays).
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[SampleResult]:
+    """logits: (S, V) float32, one row per sampling request."""
+    greedy_ids = logits.argmax(dim=-1).tolist()
+    need_logprobs = any(p.logprobs is not None for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+    out = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            token = greedy_ids[i]
+        else:
+            probs = _filtered_probs(logits[i], p)
+            token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        lp, top = None, None
+        if logprobs is not None and p.logprobs is not None:
+            lp = float(logprobs[i, token])
+            if p.logprobs > 0:
+                values, ids = torch.topk(logprobs[i], p.logprobs)
+                top = dict(zip(ids.tolist(), values.tolist()))
+        out.append(SampleResult(token, lp, top))
+    return out

@@ -1,0 +1,364 @@
+"""Text <-> token ids and chat-template rendering for the served model.
+
+:class:`Tokenizer` wraps a fast ``tokenizers.Tokenizer`` and is built either from the
+vocabulary stored in a GGUF file (:meth:`Tokenizer.from_gguf`, byte-level BPE with the
+pre-tokenizer llama.cpp uses for the file's ``tokenizer.ggml.pre``) or from a Hugging Face
+model folder (:meth:`Tokenizer.from_dir`, ``tokenizer.json`` + ``tokenizer_config.json``).
+Chat templates are rendered with a sandboxed Jinja2 environment configured the way
+transformers configures it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as FastTokenizer
+
+from kvserve.model.config import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
+
+# llama.cpp's BPE pre-tokenizer regexes (llm_tokenizer_bpe in llama-vocab.cpp). Each regex
+# in a list further splits the pieces of the previous one, keeping unmatched text as pieces.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2_SPLIT)
+
+_PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais"), (_GPT2_SPLIT,)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe"), (_LLAMA3_SPLIT,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2_SPLIT,)),
+}
+# Pre-tokenizers whose tokenizer.json sets BPE ignore_merges (whole-word vocabulary hits win).
+_IGNORE_MERGES = frozenset(("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe"))
+
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+
+class Tokenizer:
+    """A fast tokenizer plus the model's special ids, BOS policy and chat template."""
+
+    def __init__(
+        self,
+        backend: FastTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        add_bos_token: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        self._backend = backend
+        self._bos_token_id = bos_token_id
+        self._eos_token_ids = tuple(eos_token_ids)
+        self._chat_template = chat_template or None
+        # BOS is prepended by hand only when the model asks for it and the backend's
+        # post-processor does not already add it.
+        self._prepend_bos = (
+            add_bos_token and bos_token_id is not None and not _post_processor_adds(backend, bos_token_id)
+        )
+
+    # ----------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> Tokenizer:
+        """Build from the ``tokenizer.*`` metadata of a ``gguf.GGUFReader`` (byte-level BPE only)."""
+        meta = GGUFMetadata(reader)
+        model_type = meta.get("tokenizer.ggml.model")
+        if model_type != "gpt2":
+            raise ValueError(
+                f"unsupported GGUF tokenizer model {model_type!r}; only byte-level BPE ('gpt2') is supported"
+            )
+        tokens = meta.require("tokenizer.ggml.tokens")
+        token_types = meta.get("tokenizer.ggml.token_type") or []
+        pre = str(meta.get("tokenizer.ggml.pre", "default"))
+        backend = _byte_level_bpe(tokens, meta.require("tokenizer.ggml.merges"), pre)
+        _register_added_tokens(backend, tokens, token_types)
+        return cls(
+            backend,
+            bos_token_id=_as_int(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_ids=gguf_eos_token_ids(meta),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Build from a Hugging Face model folder holding ``tokenizer.json``."""
+        folder = Path(path)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{folder} has no tokenizer.json (only fast tokenizers are supported)")
+        backend = FastTokenizer.from_file(str(tokenizer_file))
+        tok_config = _read_json(folder / "tokenizer_config.json")
+        model_config = _read_json(folder / "config.json")
+        gen_config = _read_json(folder / "generation_config.json")
+        bos_id = _special_id(backend, tok_config.get("bos_token"))
+        if bos_id is None:
+            bos_id = _as_int(model_config.get("bos_token_id"))
+        eos_ids = merge_token_ids(
+            _optional_tuple(_special_id(backend, tok_config.get("eos_token"))),
+            token_id_tuple(model_config.get("eos_token_id")),
+            token_id_tuple(gen_config.get("eos_token_id")),
+        )
+        return cls(
+            backend,
+            bos_token_id=bos_id,
+            eos_token_ids=eos_ids,
+            add_bos_token=bool(tok_config.get("add_bos_token", False)),
+            chat_template=_dir_chat_template(folder, tok_config),
+        )
+
+    # ----------------------------------------------------------------- encoding
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS policy applies."""
+        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._prepend_bos:
+            ids.insert(0, self._bos_token_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
+        """Vocabulary strings (byte-level spelling) of ``ids``; None for an unknown id."""
+        return [self._backend.id_to_token(int(i)) for i in ids]
+
+    # ----------------------------------------------------------------- chat
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's Jinja chat template, as transformers does."""
+        if self._chat_template is None:
+            raise ValueError(
+                "this model's tokenizer has no chat template, so chat messages cannot be formatted; "
+                "send a plain completion prompt instead"
+            )
+        template = _compile_template(self._chat_template)
+        return template.render(
+            messages=[dict(message) for message in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self._template_tokens(),
+        )
+
+    def _template_tokens(self) -> dict[str, str]:
+        tokens = {}
+        if self._bos_token_id is not None:
+            tokens["bos_token"] = self._backend.id_to_token(self._bos_token_id) or ""
+        if self._eos_token_ids:
+            tokens["eos_token"] = self._backend.id_to_token(self._eos_token_ids[0]) or ""
+        return tokens
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def backend(self) -> FastTokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Sorted ids of every special token (added special tokens, BOS and EOS)."""
+        added = self._backend.get_added_tokens_decoder()
+        special = {i for i, token in added.items() if token.special}
+        special.update(self._eos_token_ids)
+        if self._bos_token_id is not None:
+            special.add(self._bos_token_id)
+        return sorted(special)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+
+# --------------------------------------------------------------------- GGUF helpers
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> FastTokenizer:
+    """A byte-level BPE tokenizer over ``tokens``/``merges`` split like llama.cpp's ``pre``."""
+    splits = _PRE_TOKENIZER_SPLITS.get(pre)
+    if splits is None:
+        raise ValueError(
+            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(sorted(_PRE_TOKENIZER_SPLITS))}"
+        )
+    spelled = _byte_level_spelling()
+    vocab = {_respell(token, spelled): index for index, token in enumerate(tokens)}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=pairs,
+        fuse_unk=False,
+        byte_fallback=False,
+        ignore_merges=pre in _IGNORE_MERGES,
+    )
+    backend = FastTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+@lru_cache(maxsize=1)
+def _byte_level_spelling() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _respell(token: str, spelled: dict[int, str]) -> str:
+    """A token written in raw text (a llama.cpp quirk for some files) respelled in byte-level form."""
+    alphabet = _byte_level_alphabet()
+    if all(ch in alphabet for ch in token):
+        return token
+    return "".join(spelled[byte] for byte in token.encode("utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> frozenset[str]:
+    return frozenset(_byte_level_spelling().values())
+
+
+def _register_added_tokens(backend: FastTokenizer, tokens: list[str], token_types: list[int]) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens."""
+    if not token_types:  # a file without token types marks nothing special
+        return
+    alphabet = _byte_level_alphabet()
+    control, user = [], []
+    for token, kind in zip(tokens, token_types, strict=True):
+        if kind == _TOKEN_TYPE_CONTROL and all(ch in alphabet for ch in token):
+            control.append(AddedToken(token, special=True, normalized=False))
+        elif kind == _TOKEN_TYPE_USER_DEFINED:
+            user.append(AddedToken(token, special=False, normalized=False))
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+
+
+# --------------------------------------------------------------------- HF folder helpers
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as handle:
+        data = json.load(handle)
+    return data if isinstance(data, dict) else {}
+
+
+def _special_id(backend: FastTokenizer, token: Any) -> int | None:
+    """Id of a special token given as a string or an ``{"content": ...}`` dict."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    return backend.token_to_id(token)
+
+
+def _dir_chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
+    """``chat_template.jinja`` (transformers 5) or ``tokenizer_config.json``'s ``chat_template``."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _post_processor_adds(backend: FastTokenizer, token_id: int) -> bool:
+    """Whether encoding with special tokens already yields ``token_id`` (e.g. a BOS template)."""
+    return token_id in backend.encode("", add_special_tokens=True).ids
+
+
+def _as_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _optional_tuple(value: int | None) -> tuple[int, ...]:
+    return () if value is None else (value,)
+
+
+# --------------------------------------------------------------------- chat templates
+
+
+class _GenerationTag(Extension):
+    """Accept transformers' ``{% generation %}...{% endgeneration %}`` blocks, rendering the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)

