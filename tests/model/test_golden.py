@@ -1,0 +1,196 @@
+"""The engine against an independent reference (transformers on the same GGUF weights), and against itself.
+
+* greedy tokens equal transformers', one request at a time and all batched together;
+* prefix-cache hits, chunked prefill, batching and preemption change nothing: the chosen tokens AND their
+  logprobs are bit-identical to a run with no cache (batch invariance, in float32 and bfloat16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village by the sea,",
+    "Translate to French: 'Good morning, how are you?'\n",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nDescribe the ocean.<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "import numpy as np\n\n# compute the mean of a list\ndef mean(xs):",
+    "Photosynthesis is the process by which",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, logprobs=0)
+DOC = (
+    "Kvserve keeps the key and value tensors of every full block of sixteen tokens in a pool, addressed by a "
+    "hash chain over the tokens. A request that shares its first tokens with earlier traffic loads them and "
+    "computes only the rest. The pool evicts the least recently used block when it runs out of space, and a "
+    "block is never evicted while a running request references it. "
+) * 3
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_model, ours) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one at a time, no padding."""
+    refs = []
+    for prompt in PROMPTS:
+        ids = ours.tokenizer.encode(prompt)
+        with torch.inference_mode():
+            out = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=GREEDY.max_tokens,
+                do_sample=False,
+                eos_token_id=2,
+                pad_token_id=2,
+            )
+        refs.append(out[0, len(ids) :].tolist())
+    return refs
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _logprobs(outs):
+    return [o.outputs[0].logprobs for o in outs]
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_greedy_matches_transformers_one_at_a_time_and_batched(ours, hf_reference, caching):
+    llm = LLM(loaded=ours, dtype="float32", enable_prefix_caching=caching, num_kv_blocks=256)
+    reference = hf_reference
+    single = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+    batched = llm.generate(PROMPTS, GREEDY)
+    assert _tokens(single) == reference
+    assert _tokens(batched) == reference
+    assert _logprobs(batched) == _logprobs(single)  # bitwise: batching changes nothing
+    assert llm.engine.pool.num_used_blocks == 0
+
+
+def test_logprobs_match_transformers(ours, hf_model):
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3))[0].outputs[0]
+    ids = ours.tokenizer.encode(PROMPTS[0]) + out.token_ids
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    ref = torch.log_softmax(logits, -1)
+    n = len(ours.tokenizer.encode(PROMPTS[0]))
+    for i, tok in enumerate(out.token_ids):
+        assert out.logprobs[i] == pytest.approx(ref[n - 1 + i, tok].item(), abs=1e-4)
+        assert set(out.top_logprobs[i]) == set(torch.topk(ref[n - 1 + i], 3).indices.tolist())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefix_cache_hit_changes_nothing(ours, dtype):
+    questions = [
+        "\nQ: What does the pool evict first?\nA:",
+        "\nQ: When is a block never evicted?\nA:",
+        "\nQ: How long is a block?\nA:",
+    ]
+    prompts = [DOC + q for q in questions]
+    cold = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False, num_kv_blocks=256)
+    reference = cold.generate(prompts, GREEDY)
+    warm = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=True, num_kv_blocks=256)
+    first = warm.generate(prompts[0], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    tok = ours.tokenizer
+    for prompt, ref in zip(prompts[1:], reference[1:]):
+        out = warm.generate(prompt, GREEDY)[0]
+        a, b = tok.encode(prompts[0]), tok.encode(prompt)
+        common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert out.num_cached_tokens == common // 16 * 16 > 100  # exactly the shared full blocks
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].logprobs == ref.outputs[0].logprobs  # bitwise
+    # an identical prompt hits all full blocks but the last token, and still matches
+    again = warm.generate(prompts[0], GREEDY)[0]
+    n = len(tok.encode(prompts[0]))
+    assert again.num_cached_tokens == (n - 1) // 16 * 16
+    assert again.outputs[0].logprobs == reference[0].outputs[0].logprobs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_prefill_and_batching_are_bitwise_invariant(ours, dtype):
+    prompts = [DOC + f"\nQ: Say something about block {i}.\nA:" for i in range(3)] + PROMPTS[:3]
+    reference = [LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False).generate(p, GREEDY)[0] for p in prompts]
+    chunked = LLM(
+        loaded=ours, dtype=dtype, enable_prefix_caching=True, max_num_batched_tokens=37, num_kv_blocks=256
+    ).generate(prompts, GREEDY)
+    assert _tokens(chunked) == _tokens(reference)
+    assert _logprobs(chunked) == _logprobs(reference)
+
+
+def test_preemption_outputs_equal_unconstrained_run(ours):
+    prompts = [p + " " + p for p in PROMPTS[:6]]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    reference = LLM(loaded=ours, dtype="float32", num_kv_blocks=256).generate(prompts, params)
+    small = LLM(loaded=ours, dtype="float32", num_kv_blocks=14)  # 224 tokens for ~6 x 70
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert _tokens(outs) == _tokens(reference)
+    assert _logprobs(outs) == _logprobs(reference)
+    small.engine.kv.check_invariants()
+    assert small.engine.pool.num_used_blocks == 0
+
+
+def test_hf_folder_generates_like_the_gguf(ours, hf_dir):
+    a = LLM(loaded=ours, dtype="float32", num_kv_blocks=64).generate(PROMPTS[:2], GREEDY)
+    b = LLM(model=str(hf_dir), dtype="float32", num_kv_blocks=64).generate(PROMPTS[:2], GREEDY)
+    assert _tokens(a) == _tokens(b)
+
+
+def test_sampling_seed_is_reproducible_per_request(ours):
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=128)
+    p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16)
+    alone = llm.generate(PROMPTS[3], p)[0].outputs[0].token_ids
+    crowd = llm.generate([PROMPTS[0], PROMPTS[3], PROMPTS[5]], [GREEDY, p, SamplingParams(temperature=1.0)])
+    assert crowd[1].outputs[0].token_ids == alone
+    other = llm.generate(PROMPTS[3], SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=16))[0]
+    assert other.outputs[0].token_ids != alone
+    greedy = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].token_ids
+    topk1 = llm.generate(PROMPTS[3], SamplingParams(temperature=1.0, top_k=1, seed=5, max_tokens=16))[0]
+    assert topk1.outputs[0].token_ids == greedy
+    n3 = llm.generate(PROMPTS[3], SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=8))[0]
+    assert [c.index for c in n3.outputs] == [0, 1, 2]
+
+
+def test_stop_strings_and_stop_tokens(ours):
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64)
+    full = llm.generate(PROMPTS[5], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert full.text.startswith(" 16, 20, 29")  # the model's own continuation; 29 is our stop string
+    out = llm.generate(PROMPTS[5], SamplingParams(temperature=0, max_tokens=20, stop=["29"]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == "29"
+    assert out.text == " 16, 20, "
+    out = llm.generate(
+        PROMPTS[5], SamplingParams(temperature=0, max_tokens=20, stop=["29"], include_stop_str_in_output=True)
+    )[0].outputs[0]
+    assert out.text == " 16, 20, 29"
+    stop_tok = full.token_ids[2]
+    out = llm.generate(PROMPTS[5], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok]))[0]
+    assert out.outputs[0].token_ids == full.token_ids[:3] and out.outputs[0].stop_reason == stop_tok
+    eos = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    assert eos.finish_reason == "stop" and eos.token_ids[-1] == 2 and "<|im_end|>" not in eos.text
+
+
+def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64, max_model_len=256)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("word " * 400, GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="KV cache holds"):
+        LLM(loaded=ours, dtype="float32", num_kv_blocks=4).generate("hello", SamplingParams(max_tokens=200))
+    with pytest.raises(ValueError, match="unknown model"):
+        LLM(model="/no/such/model")
+    with pytest.raises(ValueError, match="unknown LLM option"):
+        LLM(loaded=ours, block_sz=16)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(loaded=ours, block_size=12)
+    assert llm.engine.pool.num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
+    assert llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids  # still serves
