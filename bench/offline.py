@@ -1,0 +1,235 @@
+"""Offline engine benchmark on the bundled model (issue 3): prefill, decode, warm-vs-cold TTFT, bandwidth floor.
+
+    .venv/bin/python bench/offline.py [--dtypes float32 bfloat16] [--out bench/results/offline.json]
+
+Reports, per dtype:
+  prefill tokens/s at 512 and 2048 prompt tokens, kvserve vs transformers (same weights, dtype, machine, run);
+  decode tokens/s at batch 1 and 32;
+  TTFT of a 2,000-token prefix + 32-token suffix, cold and warm (prefix cached), and of the suffix alone;
+  memory bandwidth (large tensor copy) and the batch-1 decode step against the weight-streaming floor
+  (bytes of weights read per step / bandwidth), and the per-step time outside the model's forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tqdm import tqdm
+
+from kvserve import LLM, SamplingParams
+from kvserve.model.loader import load_model, resolve_model_path
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable type allowed books to be "
+    "produced in numbers never seen before. Scholars, merchants and clergy exchanged ideas across Europe, and "
+    "the cost of a book fell from a fortune to a week's wages. "
+)
+
+
+def prompt_ids(llm: LLM, n: int, salt: int = 0) -> list[int]:
+    ids = llm.tokenizer.encode(f"Document {salt}. " + TEXT * (n // 40 + 2))
+    return ids[:n]
+
+
+def timed_first_token(llm: LLM, ids: list[int]) -> float:
+    """Seconds from add_request to the first sampled token (the whole prefill)."""
+    eng = llm.engine
+    t0 = time.perf_counter()
+    req = eng.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
+    while not req.is_finished:
+        eng.step()
+    return time.perf_counter() - t0
+
+
+def best_of(fn, repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def bench_prefill(llm: LLM, hf, n: int, repeats: int) -> dict:
+    ids = prompt_ids(llm, n)
+    ours = best_of(lambda: timed_first_token(llm, ids), repeats)
+    x = torch.tensor([ids])
+
+    def hf_run() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf(x, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    ref = best_of(hf_run, repeats)
+    return {"tokens": n, "kvserve_tok_s": n / ours, "transformers_tok_s": n / ref, "speedup": ref / ours}
+
+
+def bench_decode(llm: LLM, batch: int, steps: int) -> dict:
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    reqs = [eng.add_request(prompt_ids(llm, 64, salt=i), params) for i in range(batch)]
+    while any(r.num_output_tokens == 0 for r in reqs):  # prefill all first
+        eng.step()
+    times = []
+    while eng.has_unfinished_requests():
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {"batch": batch, "step_ms": step * 1e3, "tok_s": batch / step}
+
+
+def bench_ttft(llm: LLM, repeats: int) -> dict:
+    prefix = prompt_ids(llm, 2000, salt=7)
+    suffixes = [
+        llm.tokenizer.encode(f" Question {i}: what changed when books became cheap? Answer briefly.")[:32]
+        for i in range(repeats + 1)
+    ]
+    llm.engine.pool.reset_prefix_cache()
+    cold = timed_first_token(llm, prefix + suffixes[0])  # prefix now cached
+    warm = best_of(lambda it=iter(suffixes[1:]): timed_first_token(llm, prefix + next(it)), repeats)
+    alone = best_of(lambda: timed_first_token(llm, suffixes[0]), repeats)
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "suffix_alone_s": alone,
+        "warm_over_alone": warm / alone,
+        "cold_over_warm": cold / warm,
+    }
+
+
+def bandwidth_gbs() -> tuple[float, float]:
+    """(copy GB/s counting read + write, read-only GB/s of a reduction) over a 1 GiB tensor."""
+    src = torch.empty(1 << 28, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy = best_of(lambda: _timed(lambda: dst.copy_(src)), 5)
+    read = best_of(lambda: _timed(lambda: src.sum()), 5)
+    nbytes = src.numel() * 4
+    return 2 * nbytes / copy / 1e9, nbytes / read / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weight_bytes_per_step(llm: LLM) -> int:
+    m = llm.engine.model
+    per_layer = sum(t.numel() * t.element_size() for t in vars(m.layers[0]).values() if t is not None)
+    return per_layer * len(m.layers) + m.lm_head.numel() * m.lm_head.element_size()
+
+
+def forward_share(llm: LLM, steps: int = 20) -> dict:
+    """Time of a batch-1 decode step spent outside model.forward (scheduling, metadata, sampling, detok)."""
+    eng = llm.engine
+    inner = []
+    orig = eng.model.forward
+
+    def wrapped(*a, **k):
+        t0 = time.perf_counter()
+        out = orig(*a, **k)
+        inner.append(time.perf_counter() - t0)
+        return out
+
+    eng.model.forward = wrapped
+    try:
+        r = bench_decode(llm, 1, steps)
+    finally:
+        eng.model.forward = orig
+    fwd = statistics.median(inner[1:])
+    return {"step_ms": r["step_ms"], "forward_ms": fwd * 1e3, "outside_forward_ms": r["step_ms"] - fwd * 1e3}
+
+
+def hf_model(dtype: torch.dtype):
+    import transformers
+
+    path = resolve_model_path("smollm2-135m")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.to(dtype).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/offline.json")
+    args = ap.parse_args()
+    loaded = load_model("smollm2-135m")
+    copy_bw, bw = bandwidth_gbs()  # the floor uses the read bandwidth: a decode step only reads weights
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "copy_bandwidth_gbs": copy_bw,
+            "read_bandwidth_gbs": bw,
+        },
+        "dtypes": {},
+    }
+    for dtype in tqdm(args.dtypes, desc="dtypes"):
+        llm = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, max_num_seqs=64, enable_prefix_caching=False)
+        hf = hf_model(llm.engine.dtype)
+        r: dict = {"prefill": [bench_prefill(llm, hf, n, args.repeats) for n in tqdm([512, 2048], desc="prefill")]}
+        del hf
+        r["decode"] = [bench_decode(llm, b, args.decode_steps) for b in tqdm([1, 32], desc="decode")]
+        r["decode_32_over_1"] = r["decode"][1]["tok_s"] / r["decode"][0]["tok_s"]
+        cached = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, enable_prefix_caching=True)
+        r["ttft"] = bench_ttft(cached, args.repeats)
+        floor_ms = weight_bytes_per_step(llm) / (bw * 1e9) * 1e3
+        share = forward_share(llm)
+        r["floor"] = {
+            "weight_bytes": weight_bytes_per_step(llm),
+            "floor_ms": floor_ms,
+            **share,
+            "step_over_floor": share["step_ms"] / floor_ms,
+        }
+        results["dtypes"][dtype] = r
+        del llm, cached
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        f"memory bandwidth: copy {m['copy_bandwidth_gbs']:.1f} GB/s (read+write), read {m['read_bandwidth_gbs']:.1f} GB/s",
+        "",
+        "| metric | " + " | ".join(res["dtypes"]) + " |",
+        "|---|" + "---|" * len(res["dtypes"]),
+    ]
+    rows: dict[str, list[str]] = {}
+    for r in res["dtypes"].values():
+        for p in r["prefill"]:
+            n = p["tokens"]
+            rows.setdefault(f"prefill {n} tok/s (kvserve)", []).append(f"{p['kvserve_tok_s']:.0f}")
+            rows.setdefault(f"prefill {n} tok/s (transformers)", []).append(f"{p['transformers_tok_s']:.0f}")
+            rows.setdefault(f"prefill {n} speedup vs transformers", []).append(f"{p['speedup']:.2f}x")
+        for d in r["decode"]:
+            rows.setdefault(f"decode batch {d['batch']} tok/s", []).append(f"{d['tok_s']:.1f}")
+        rows.setdefault("decode batch 32 / batch 1", []).append(f"{r['decode_32_over_1']:.1f}x")
+        t = r["ttft"]
+        rows.setdefault("TTFT 2000+32 cold (s)", []).append(f"{t['cold_s']:.3f}")
+        rows.setdefault("TTFT 2000+32 warm (s)", []).append(f"{t['warm_s']:.3f}")
+        rows.setdefault("TTFT 32-token suffix alone (s)", []).append(f"{t['suffix_alone_s']:.3f}")
+        rows.setdefault("warm / suffix alone", []).append(f"{t['warm_over_alone']:.2f}x")
+        f = r["floor"]
+        rows.setdefault("batch-1 decode step (ms)", []).append(f"{f['step_ms']:.1f}")
+        rows.setdefault("  of which model forward (ms)", []).append(f"{f['forward_ms']:.1f}")
+        rows.setdefault("weight-streaming floor (ms)", []).append(f"{f['floor_ms']:.1f}")
+        rows.setdefault("step / floor", []).append(f"{f['step_over_floor']:.2f}x")
+    lines += [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
