@@ -51,8 +51,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ValueError(f"block_size must be a power of two <= 256, got {self.block_size}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 

@@ -25,18 +25,23 @@ import torch
 
 from kvserve.model.invariant import invariant_rows
 
-KEY_CHUNK = 256  # keys per P @ V GEMM; a multiple of every block size we accept up to 256
+KEY_CHUNK = 256  # keys per P @ V GEMM; block sizes must divide it
 QUERY_TILE = 128  # prefill tokens per tile: each tile reads keys only up to its last position (causal skip)
 
 
 @dataclass
-class SeqChunk:
-    """One sequence's new tokens in the flat batch: rows [row, row + n) at positions [start, start + n)."""
+class AttentionGroup:
+    """B sequences with n new tokens each, attended in one call: rows [row_start, row_start + B * n).
 
-    row: int
-    start: int
-    num_tokens: int
-    block_table: torch.Tensor  # (num_blocks,) long, padded with block 0 to cover a multiple of KEY_CHUNK
+    Decodes form one group (n = 1); each prefill chunk forms one group per QUERY_TILE tokens (B = 1), so a
+    tile reads keys only up to its own last position.
+    """
+
+    row_start: int
+    batch: int  # B
+    tokens: int  # n per sequence
+    tables: torch.Tensor  # (B, L // block_size) long; padding points at block 0 (masked)
+    masked: torch.Tensor  # (B, 1, Mp, L) bool, True = key not attended; row t*G + g is token t, head g
 
 
 @dataclass
@@ -45,9 +50,35 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # (T,) long: cache slot of each token in the flat batch
     positions: torch.Tensor  # (T,) long
-    num_decodes: int = 0  # the first num_decodes rows are single-token chunks, attended as one batch
-    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) long, padded with block 0
-    prefills: list[SeqChunk] | None = None
+    groups: list[AttentionGroup]
+
+
+def padded_keys(n: int) -> int:
+    """Keys attended for a context of n tokens: n rounded up to a multiple of KEY_CHUNK."""
+    return -(-n // KEY_CHUNK) * KEY_CHUNK
+
+
+def build_group(
+    row_start: int,
+    positions: list[list[int]],
+    tables: list[list[int]],
+    block_size: int,
+    group_size: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table."""
+    B, n = len(positions), len(positions[0])
+    L = padded_keys(max(p[-1] for p in positions) + 1)
+    width = L // block_size
+    padded = [t[:width] + [0] * (width - len(t)) for t in tables]
+    M = n * group_size
+    Mp = invariant_rows(M, torch.float32)
+    q_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(group_size, dim=1)  # (B, M)
+    q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M))  # padded rows attend key 0 only; discarded
+    masked = torch.arange(L)[None, None, :] > q_pos[:, :, None]
+    return AttentionGroup(
+        row_start, B, n, torch.tensor(padded, dtype=torch.long, device=device), masked[:, None].to(device)
+    )
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -57,62 +88,35 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_layer[1].view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, v)
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """cache (blocks, bs, kvh, hd), tables (B, nb) -> (B, kvh, num_keys, hd) float32."""
-    B = tables.shape[0]
-    _, bs, kvh, hd = cache.shape
-    x = cache[tables[:, : num_keys // bs]].view(B, num_keys, kvh, hd)
-    return x.permute(0, 2, 1, 3).float()
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, kvh, M, hd) f32 with absolute positions q_pos (B, M); k, v (B, kvh, L, hd), L % KEY_CHUNK == 0."""
-    B, kvh, M, hd = q.shape
-    L = k.shape[2]
-    Mp = invariant_rows(M, torch.float32)
+def _attend_group(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
+    """q (B * n, heads, hd) -> (B * n, heads, hd) float32."""
+    _, _, bs, kvh, hd = kv_layer.shape
+    B, n = g.batch, g.tokens
+    H = q.shape[1]
+    G = H // kvh
+    L = g.tables.shape[1] * bs
+    kv = kv_layer[:, g.tables].view(2, B, L, kvh, hd).permute(0, 1, 3, 2, 4).float()  # (2, B, kvh, L, hd)
+    # (B, n, kvh, G, hd) -> (B, kvh, n*G, hd): row t*G + g is token t, query head kv_head * G + g
+    qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(0, 2, 1, 3, 4).reshape(B, kvh, n * G, hd)
+    M, Mp = n * G, g.masked.shape[2]
     if Mp != M:
-        q = torch.nn.functional.pad(q, (0, 0, 0, Mp - M))
-        q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M))
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, kvh, Mp, L)
-    keys = torch.arange(L, device=q.device)
-    scores.masked_fill_(keys[None, None, None, :] > q_pos[:, None, :, None], float("-inf"))
+        qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
+    scores = torch.matmul(qg, kv[0].transpose(2, 3))  # (B, kvh, Mp, L)
+    scores.masked_fill_(g.masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, kvh, Mp, L // KEY_CHUNK, KEY_CHUNK)
-    v = v.view(B, kvh, L // KEY_CHUNK, KEY_CHUNK, hd)
+    v = kv[1].view(B, kvh, L // KEY_CHUNK, KEY_CHUNK, hd)
     out = torch.matmul(probs[:, :, :, 0], v[:, :, 0])  # (B, kvh, Mp, hd)
     for c in range(1, L // KEY_CHUNK):  # fixed order; chunks past a row's position add exact zeros
         out += torch.matmul(probs[:, :, :, c], v[:, :, c])
-    return out[:, :, :M]
-
-
-def _padded_keys(n: int) -> int:
-    return -(-n // KEY_CHUNK) * KEY_CHUNK
+    return out[:, :, :M].view(B, kvh, n, G, hd).permute(0, 2, 1, 3, 4).reshape(B * n, H, hd)
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written)."""
-    T, H, hd = q.shape
-    kvh = kv_layer.shape[3]
-    G = H // kvh
+    if len(meta.groups) == 1 and meta.groups[0].batch * meta.groups[0].tokens == q.shape[0]:
+        return _attend_group(q, kv_layer, meta.groups[0], scale).to(q.dtype)
     out = torch.empty_like(q)
-    B = meta.num_decodes
-    if B:
-        pos = meta.positions[:B]
-        L = _padded_keys(int(pos.max()) + 1)
-        k = _gather(kv_layer[0], meta.decode_block_tables, L)
-        v = _gather(kv_layer[1], meta.decode_block_tables, L)
-        qd = q[:B].float().view(B, kvh, G, hd)  # heads h = kv_head * G + g
-        o = _attend(qd, k, v, pos[:, None].expand(B, G), scale)
-        out[:B] = o.reshape(B, H, hd).to(q.dtype)
-    for p in meta.prefills or ():
-        for t0 in range(0, p.num_tokens, QUERY_TILE):
-            n = min(QUERY_TILE, p.num_tokens - t0)
-            rows = slice(p.row + t0, p.row + t0 + n)
-            L = _padded_keys(p.start + t0 + n)
-            table = p.block_table[None]
-            k = _gather(kv_layer[0], table, L)
-            v = _gather(kv_layer[1], table, L)
-            qp = q[rows].float().view(n, kvh, G, hd).permute(1, 0, 2, 3).reshape(1, kvh, n * G, hd)
-            pos = meta.positions[rows].repeat_interleave(G)[None]  # row t*G + g has token t's position
-            o = _attend(qp, k, v, pos, scale)  # (1, kvh, n*G, hd)
-            out[rows] = o.view(kvh, n, G, hd).permute(1, 0, 2, 3).reshape(n, H, hd).to(q.dtype)
+    for g in meta.groups:
+        rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
+        out[rows] = _attend_group(q[rows], kv_layer, g, scale).to(q.dtype)
     return out

@@ -2,8 +2,9 @@
 
 RMSNorm -> fused QKV (+bias for Qwen2) -> RoPE -> paged attention (GQA) -> o_proj -> residual
         -> RMSNorm -> fused gate/up -> SwiGLU -> down_proj -> residual;  final RMSNorm -> (tied) lm_head.
-Numerics follow Hugging Face's modeling_llama: RMSNorm in float32 then cast, RoPE tables cast to the model
-dtype, residual stream in the model dtype. Logits are computed only for the rows that sample.
+Numerics follow Hugging Face's modeling_llama (RoPE tables cast to the model dtype, residual stream in the
+model dtype) except that RMSNorm is torch's fused op, which applies the weight before rounding to bfloat16.
+Logits are computed only for the rows that sample.
 """
 
 from __future__ import annotations
@@ -76,9 +77,8 @@ class LlamaModel:
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Hugging Face order: normalise in float32, cast back, then scale by the weight in the model dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps)
-        return weight * normed.to(self.dtype)
+        # One fused op (row-wise, so batch-invariant); torch computes it in float32 internally.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(
@@ -95,10 +95,9 @@ class LlamaModel:
         for layer, kv_layer in zip(self.layers, kv_cache):
             h = self._norm(x, layer.input_norm)
             qkv = linear(h, layer.qkv, layer.qkv_bias)  # (T, (H + 2 KVH) hd)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rope(q.view(T, H, hd), cos, sin)
-            k = apply_rope(k.view(T, KVH, hd), cos, sin)
-            write_kv(kv_layer, k, v.view(T, KVH, hd), meta.slot_mapping)
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, hd), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            write_kv(kv_layer, k, qkv[:, self.q_size + self.kv_size :].view(T, KVH, hd), meta.slot_mapping)
             attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
             x = x + linear(attn.view(T, H * hd), layer.o_proj)
             h = self._norm(x, layer.post_norm)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
-from kvserve.model.attention import KEY_CHUNK, AttentionMetadata, SeqChunk
+from kvserve.model.attention import QUERY_TILE, AttentionMetadata, build_group
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaModel
 from kvserve.model.sampler import SampleResult, sample
@@ -71,25 +71,25 @@ class ModelRunner:
                 positions.append(pos)
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            num_decodes=len(decodes),
-            prefills=[],
-        )
-        logits_rows = list(range(len(decodes)))
+        kvh = self.model.config.num_key_value_heads
+        group = self.model.config.num_attention_heads // kvh
+        groups = []
         if decodes:
-            width = self._table_width(max(s.end for s in decodes))
-            meta.decode_block_tables = torch.tensor(
-                [_pad(s.block_ids, width) for s in decodes], dtype=torch.long, device=dev
-            )
+            groups.append(build_group(0, [[s.start] for s in decodes], [s.block_ids for s in decodes], bs, group, dev))
+        logits_rows = list(range(len(decodes)))
         row = len(decodes)
         for s in prefills:
-            table = torch.tensor(_pad(s.block_ids, self._table_width(s.end)), dtype=torch.long, device=dev)
-            meta.prefills.append(SeqChunk(row, s.start, s.num_new_tokens, table))
+            for t0 in range(s.start, s.end, QUERY_TILE):
+                tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
+                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev))
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            groups=groups,
+        )
         sampling = [s for s in decodes + prefills if s.samples]
         logits = self.model.forward(
             torch.tensor(token_ids, device=dev),
@@ -102,12 +102,3 @@ class ModelRunner:
         params = [s.request.sampling_params for s in sampling]
         results = sample(logits, params, [self._generator(s) for s in sampling])
         return {s.request.request_id: r for s, r in zip(sampling, results)}
-
-    def _table_width(self, num_tokens: int) -> int:
-        """Blocks covering num_tokens keys padded to a multiple of KEY_CHUNK."""
-        return -(-num_tokens // KEY_CHUNK) * KEY_CHUNK // self.block_size
-
-
-def _pad(block_ids: list[int], width: int) -> list[int]:
-    # Padding points at block 0: whatever it holds is masked out and multiplied by exact zeros.
-    return block_ids[:width] + [0] * (width - len(block_ids))

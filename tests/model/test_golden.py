@@ -116,7 +116,8 @@ def test_prefix_cache_hit_changes_nothing(ours, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_prefill_and_batching_are_bitwise_invariant(ours, dtype):
     prompts = [DOC + f"\nQ: Say something about block {i}.\nA:" for i in range(3)] + PROMPTS[:3]
-    reference = [LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False).generate(p, GREEDY)[0] for p in prompts]
+    lone = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False, num_kv_blocks=256)
+    reference = [lone.generate(p, GREEDY)[0] for p in prompts]
     chunked = LLM(
         loaded=ours, dtype=dtype, enable_prefix_caching=True, max_num_batched_tokens=37, num_kv_blocks=256
     ).generate(prompts, GREEDY)
