@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("model", nargs="?", default="smollm2-135m")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or KVSERVE_API_KEY)"
+    )
+    srv.add_argument(
+        "--max-waiting-requests", type=int, default=512, help="queued requests beyond which new ones get HTTP 429"
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=parse_memory, default=1 << 20, help="largest request body, e.g. 1MiB (else HTTP 413)"
+    )
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
     return parser

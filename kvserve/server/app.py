@@ -1,0 +1,184 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngine, and `kvserve serve`.
+
+  POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events ending in data: [DONE])
+  GET  /v1/models, /health, /metrics, /version
+Binds 127.0.0.1 unless told otherwise; --api-key (or KVSERVE_API_KEY) guards /v1/*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from kvserve import __version__
+from kvserve.config import EngineConfig
+from kvserve.engine import LLMEngine
+from kvserve.model.loader import LoadedModel
+from kvserve.server import serving
+from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.errors import ModelNotFoundError, ServiceUnavailableError, install_error_handlers
+from kvserve.server.metrics import ServerMetrics
+from kvserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from kvserve.server.prompts import EngineInput, Limits, chat_input, completion_input
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from kvserve.server.responses import ChatFormatter, ChoiceTracker, CompletionFormatter, Formatter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WAITING_REQUESTS = 512
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def build_app(
+    engine_config: EngineConfig,
+    *,
+    api_key: str | None = None,
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    served_model_name: str | None = None,
+    loaded: LoadedModel | None = None,
+) -> FastAPI:
+    """Load the engine now; its step thread starts with the app (lifespan) and stops with it.
+
+    app.state.async_engine is the AsyncEngine (its .engine the LLMEngine), app.state.metrics the metrics.
+    """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    metrics = ServerMetrics()
+    engine = LLMEngine(engine_config, loaded=loaded)
+    async_engine = AsyncEngine(engine, max_waiting_requests=max_waiting_requests, metrics=metrics)
+    routes = _Routes(async_engine, served_model_name or engine_config.model)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="kvserve", version=__version__, lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last = runs first
+    post, get = ["POST"], ["GET"]
+    app.add_api_route("/v1/completions", routes.completions, methods=post, openapi_extra=_json_body(CompletionRequest))
+    app.add_api_route(
+        "/v1/chat/completions", routes.chat, methods=post, openapi_extra=_json_body(ChatCompletionRequest)
+    )
+    app.add_api_route("/v1/models", routes.models, methods=get)
+    app.add_api_route("/health", routes.health, methods=get)
+    app.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=get)
+    app.add_api_route("/version", lambda: {"version": __version__}, methods=get)
+    return app
+
+
+class _Routes:
+    """The handlers, and what they share: the engine, the names it answers to, a request's limits."""
+
+    def __init__(self, async_engine: AsyncEngine, model_name: str):
+        engine = async_engine.engine
+        self.async_engine = async_engine
+        self.model_name = model_name
+        self.accepted_names = {model_name, engine.config.model, engine.loaded.name}
+        self.limits = Limits(engine.max_model_len, engine.num_blocks * engine.config.block_size)
+        self.tokenizer = engine.tokenizer
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_request(await request.body(), CompletionRequest)
+        self._check_model(body.model)
+        inp = completion_input(body, self.tokenizer, self.limits)
+        return await self._run(
+            body, inp, CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer), request
+        )
+
+    async def chat(self, request: Request) -> Response:
+        body = parse_request(await request.body(), ChatCompletionRequest)
+        self._check_model(body.model)
+        inp = chat_input(body, self.tokenizer, self.limits)
+        fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer)
+        return await self._run(body, inp, fmt, request)
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.limits.max_model_len)])
+
+    async def health(self) -> JSONResponse:
+        if not self.async_engine.is_healthy:
+            reason = self.async_engine.dead_reason or "not started"
+            raise ServiceUnavailableError(f"the engine is not running: {reason}")
+        return JSONResponse({"status": "ok"})
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.accepted_names:
+            raise ModelNotFoundError(
+                f"the model `{name}` does not exist; this server serves `{self.model_name}`", param="model"
+            )
+
+    async def _run(
+        self, body: CompletionRequest | ChatCompletionRequest, inp: EngineInput, fmt: Formatter, request: Request
+    ) -> Response:
+        stream = await serving.start(self.async_engine, inp, body, fmt.request_id)
+        holdback = max((len(s) for s in body.stop_list), default=1) - 1
+        tracker = ChoiceTracker(stream.num_children, body.n, holdback)
+        if body.stream:
+            return serving.stream_response(stream, tracker, fmt, body.include_usage)
+        return await serving.collect(stream, tracker, fmt, request)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """`kvserve serve`: build the app from the parsed flags and run uvicorn until interrupted."""
+    from kvserve.cli import engine_config
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    if not api_key and not _is_loopback(args.host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    app = build_app(
+        engine_config(args),
+        api_key=api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        max_body_bytes=args.max_body_bytes,
+        served_model_name=args.served_model_name,
+    )
+    serve_forever(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def serve_forever(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
+    """uvicorn until SIGINT/SIGTERM, which also stops the engine at its next step: requests in flight end at
+    once with a 503 error (an error event in a stream) instead of being cut off when the grace period ends."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            app.state.async_engine.stop_soon()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    _Server(config).run()
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI docs for a body the route parses itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

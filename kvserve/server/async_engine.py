@@ -1,0 +1,294 @@
+"""AsyncEngine: the synchronous LLMEngine driven by one background thread, fed and drained from asyncio.
+
+  event loop (HTTP handlers)                          engine thread (the only caller of LLMEngine)
+  add() / RequestStream.abort() ──► commands (queue.Queue) ──► applied between steps
+  RequestStream (asyncio.Queue)  ◄── loop.call_soon_threadsafe ◄── the outputs of each step, in one batch
+
+Torch releases the GIL inside its kernels, so the event loop keeps accepting and streaming while a step runs.
+An abort is applied before the next step is scheduled, so a dropped client's KV blocks are freed at once.
+One API request is one RequestStream (see request_stream.py) of num_prompts * n engine requests.
+If the thread dies, is_healthy turns False and every pending and later request fails with EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvserve.engine import LLMEngine
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.server.metrics import EngineSnapshot, ServerMetrics
+from kvserve.server.request_stream import RequestAbortedError, RequestStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at --max-waiting-requests; the client should retry later (HTTP 429)."""
+
+    def __init__(self, num_waiting: int, limit: int):
+        super().__init__(f"the server is busy: {num_waiting} requests are waiting (limit {limit}); retry later")
+        self.retry_after_s = 1
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (crash or shutdown); no request can be served (HTTP 503)."""
+
+
+@dataclass
+class _Child:
+    stream: RequestStream
+    index: int
+    num_tokens: int = 0
+    last_token_time: float | None = None
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompts: list[list[int]]
+    params: SamplingParams
+    cache_salt: str | None
+    future: concurrent.futures.Future[None]
+
+
+@dataclass
+class _Abort:
+    stream: RequestStream
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        max_waiting_requests: int = 512,
+        metrics: ServerMetrics | None = None,
+    ):
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        self._children: dict[str, _Child] = {}  # engine thread only
+        self._lock = threading.Lock()  # orders "submit a command" against "the thread died"
+        self._dead: str | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will read the streams."""
+        assert self._thread is None, "AsyncEngine.start() called twice"
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the thread after aborting everything still running (their streams get EngineDeadError)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self._commands.put(_Stop())
+        self._thread.join(timeout)
+
+    def stop_soon(self) -> None:
+        """Ask the thread to stop after its current step (safe in a signal handler: one attribute write)."""
+        self._stopping = True
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    async def add(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Queue len(prompts) * params.n engine requests as one stream, all or none.
+
+        Returns once the engine accepted them. Raises ValueError (bad input), QueueFullError, EngineDeadError.
+        Child index i * n + k is prompt i's k-th sample, as OpenAI numbers choices.
+        """
+        stream = RequestStream(request_id or uuid.uuid4().hex, len(prompts) * params.n, self._abort)
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._submit(_Add(stream, [list(p) for p in prompts], params, cache_salt, future))
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            stream.abort()  # queued after the add, so it finds the children if the add went through
+            raise
+        return stream
+
+    def _abort(self, stream: RequestStream) -> None:
+        try:
+            self._submit(_Abort(stream))
+        except EngineDeadError:
+            pass  # nothing runs any more
+
+    def _submit(self, command: _Add | _Abort | _Stop) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine is not running: {self._dead}")
+            self._commands.put(command)
+
+    # --------------------------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping and self._apply_commands(block=not engine.has_unfinished_requests()):
+                if engine.has_unfinished_requests():
+                    self._dispatch(engine.step())
+                self.metrics.set_snapshot(EngineSnapshot.capture(engine))
+        except BaseException as exc:  # noqa: BLE001 - any escape leaves the engine in an unknown state
+            log.exception("the engine loop died; failing every request")
+            self._close(f"{type(exc).__name__}: {exc}", abort=False)
+            return
+        self._close("the server is shutting down", abort=True)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one when idle). False once a stop was asked for."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort_now(command.stream)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, cmd: _Add) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return  # the handler went away before we got here
+        engine, stream = self.engine, cmd.stream
+        if stream.num_children > self.max_waiting_requests:
+            cmd.future.set_exception(
+                ValueError(
+                    f"the request asks for {stream.num_children} sequences (prompts x n), more than the server "
+                    f"ever queues ({self.max_waiting_requests}, --max-waiting-requests)"
+                )
+            )
+            return
+        num_waiting = len(engine.scheduler.waiting)
+        if num_waiting + stream.num_children > self.max_waiting_requests:
+            cmd.future.set_exception(QueueFullError(num_waiting, self.max_waiting_requests))
+            return
+        n = cmd.params.n
+        added: list[str] = []
+        try:
+            for index in range(stream.num_children):
+                params = cmd.params if n == 1 else _child_params(cmd.params, index % n)
+                rid = stream.child_id(index)
+                engine.add_request(cmd.prompts[index // n], params, request_id=rid, cache_salt=cmd.cache_salt)
+                added.append(rid)
+        except Exception as exc:  # noqa: BLE001 - ValueError is the client's; anything else is a 500
+            for rid in added:
+                engine.abort(rid)
+            cmd.future.set_exception(exc)
+            return
+        for index in range(stream.num_children):
+            self._children[stream.child_id(index)] = _Child(stream, index)
+        cmd.future.set_result(None)
+
+    def _abort_now(self, stream: RequestStream) -> None:
+        now = time.monotonic()
+        aborted = False
+        for index in range(stream.num_children):
+            child = self._children.pop(stream.child_id(index), None)
+            if child is not None and self.engine.abort(stream.child_id(index)):
+                self.metrics.observe_finished("abort", now - stream.arrival_time)
+                aborted = True
+        if aborted:
+            self._deliver([(stream, RequestAbortedError(f"request {stream.request_id} was aborted"))])
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        batch: list[tuple[RequestStream, tuple[int, RequestOutput] | BaseException]] = []
+        for out in outputs:
+            child = self._children.get(out.request_id)
+            if child is None:
+                continue
+            self._observe(child, out, now)
+            if out.finished:
+                del self._children[out.request_id]
+            batch.append((child.stream, (child.index, out)))
+        if batch:
+            self._deliver(batch)
+
+    def _observe(self, child: _Child, out: RequestOutput, now: float) -> None:
+        completion = out.outputs[0]
+        num_tokens = len(completion.token_ids)
+        if num_tokens > child.num_tokens:
+            if child.last_token_time is None:
+                self.metrics.observe_first_token(now - child.stream.arrival_time)
+            else:
+                self.metrics.observe_next_tokens(num_tokens - child.num_tokens, now - child.last_token_time)
+            child.num_tokens, child.last_token_time = num_tokens, now
+        if out.finished:
+            self.metrics.observe_finished(completion.finish_reason or "error", now - child.stream.arrival_time)
+
+    def _deliver(self, batch: list[tuple[RequestStream, tuple[int, RequestOutput] | BaseException]]) -> None:
+        def put_all() -> None:
+            for stream, item in batch:
+                stream.put(item)
+
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(put_all)
+        except RuntimeError:
+            log.warning("event loop closed; dropped %d outputs", len(batch))
+
+    def _close(self, reason: str, abort: bool) -> None:
+        """Refuse new commands, fail queued adds and every open stream."""
+        with self._lock:
+            self._dead = reason
+        error = EngineDeadError(f"the engine is not running: {reason}")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Add) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(error)
+        streams = {child.stream.request_id: child.stream for child in self._children.values()}
+        if abort:  # a clean stop frees the blocks; after a crash the engine may not be callable
+            for rid in list(self._children):
+                self.engine.abort(rid)
+        self._children.clear()
+        self._deliver([(stream, error) for stream in streams.values()])
+        if abort:
+            self.metrics.set_snapshot(EngineSnapshot.capture(self.engine))
+
+
+def _child_params(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n samples: its own seed (seed + k) so the n choices differ yet stay reproducible."""
+    seed = None if params.seed is None else params.seed + k
+    return dataclasses.replace(params, n=1, seed=seed)

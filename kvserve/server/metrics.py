@@ -1,0 +1,127 @@
+"""Prometheus metrics of the server, all named ``kvserve:*``, in a registry of their own.
+
+Two sources:
+  per-request latencies (histograms) and finish reasons (counter), observed by the engine thread as outputs
+  come out of LLMEngine.step();
+  engine counters and gauges (tokens, prefix cache, preemptions, evictions, KV usage, queue lengths), read at
+  scrape time from an EngineSnapshot that the engine thread takes after every step. The scrape never touches
+  the (not thread-safe) engine itself, and the counters are the engine's own, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvserve.engine import LLMEngine
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's counters and gauges at one instant (taken on the engine thread)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    num_preemptions: int = 0
+    num_evictions: int = 0
+    kv_cache_usage: float = 0.0
+    num_used_blocks: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+
+    @classmethod
+    def capture(cls, engine: LLMEngine) -> EngineSnapshot:
+        return cls(
+            prompt_tokens=engine.stats.prompt_tokens,
+            generation_tokens=engine.stats.generation_tokens,
+            prefix_queries=engine.kv.prefix_queries,
+            prefix_hits=engine.kv.prefix_hits,
+            num_preemptions=engine.scheduler.num_preemptions,
+            num_evictions=engine.pool.num_evictions,
+            kv_cache_usage=engine.pool.usage,
+            num_used_blocks=engine.pool.num_used_blocks,
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting),
+        )
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]):
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []  # names are fixed; skip the collect() prometheus-client would otherwise run at register()
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        counters = [
+            ("prompt_tokens", "Prompt tokens of accepted requests.", s.prompt_tokens),
+            ("generation_tokens", "Generated tokens.", s.generation_tokens),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hits),
+            ("num_preemptions", "Requests preempted for want of KV blocks.", s.num_preemptions),
+            ("kv_blocks_evicted", "Cached KV blocks evicted to make room.", s.num_evictions),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"kvserve:{name}", doc, value=value)
+        gauges = [
+            ("kv_cache_usage_perc", "Fraction (0..1) of KV blocks held by running requests.", s.kv_cache_usage),
+            ("num_requests_running", "Requests in the running batch.", s.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled (preempted ones included).", s.num_waiting),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"kvserve:{name}", doc, value=value)
+
+
+class ServerMetrics:
+    """Everything /metrics exposes. Thread-safe: observed on the engine thread, rendered on the event loop."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.ttft = Histogram(
+            "kvserve:time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "kvserve:time_per_output_token_seconds", "Gap between tokens.", buckets=TPOT_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "kvserve:e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.finished = Counter(
+            "kvserve:request_success",
+            "Finished engine requests (one per choice) by finish reason: stop, length, abort, error.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self._snapshot = EngineSnapshot()
+        self.registry.register(_SnapshotCollector(lambda: self._snapshot))
+
+    def set_snapshot(self, snapshot: EngineSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_next_tokens(self, num_new: int, seconds: float) -> None:
+        """num_new tokens arrived `seconds` after the previous one (one per step without speculation)."""
+        for _ in range(num_new):
+            self.tpot.observe(seconds / num_new)
+
+    def observe_finished(self, reason: str, e2e_seconds: float) -> None:
+        self.finished.labels(finished_reason=reason).inc()
+        if reason != "abort":
+            self.e2e.observe(e2e_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,99 @@
+"""From an OpenAI request to what the engine takes: prompts as token ids, and SamplingParams.
+
+Prompts are tokenized here, on the event loop, not on the engine thread: the tokenizer is thread-safe and
+its cost should not stall the step loop. Chat messages go through the model's chat template and are encoded
+without adding special tokens again (the template already has them). Any ValueError becomes a 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jinja2
+
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.sampling_params import SamplingParams
+from kvserve.server.errors import InvalidRequestError
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    prompts: list[list[int]]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a request's default length: the context and the KV pool, in tokens."""
+
+    max_model_len: int
+    kv_capacity_tokens: int
+
+    def default_max_tokens(self, prompts: list[list[int]]) -> int:
+        """Room left after the longest prompt; the engine rejects a prompt that leaves none."""
+        room = min(self.max_model_len, self.kv_capacity_tokens) - max(len(p) for p in prompts)
+        return max(room, 1)
+
+    def check(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+        """As OpenAI does, refuse a max_tokens that cannot fit the context (the engine would cut it short)."""
+        longest = max(len(p) for p in prompts)
+        if longest < self.max_model_len < longest + max_tokens:
+            raise InvalidRequestError(
+                f"this model's context length is {self.max_model_len} tokens, but {longest + max_tokens} were "
+                f"asked for ({longest} in the prompt, {max_tokens} to generate); lower {param}",
+                param=param,
+            )
+
+
+def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    elif isinstance(prompt[0], str):
+        prompts = [tokenizer.encode(p) for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    if body.max_tokens is not None:
+        limits.check(prompts, body.max_tokens, "max_tokens")
+    max_tokens = body.max_tokens or limits.default_max_tokens(prompts)
+    return EngineInput(prompts, _params(body, max_tokens, body.logprobs))
+
+
+def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
+    messages = [m.template_dict() for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from None
+    prompts = [tokenizer.encode(text, add_special_tokens=False)]
+    if body.max_new_tokens is not None:
+        limits.check(
+            prompts, body.max_new_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        )
+    max_tokens = body.max_new_tokens or limits.default_max_tokens(prompts)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return EngineInput(prompts, _params(body, max_tokens, logprobs))
+
+
+def _params(body: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=body.stop_list,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None

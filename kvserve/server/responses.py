@@ -1,0 +1,215 @@
+"""From engine outputs to OpenAI responses and stream chunks, for completions and for chat.
+
+ChoiceTracker turns the engine's cumulative outputs into deltas. When the request has stop strings it holds
+back the last (longest stop - 1) characters until the choice finishes: the engine trims a stop string from
+text it already reported, so text sent early could otherwise turn out to be the start of a stop string.
+A formatter (one per endpoint) shapes deltas into chunks and the final outputs into a response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+)
+
+
+@dataclass
+class Delta:
+    """What one choice produced since the last chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+
+
+@dataclass
+class _ChoiceState:
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    last: RequestOutput | None = None
+
+
+@dataclass
+class ChoiceTracker:
+    num_choices: int
+    n: int  # choices per prompt; choice i * n + k is prompt i's k-th
+    holdback: int = 0
+    _choices: list[_ChoiceState] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._choices = [_ChoiceState() for _ in range(self.num_choices)]
+
+    def update(self, index: int, out: RequestOutput) -> Delta | None:
+        """Record a new output of choice `index`; the delta to send, or None while nothing is sendable."""
+        state = self._choices[index]
+        state.last = out
+        c = out.outputs[0]
+        end = len(c.text) if c.finished else max(state.sent_chars, len(c.text) - self.holdback)
+        if end == state.sent_chars and not c.finished:
+            return None
+        start_tok = state.sent_tokens
+        delta = Delta(
+            index=index,
+            text=c.text[state.sent_chars : end],
+            token_ids=c.token_ids[start_tok:],
+            logprobs=c.logprobs[start_tok:] if c.logprobs is not None else None,
+            top_logprobs=c.top_logprobs[start_tok:] if c.top_logprobs is not None else None,
+            finish_reason=c.finish_reason,
+        )
+        state.sent_chars, state.sent_tokens = end, len(c.token_ids)
+        return delta
+
+    def final(self, index: int) -> CompletionOutput:
+        last = self._choices[index].last
+        assert last is not None and last.finished, f"choice {index} has not finished"
+        return last.outputs[0]
+
+    def usage(self) -> Usage:
+        prompt = cached = completion = 0
+        for index, state in enumerate(self._choices):
+            if state.last is None:
+                continue
+            completion += len(state.last.outputs[0].token_ids)
+            if index % self.n == 0:  # the prompt counts once for its n samples
+                prompt += len(state.last.prompt_token_ids)
+                cached += state.last.num_cached_tokens
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+
+def _finish(reason: str | None) -> str | None:
+    return reason if reason in ("stop", "length") else None
+
+
+class CompletionFormatter:
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer):
+        self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.id = f"cmpl-{request_id}"
+        self._offsets: dict[int, int] = {}
+
+    def start_chunks(self, num_choices: int) -> list[CompletionResponse]:
+        return []
+
+    def chunk(self, d: Delta) -> CompletionResponse:
+        choice = CompletionChoice(
+            index=d.index, text=d.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
+        )
+        return CompletionResponse(id=self.id, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: Usage) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage)
+
+    def response(self, tracker: ChoiceTracker) -> CompletionResponse:
+        choices = []
+        for index in range(tracker.num_choices):
+            c = tracker.final(index)
+            d = Delta(index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason)
+            choices.append(
+                CompletionChoice(
+                    index=index, text=c.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
+                )
+            )
+        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage())
+
+    def _logprobs(self, d: Delta) -> CompletionLogprobs | None:
+        if d.logprobs is None:
+            return None
+        tokens = [_token_text(self.tokenizer, t) for t in d.token_ids]
+        offsets, pos = [], self._offsets.get(d.index, 0)
+        for tok in tokens:
+            offsets.append(pos)
+            pos += len(tok)
+        self._offsets[d.index] = pos
+        tops = None
+        if d.top_logprobs is not None:
+            tops = [{_token_text(self.tokenizer, t): lp for t, lp in top.items()} for top in d.top_logprobs]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=d.logprobs, top_logprobs=tops, text_offset=offsets)
+
+
+class ChatFormatter:
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer):
+        self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.id = f"chatcmpl-{request_id}"
+
+    def start_chunks(self, num_choices: int) -> list[ChatCompletionChunk]:
+        """OpenAI opens each choice's stream with the role and empty content."""
+        choices = [
+            ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(num_choices)
+        ]
+        return [ChatCompletionChunk(id=self.id, model=self.model, choices=[c]) for c in choices]
+
+    def chunk(self, d: Delta) -> ChatCompletionChunk:
+        choice = ChatStreamChoice(
+            index=d.index,
+            delta=DeltaMessage(content=d.text),
+            logprobs=self._logprobs(d),
+            finish_reason=_finish(d.finish_reason),
+        )
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage)
+
+    def response(self, tracker: ChoiceTracker) -> ChatCompletionResponse:
+        choices = []
+        for index in range(tracker.num_choices):
+            c = tracker.final(index)
+            d = Delta(index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason)
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=ChatMessageOut(content=c.text),
+                    logprobs=self._logprobs(d),
+                    finish_reason=_finish(c.finish_reason),
+                )
+            )
+        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage())
+
+    def _logprobs(self, d: Delta) -> ChatLogprobs | None:
+        if d.logprobs is None:
+            return None
+        content = []
+        for k, (token_id, lp) in enumerate(zip(d.token_ids, d.logprobs)):
+            top = d.top_logprobs[k] if d.top_logprobs is not None and k < len(d.top_logprobs) else {}
+            text = _token_text(self.tokenizer, token_id)
+            alternatives = [_top(self.tokenizer, t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
+            content.append(
+                ChatTokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=alternatives)
+            )
+        return ChatLogprobs(content=content)
+
+
+def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
+    text = _token_text(tokenizer, token_id)
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+Formatter = CompletionFormatter | ChatFormatter

@@ -1,0 +1,213 @@
+"""The server through the official `openai` client: sync and async, streaming and not, chat and completions."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import openai
+import pytest
+
+from kvserve.llm import LLM
+from kvserve.sampling_params import SamplingParams
+
+from .conftest import API_KEY, ENGINE_DEFAULTS, MODEL
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a"]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def aclient(server):
+    """A factory: an AsyncOpenAI client is bound to the event loop it first runs in, so make one per asyncio.run."""
+    return lambda: openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(ours) -> LLM:
+    """The offline API over the same weights and engine settings: what the server must reproduce."""
+    return LLM(loaded=ours, **ENGINE_DEFAULTS)
+
+
+def test_chat_sync(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+    )
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 8
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completion_stream_matches_non_stream(client):
+    kwargs = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_greedy_matches_offline_llm(client, aclient, reference):
+    """Server output, sent concurrently (so batched), equals LLM.generate / LLM.chat for the same prompts."""
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = [o.outputs[0].text for o in reference.generate(PROMPTS, params)]
+
+    async def all_prompts():
+        async with aclient() as ac:
+            calls = [ac.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0) for p in PROMPTS]
+            return await asyncio.gather(*calls)
+
+    got = [r.choices[0].text for r in asyncio.run(all_prompts())]
+    assert got == expected
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    want = reference.chat(messages, params)[0].outputs[0].text
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == want
+
+
+def test_chat_stream_async_with_usage(aclient):
+    async def run():
+        async with aclient() as ac:
+            return await _collect(ac)
+
+    async def _collect(ac):
+        stream = await ac.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}],
+            max_completion_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content and len(finals) == 1
+    assert chunks[-1].usage.completion_tokens <= 10 and chunks[-1].usage.total_tokens > 10
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_n_choices_seeded_and_reproducible(aclient):
+    async def run():
+        kwargs = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=1.0, n=3, seed=7)
+        async with aclient() as ac:
+            return await asyncio.gather(ac.completions.create(**kwargs), ac.completions.create(**kwargs))
+
+    a, b = asyncio.run(run())
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert 3 <= a.usage.completion_tokens <= 24  # counted over the three choices
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_n_choices_stream_indexed(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2, seed=1, stream=True
+        )
+    )
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1]
+
+
+def test_prompt_forms_and_choice_order(client, server):
+    tok = server.engine.tokenizer
+    ids = tok.encode(PROMPTS[0])
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    many = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == by_text.choices[0].text  # prompt 0, samples 0 and 1
+    assert many.usage.prompt_tokens == len(ids) + len(tok.encode(PROMPTS[1]))
+    batch_ids = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [c.text for c in batch_ids.choices] == [by_text.choices[0].text] * 2
+
+
+def test_stop_string_same_in_stream(client):
+    base = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0).choices[0].text
+    stop = base.strip()[3:6]
+    assert stop and stop in base
+    kwargs = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop])
+    whole = client.completions.create(**kwargs).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    assert whole.finish_reason == "stop" and stop not in whole.text
+    assert base.startswith(whole.text) and streamed == whole.text
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == r.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    c = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=3
+    )
+    content = c.choices[0].logprobs.content
+    assert 0 < len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
+
+
+def test_cached_tokens_and_cache_salt(client):
+    """A long shared system prompt hits the prefix cache on the second request; another salt does not."""
+    system = f"Session {uuid.uuid4().hex}. " + "You are a careful assistant who answers in one short sentence. " * 6
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is the sky's color?"}]
+
+    def cached(**extra) -> tuple[int, int]:
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0, **extra)
+        return r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
+
+    first, prompt_tokens = cached()
+    assert prompt_tokens > 64 and first == 0
+    second, _ = cached()
+    assert second >= 32 and second % 16 == 0 and second < prompt_tokens
+    assert cached(extra_body={"cache_salt": "tenant-b"})[0] == 0
+    assert cached(extra_body={"cache_salt": "tenant-b"})[0] >= 32
+
+
+def test_models_health_version_metrics(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    with server.client() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/version").json()["version"]
+        paths = http.get("/openapi.json").json()["paths"]
+        assert "requestBody" in paths["/v1/chat/completions"]["post"]
+    m = server.metrics()
+    assert m["kvserve:generation_tokens_total"] > 0 and m["kvserve:prompt_tokens_total"] > 0
+    assert m["kvserve:prefix_cache_queries_total"] >= m["kvserve:prefix_cache_hits_total"] > 0
+    assert m["kvserve:time_to_first_token_seconds_count"] > 0
+    assert m["kvserve:e2e_request_latency_seconds_count"] > 0
+    assert m["kvserve:time_per_output_token_seconds_count"] > 0
+    assert m['kvserve:request_success_total{finished_reason="length"}'] > 0
+    for name in ("kvserve:num_preemptions_total", "kvserve:kv_blocks_evicted_total"):
+        assert name in m
+
+
+def test_served_model_name(server_factory):
+    srv = server_factory(served_model_name="house-model")
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == ["house-model"]
+    r = client.completions.create(model="house-model", prompt="Hi", max_tokens=2)
+    assert r.model == "house-model"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1).model == "house-model"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="Hi", max_tokens=1)
+    srv.stop()

@@ -1,0 +1,82 @@
+"""Server pieces without a model: request schemas, error bodies, stream deltas, CLI flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.cli import build_parser
+from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.server import app as app_module
+from kvserve.server.errors import InvalidRequestError
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from kvserve.server.responses import ChoiceTracker
+
+
+def _bad(raw: bytes, cls=CompletionRequest) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(raw, cls)
+    return info.value
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    body = (
+        b'{"messages": [{"role": "developer", "content": [{"type": "text", "text": "hi"}]}],'
+        b' "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"},'
+        b' "tools": [], "tool_choice": "none", "logit_bias": {}, "store": false, "user": "u1"}'
+    )
+    req = parse_request(body, ChatCompletionRequest)
+    assert req.messages[0].template_dict() == {"role": "system", "content": "hi"}
+    assert req.user == "u1" and req.max_new_tokens is None
+
+
+def test_unsupported_values_name_their_field():
+    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+             ChatCompletionRequest)  # fmt: skip
+    assert e.param == "response_format" and "not supported" in e.message and e.status_code == 400
+    assert _bad(b'{"prompt": "x", "echo": true}').param == "echo"
+
+
+def test_strict_types_and_messages():
+    e = _bad(b'{"prompt": "x", "max_tokens": "5"}')
+    assert e.param == "max_tokens" and "integer" in e.message
+    assert _bad(b'{"prompt": "x", "ignore_eos": 1}').param == "ignore_eos"
+    assert "not valid JSON" in _bad(b"{").message
+    assert _bad(b'{"prompt": "x", "zzz": 1}').param == "zzz"
+    assert _bad(b"{}").param == "prompt"
+    ok = parse_request(b'{"prompt": [[1, 2], [3]], "stop": "\\n", "temperature": 1}', CompletionRequest)
+    assert ok.stop_list == ("\n",) and ok.temperature == 1.0 and ok.max_tokens == 16
+
+
+def _out(text: str, ids: list[int], finish: str | None) -> RequestOutput:
+    c = CompletionOutput(0, text, ids, finish_reason=finish)
+    return RequestOutput("r-0", None, [1, 2, 3], [c], finished=finish is not None, num_cached_tokens=16)
+
+
+def test_holdback_never_sends_text_a_stop_string_later_takes_back():
+    """With stop "END", the engine may report "abcE" then "abc" (trimmed): "E" must not have been sent."""
+    tracker = ChoiceTracker(num_choices=1, n=1, holdback=len("END") - 1)
+    sent = []
+    for text, ids, finish in [("ab", [1], None), ("abcE", [1, 2], None), ("abcEN", [1, 2, 3], None)]:
+        delta = tracker.update(0, _out(text, ids, finish))
+        sent.append(delta.text if delta else None)
+    final = tracker.update(0, _out("abc", [1, 2, 3, 4], "stop"))
+    assert "".join(s for s in sent if s) + final.text == "abc"
+    assert final.token_ids == [4]  # the tokens since the last chunk sent
+    usage = tracker.usage()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens) == (3, 4, 16)
+
+
+def test_serve_flags_and_env_api_key(monkeypatch):
+    args = build_parser().parse_args(
+        ["serve", "m", "--api-key", "k", "--max-waiting-requests", "3", "--max-body-bytes", "2MiB",
+         "--served-model-name", "svc", "--log-level", "debug"]
+    )  # fmt: skip
+    assert (args.host, args.port, args.api_key, args.max_waiting_requests) == ("127.0.0.1", 8000, "k", 3)
+    assert args.max_body_bytes == 2 << 20 and args.served_model_name == "svc"
+    seen: dict = {}
+    monkeypatch.setattr(app_module, "build_app", lambda config, **kw: seen.update(kw, config=config) or "app")
+    monkeypatch.setattr(app_module, "serve_forever", lambda app, **kw: seen.update(kw, app=app))
+    monkeypatch.setenv("KVSERVE_API_KEY", "from-env")
+    app_module.run_server(build_parser().parse_args(["serve", "--num-kv-blocks", "64"]))
+    assert seen["api_key"] == "from-env" and seen["host"] == "127.0.0.1" and seen["port"] == 8000
+    assert seen["config"].num_kv_blocks == 64 and seen["app"] == "app"
