@@ -34,14 +34,16 @@ class AttentionGroup:
     """B sequences with n new tokens each, attended in one call: rows [row_start, row_start + B * n).
 
     Decodes form one group (n = 1); each prefill chunk forms one group per QUERY_TILE tokens (B = 1), so a
-    tile reads keys only up to its own last position.
+    tile attends keys only up to its own last position. Tiles of one chunk share kv_id and one K/V gather
+    (tables cover the chunk's last tile); a tile uses the first L keys, L = masked.shape[-1].
     """
 
     row_start: int
     batch: int  # B
     tokens: int  # n per sequence
-    tables: torch.Tensor  # (B, L // block_size) long; padding points at block 0 (masked)
+    tables: torch.Tensor  # (B, blocks) long; padding points at block 0 (masked)
     masked: torch.Tensor  # (B, 1, Mp, L) bool, True = key not attended; row t*G + g is token t, head g
+    kv_id: int  # groups with the same kv_id (consecutive) read the same gathered K/V
 
 
 @dataclass
@@ -65,11 +67,16 @@ def build_group(
     block_size: int,
     group_size: int,
     device: torch.device,
+    kv_id: int,
+    gather_len: int = 0,
 ) -> AttentionGroup:
-    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table."""
+    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table.
+
+    gather_len: keys to gather for all groups sharing kv_id (at least this group's own).
+    """
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
-    width = L // block_size
+    width = max(L, padded_keys(gather_len)) // block_size
     padded = [t[:width] + [0] * (width - len(t)) for t in tables]
     M = n * group_size
     Mp = invariant_rows(M, torch.float32)
@@ -77,7 +84,7 @@ def build_group(
     q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M))  # padded rows attend key 0 only; discarded
     masked = torch.arange(L)[None, None, :] > q_pos[:, :, None]
     return AttentionGroup(
-        row_start, B, n, torch.tensor(padded, dtype=torch.long, device=device), masked[:, None].to(device)
+        row_start, B, n, torch.tensor(padded, dtype=torch.long, device=device), masked[:, None].to(device), kv_id
     )
 
 
@@ -88,23 +95,30 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_layer[1].view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, v)
 
 
-def _attend_group(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
-    """q (B * n, heads, hd) -> (B * n, heads, hd) float32."""
+def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """kv_layer (2, blocks, bs, kvh, hd), tables (B, nb) -> (2, B, kvh, nb * bs, hd) float32."""
     _, _, bs, kvh, hd = kv_layer.shape
+    B, nb = tables.shape
+    return kv_layer[:, tables].view(2, B, nb * bs, kvh, hd).permute(0, 1, 3, 2, 4).float()
+
+
+def _attend_group(q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
+    """q (B * n, heads, hd), kv from _gather -> (B * n, heads, hd) float32."""
     B, n = g.batch, g.tokens
-    H = q.shape[1]
+    H, hd = q.shape[1], q.shape[2]
+    kvh = kv.shape[2]
     G = H // kvh
-    L = g.tables.shape[1] * bs
-    kv = kv_layer[:, g.tables].view(2, B, L, kvh, hd).permute(0, 1, 3, 2, 4).float()  # (2, B, kvh, L, hd)
+    L = g.masked.shape[-1]
+    keys, values = kv[0, :, :, :L], kv[1, :, :, :L]  # (B, kvh, L, hd)
     # (B, n, kvh, G, hd) -> (B, kvh, n*G, hd): row t*G + g is token t, query head kv_head * G + g
     qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(0, 2, 1, 3, 4).reshape(B, kvh, n * G, hd)
     M, Mp = n * G, g.masked.shape[2]
     if Mp != M:
         qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
-    scores = torch.matmul(qg, kv[0].transpose(2, 3))  # (B, kvh, Mp, L)
+    scores = torch.matmul(qg, keys.transpose(2, 3))  # (B, kvh, Mp, L)
     scores.masked_fill_(g.masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, kvh, Mp, L // KEY_CHUNK, KEY_CHUNK)
-    v = kv[1].view(B, kvh, L // KEY_CHUNK, KEY_CHUNK, hd)
+    v = values.view(B, kvh, L // KEY_CHUNK, KEY_CHUNK, hd)
     out = torch.matmul(probs[:, :, :, 0], v[:, :, 0])  # (B, kvh, Mp, hd)
     for c in range(1, L // KEY_CHUNK):  # fixed order; chunks past a row's position add exact zeros
         out += torch.matmul(probs[:, :, :, c], v[:, :, c])
@@ -113,10 +127,11 @@ def _attend_group(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, sc
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written)."""
-    if len(meta.groups) == 1 and meta.groups[0].batch * meta.groups[0].tokens == q.shape[0]:
-        return _attend_group(q, kv_layer, meta.groups[0], scale).to(q.dtype)
     out = torch.empty_like(q)
+    kv, kv_id = None, None
     for g in meta.groups:
+        if g.kv_id != kv_id:
+            kv, kv_id = _gather(kv_layer, g.tables), g.kv_id
         rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
-        out[rows] = _attend_group(q[rows], kv_layer, g, scale).to(q.dtype)
+        out[rows] = _attend_group(q[rows], kv, g, scale).to(q.dtype)
     return out

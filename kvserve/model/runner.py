@@ -75,13 +75,15 @@ class ModelRunner:
         group = self.model.config.num_attention_heads // kvh
         groups = []
         if decodes:
-            groups.append(build_group(0, [[s.start] for s in decodes], [s.block_ids for s in decodes], bs, group, dev))
+            positions_d = [[s.start] for s in decodes]
+            groups.append(build_group(0, positions_d, [s.block_ids for s in decodes], bs, group, dev, kv_id=-1))
         logits_rows = list(range(len(decodes)))
         row = len(decodes)
         for s in prefills:
             for t0 in range(s.start, s.end, QUERY_TILE):
                 tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
-                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev))
+                r = row + t0 - s.start
+                groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev, kv_id=row, gather_len=s.end))
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)
