@@ -27,6 +27,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# Peers (llama.cpp's llama-server, llama-cpp-python) build under bench/peers/ (git-ignored), then one comparison.
+bench: $(STAMP)
+	$(BIN)/python bench/peers.py install
+	$(BIN)/python bench/compare.py --workload shared-system-prompt --concurrency 8
+
 lint: $(STAMP)
 	$(BIN)/ruff check kvserve tests bench
 

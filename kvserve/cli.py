@@ -93,6 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from kvserve.bench.command import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+
+    from kvserve.bench.command import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server (TTFT, TPOT, throughput, cache hits)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
