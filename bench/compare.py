@@ -41,6 +41,7 @@ COLUMNS = (  # (header, summary path, digits)
     ("E2E p50 ms", ("e2e_ms", "median"), 0),
     ("out tok/s", ("output_tokens_per_s",), 1),
     ("req/s", ("request_throughput",), 2),
+    ("out tok/req", ("output_tokens_per_request",), 1),
     ("cache hit", ("prefix_cache_hit_rate",), 2),
     ("failed", ("failed",), 0),
     ("client CPU %", ("client_cpu_percent",), 1),
@@ -79,6 +80,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             seed=args.seed,
             ignore_eos=True,
             timeout_s=args.timeout,
+            extra_body=peer.extra_body,
         )
         asyncio.run(warm_up(cfg, args.warmup))
         run = asyncio.run(run_requests(requests, cfg, progress=sys.stderr.isatty()))
@@ -98,6 +100,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         compare_command=" ".join([".venv/bin/python bench/compare.py", *sys.argv[1:]]),
         machine=machine_line(),
     )
+    summary["output_tokens_per_request"] = summary["output_tokens"] / max(1, summary["completed"])
     print(format_table(summary), flush=True)
     return summary
 
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         path = RESULTS / f"{args.workload}-{name}.json"
         if args.replot:
             if path.exists():
-                summaries[name] = json.loads(path.read_text())
+                s = summaries[name] = json.loads(path.read_text())
+                s.setdefault("output_tokens_per_request", s["output_tokens"] / max(1, s["completed"]))
             continue
         if not peers.PEERS_BY_NAME[name].installed():
             print(f"== {name}: not installed, skipped (bench/peers.py install)", flush=True)

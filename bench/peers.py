@@ -69,6 +69,7 @@ class Peer:
     argv: Callable[[Path, Launch], list[str]]  # (gguf, launch) -> command line
     installed: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
+    extra_body: dict = field(default_factory=dict)  # what each request needs to run to max_tokens on this server
     startup_s: float = 300.0
 
 
@@ -97,11 +98,14 @@ def _transformers(gguf: Path, r: Launch) -> list[str]:
     return [str(PYTHON), str(BENCH / "hf_server.py"), "--model", str(gguf), "--port", str(r.port)]
 
 
+NO_EOS = {"logit_bias": {"0": -100, "2": -100}}
+
 PEER_LIST = (
     Peer("kvserve", _kvserve(True), KVSERVE.exists),
     Peer("kvserve-nocache", _kvserve(False), KVSERVE.exists),
     Peer("llama-server", _llama_server, LLAMA_SERVER.exists, env={"LD_LIBRARY_PATH": str(LLAMA_BUILD / "bin")}),
-    Peer("llama-cpp-python", _llama_cpp_python, (LCP_VENV / "bin" / "python").exists),
+    # llama-cpp-python ignores ignore_eos: ban SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) instead
+    Peer("llama-cpp-python", _llama_cpp_python, (LCP_VENV / "bin" / "python").exists, extra_body=NO_EOS),
     Peer("transformers", _transformers, PYTHON.exists, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}),
 )
 PEERS_BY_NAME = {p.name: p for p in PEER_LIST}
