@@ -1,0 +1,1 @@
+"""Recurrent-state support for hybrid models: where to checkpoint states (placement) and the checkpoint store."""
