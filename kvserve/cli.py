@@ -34,6 +34,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="most prompt tokens one request may compute per step",
     )
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument(
+        "--eviction-policy",
+        default="lru",
+        choices=["lru", "lfu", "cost-aware"],
+        help="which cached KV block leaves the pool first (leaves of the prefix tree always go first)",
+    )
+    g.add_argument(
+        "--cpu-offload-gb", type=float, default=0.0, help="host-RAM tier for KV blocks evicted from the pool (GiB)"
+    )
+    g.add_argument(
+        "--kv-store",
+        default=None,
+        help="persistent KV tier shared across restarts/replicas: disk:PATH or redis://127.0.0.1:6379",
+    )
     g.add_argument("--seed", type=int, default=0)
 
 

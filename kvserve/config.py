@@ -37,6 +37,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None -> the model's context length
     long_prefill_token_threshold: int | None = None  # most prompt tokens one request may take per step
     enable_prefix_caching: bool = True
+    eviction_policy: str = "lru"  # lru | lfu | cost-aware: which cached block leaves the pool first
+    cpu_offload_gb: float = 0.0  # host-RAM tier for blocks evicted from the pool (GiB; 0 = none)
+    kv_store: str | None = None  # persistent tier: disk:PATH or redis://HOST:PORT[/DB]
     seed: int = 0  # seed for requests that bring none
     max_logprobs: int = 20
 
@@ -53,6 +56,17 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two <= 256, got {self.block_size}")
+        from kvserve.kv.eviction import POLICIES
+
+        if self.eviction_policy not in POLICIES:
+            raise ValueError(f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}")
+        if not self.cpu_offload_gb >= 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
+        if self.kv_store is not None and not (
+            (self.kv_store.startswith("disk:") and len(self.kv_store) > 5)
+            or self.kv_store.split("://")[0] in ("redis", "rediss", "unix")
+        ):
+            raise ValueError(f"kv_store must be disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 

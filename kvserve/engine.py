@@ -18,6 +18,8 @@ from kvserve.config import EngineConfig
 from kvserve.detokenizer import DetokenizerState, add_token, find_stop
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.cache_manager import KVCacheManager
+from kvserve.kv.eviction import make_policy, recompute_cost
+from kvserve.kv.tiers import TieredCache, model_fingerprint, open_store
 from kvserve.model.device import resolve_device, resolve_dtype
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import LoadedModel, load_model
@@ -65,17 +67,48 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no block of {per_block} B")
         self.model = LlamaModel(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
-        self.pool = BlockPool(self.num_blocks, enable_caching=config.enable_prefix_caching)
+        cost_args = {"cost": self._recompute_cost(), "block_bytes": per_block}
+        policy = make_policy(config.eviction_policy, **(cost_args if config.eviction_policy == "cost-aware" else {}))
+        self.pool = BlockPool(self.num_blocks, enable_caching=config.enable_prefix_caching, policy=policy)
         self.kv = KVCacheManager(self.pool, config.block_size, enable_caching=config.enable_prefix_caching)
         limits = SchedulerLimits(
             config.max_num_batched_tokens, config.max_num_seqs, config.long_prefill_token_threshold
         )
         self.scheduler = Scheduler(limits, self.kv)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, seed=config.seed)
+        self.tiers = self._make_tiers()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+
+    def _recompute_cost(self):
+        """Cost of recomputing a block at a depth, for the cost-aware policy: linear layers + attention."""
+        c = self.model_config
+        h, d, layers = c.hidden_size, c.head_dim, c.num_hidden_layers
+        per_layer = h * d * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * h * c.intermediate_size
+        linear = 2 * (layers * per_layer + h * c.vocab_size)  # FLOPs per token
+        attention = 4 * layers * c.num_attention_heads * d  # FLOPs per token per context token
+        return recompute_cost(attention / linear, self.config.block_size)
+
+    def _make_tiers(self) -> TieredCache | None:
+        """Host-RAM and persistent tiers under the pool (--cpu-offload-gb, --kv-store), or None."""
+        cfg = self.config
+        if not cfg.enable_prefix_caching or (cfg.cpu_offload_gb <= 0 and not cfg.kv_store):
+            return None
+        store = open_store(cfg.kv_store) if cfg.kv_store else None
+        fingerprint = model_fingerprint(self.model_config, self.loaded.weights)
+        namespace = f"{fingerprint}-b{cfg.block_size}-{str(self.dtype).removeprefix('torch.')}"
+        tiers = TieredCache(self.runner.kv_cache, namespace, int(cfg.cpu_offload_gb * (1 << 30)), store)
+        self.pool.on_evict = tiers.on_evict
+        self.kv.tiers = tiers
+        log.info("KV tiers under the pool: %s (namespace %s)", ", ".join(tiers.tiers), namespace)
+        return tiers
+
+    def shutdown(self) -> None:
+        """Finish pending writes to the persistent KV store and close it. The engine stays usable."""
+        if self.tiers is not None:
+            self.tiers.flush()
 
     # ------------------------------------------------------------------------------------------ requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -78,3 +78,57 @@ def _unquantized_copy(model):
 
 def _transformers():
     return pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------------- Redis
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence; stop() kills it mid-run."""
+
+    def __init__(self, binary: str, workdir: Path):
+        import subprocess
+        import time
+
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args + ["--dir", str(workdir)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server per test (make test installs the distribution's package; skipped without it)."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it with apt-get)")
+    server = RedisServer(binary, tmp_path)
+    yield server
+    server.stop()

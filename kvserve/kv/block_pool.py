@@ -6,11 +6,18 @@ A block is in exactly one of three states:
   empty        ref_count == 0, no hash  holds nothing worth keeping; handed out first
 Allocation takes empty blocks first and only then asks the eviction policy for a victim, whose hash entry is
 dropped at that moment (lazy eviction). A referenced block is never in the policy, so it can't be evicted.
+
+Leaves first: an evictable block that other cached blocks chain from (a parent) waits in `_parents` and enters
+the policy only when its last cached child is evicted, because evicting it would make every descendant
+unreachable (lookups walk the chain from block 0). Only when no evictable leaf is left (every cached child of
+the remaining parents is referenced) is a parent taken anyway; its orphaned children reconnect as soon as the
+parent's content is cached again, since addresses are content hashes.
+`on_evict(block)` runs just before a victim's hash is dropped, while its KV is still intact (the tier hook).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -26,6 +33,9 @@ class Block:
     ref_count: int = 0
     block_hash: BlockHash | None = None
     token_ids: tuple[int, ...] | None = None  # the block's tokens, compared on every hit
+    parent_hash: BlockHash | None = None  # chain hash of the block before it (None for block 0)
+    depth: int = 0  # index of the block in its chain (0 = first block of a prompt)
+    hits: int = 0  # times it was taken since it was cached (1 = its own request); read by LFU/cost policies
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -44,14 +54,17 @@ class BlockPool:
         # Stack of empty blocks; popped from the end, so low ids go first.
         self._empty: list[Block] = list(reversed(self.blocks))
         self._evictable: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        self._parents: dict[BlockId, Block] = {}  # evictable blocks that cached blocks chain from
+        self._num_children: dict[BlockHash, int] = {}  # cached blocks per parent hash
         self._cached: dict[BlockHash, Block] = {}
         self.num_evictions = 0
+        self.on_evict: Callable[[Block], None] | None = None
 
     # ----------------------------------------------------------------------------------------------- queries
     @property
     def num_free_blocks(self) -> int:
         """Blocks that allocate() can hand out now (empty + evictable)."""
-        return len(self._empty) + len(self._evictable)
+        return len(self._empty) + len(self._evictable) + len(self._parents)
 
     @property
     def num_used_blocks(self) -> int:
@@ -87,19 +100,58 @@ class BlockPool:
         return out
 
     def _evict(self) -> Block:
-        block = self._evictable.pop()
+        if len(self._evictable):
+            block = self._evictable.pop()
+        else:  # every leaf is referenced: a parent must go (its cached children become unreachable for now)
+            block = self._parents.pop(next(iter(self._parents)))
+        if self.on_evict is not None:
+            self.on_evict(block)
         del self._cached[block.block_hash]
-        block.block_hash = None
-        block.token_ids = None
+        self._drop_child(block.parent_hash)
+        block.block_hash = block.token_ids = block.parent_hash = None
+        block.depth = block.hits = 0
         self.num_evictions += 1
         return block
+
+    def _is_leaf(self, block: Block) -> bool:
+        return block.block_hash not in self._num_children
+
+    def _make_evictable(self, block: Block) -> None:
+        if self._is_leaf(block):
+            self._evictable.add(block)
+        else:
+            self._parents[block.block_id] = block
+
+    def _add_child(self, parent_hash: BlockHash | None) -> None:
+        if parent_hash is None:
+            return
+        self._num_children[parent_hash] = self._num_children.get(parent_hash, 0) + 1
+        parent = self._cached.get(parent_hash)
+        if parent is not None and parent.ref_count == 0 and parent in self._evictable:
+            self._evictable.remove(parent)
+            self._parents[parent.block_id] = parent
+
+    def _drop_child(self, parent_hash: BlockHash | None) -> None:
+        if parent_hash is None:
+            return
+        left = self._num_children[parent_hash] - 1
+        if left:
+            self._num_children[parent_hash] = left
+            return
+        del self._num_children[parent_hash]
+        parent = self._cached.get(parent_hash)
+        if parent is not None and parent.block_id in self._parents:
+            del self._parents[parent.block_id]
+            self._evictable.add(parent)
 
     def touch(self, blocks: Iterable[Block]) -> None:
         """Take one more reference on each block (a cache hit); revives evictable blocks."""
         for block in blocks:
             if block.ref_count == 0:
-                self._evictable.remove(block)
+                if self._parents.pop(block.block_id, None) is None:
+                    self._evictable.remove(block)
             block.ref_count += 1
+            block.hits += 1
 
     def free(self, blocks: Iterable[Block]) -> None:
         """Drop one reference on each block, in the order given (the first freed is evicted first)."""
@@ -109,11 +161,18 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.block_hash is not None:
-                    self._evictable.add(block)
+                    self._make_evictable(block)
                 else:
                     self._empty.append(block)
 
-    def cache_block(self, block: Block, block_hash: BlockHash, token_ids: Sequence[int]) -> bool:
+    def cache_block(
+        self,
+        block: Block,
+        block_hash: BlockHash,
+        token_ids: Sequence[int],
+        parent_hash: BlockHash | None = None,
+        depth: int = 0,
+    ) -> bool:
         """Index a full, computed block under its chain hash. Returns False if not indexed.
 
         When another block already holds the same content (two requests computed one prefix at once), the
@@ -126,13 +185,20 @@ class BlockPool:
         assert block.ref_count > 0, "only a referenced block can be filled and cached"
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
+        block.parent_hash = parent_hash
+        block.depth = depth
+        block.hits = max(block.hits, 1)
         self._cached[block_hash] = block
+        self._add_child(parent_hash)
         return True
+
+    def cached_block(self, block_hash: BlockHash) -> Block | None:
+        return self._cached.get(block_hash)
 
     def reset_prefix_cache(self) -> int:
         """Forget every evictable cached block; returns how many were dropped."""
         dropped = 0
-        while len(self._evictable):
+        while len(self._evictable) or self._parents:
             self._empty.append(self._evict())
             dropped += 1
         return dropped
@@ -142,17 +208,30 @@ class BlockPool:
         """Raise AssertionError if the pool's bookkeeping is inconsistent."""
         empty_ids = {b.block_id for b in self._empty}
         assert len(empty_ids) == len(self._empty), "a block is twice in the empty list"
-        assert len(self._evictable) + len(self._empty) <= self.num_blocks
+        assert len(self._evictable) + len(self._parents) + len(self._empty) <= self.num_blocks
         for block in self.blocks:
             assert block.ref_count >= 0, f"block {block.block_id} has negative ref count"
             in_policy = block in self._evictable
+            in_parents = block.block_id in self._parents
+            assert not (in_policy and in_parents), f"block {block.block_id} both leaf and parent"
             if block.ref_count > 0:
-                assert block.block_id not in empty_ids and not in_policy, f"referenced block {block.block_id} free"
+                assert block.block_id not in empty_ids and not in_policy and not in_parents, (
+                    f"referenced block {block.block_id} free"
+                )
             elif block.block_hash is not None:
-                assert in_policy and block.block_id not in empty_ids, f"cached free block {block.block_id} lost"
+                assert block.block_id not in empty_ids, f"cached free block {block.block_id} also empty"
+                # leaves are victims, parents wait for their children
+                assert in_policy if self._is_leaf(block) else in_parents, f"cached block {block.block_id} lost"
             else:
-                assert block.block_id in empty_ids and not in_policy, f"empty block {block.block_id} leaked"
+                assert block.block_id in empty_ids and not in_policy and not in_parents, (
+                    f"empty block {block.block_id} leaked"
+                )
             if block.block_hash is not None:
                 assert self._cached.get(block.block_hash) is block, f"block {block.block_id} not indexed"
                 assert block.token_ids is not None
         assert all(b.block_hash == h for h, b in self._cached.items())
+        children: dict[BlockHash, int] = {}
+        for b in self._cached.values():
+            if b.parent_hash is not None:
+                children[b.parent_hash] = children.get(b.parent_hash, 0) + 1
+        assert children == self._num_children, "child counts out of date"

@@ -13,22 +13,28 @@ from dataclasses import dataclass, field
 
 from kvserve.kv.block_pool import Block, BlockPool
 from kvserve.kv.hashing import hash_block_chain
+from kvserve.kv.tiers import LoadedBlock, TieredCache
 from kvserve.request import Request
 
 
 @dataclass
 class ComputedBlocks:
-    """A prefix-cache hit: blocks to share and how many tokens they cover."""
+    """A prefix-cache hit: pool blocks to share, then blocks to load from lower tiers, and their tokens."""
 
     blocks: list[Block] = field(default_factory=list)
     num_tokens: int = 0
+    loads: list[LoadedBlock] = field(default_factory=list)  # chain blocks len(blocks), len(blocks) + 1, ...
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, enable_caching: bool = True):
+    def __init__(self, pool: BlockPool, block_size: int, enable_caching: bool = True, tiers: TieredCache | None = None):
         self.pool = pool
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.tiers = tiers if enable_caching else None
+        # request id -> (first block looked up below the pool, what was found): a waiting request is looked
+        # up every step until it is admitted; the tiers are asked once per starting point.
+        self._lower_hits: dict[str, tuple[int, list[LoadedBlock]]] = {}
         self._blocks: dict[str, list[Block]] = {}
         self._num_indexed: dict[str, int] = {}  # full blocks of the request already offered to the index
         self.prefix_queries = 0  # tokens looked up
@@ -68,7 +74,15 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
-        return ComputedBlocks(hit, len(hit) * bs)
+        loads: list[LoadedBlock] = []
+        if self.tiers is not None and len(hit) < max_blocks:
+            memo = self._lower_hits.get(request.request_id)
+            if memo is not None and memo[0] == len(hit):
+                loads = memo[1]
+            else:
+                loads = self.tiers.lookup(request.block_hashes, request.all_token_ids, bs, len(hit), max_blocks)
+                self._lower_hits[request.request_id] = (len(hit), loads)
+        return ComputedBlocks(hit, (len(hit) + len(loads)) * bs, loads)
 
     def record_query(self, request: Request, computed: ComputedBlocks) -> None:
         """Count a first admission's lookup in the hit-rate statistics (in tokens)."""
@@ -91,10 +105,21 @@ class KVCacheManager:
             return False
         self.pool.touch(computed.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
+        if computed.loads:
+            self._load(computed, new_blocks[: len(computed.loads)])
+        self._lower_hits.pop(request.request_id, None)
         self._blocks[request.request_id] = held + computed.blocks + new_blocks
-        if computed.blocks:
-            self._num_indexed.setdefault(request.request_id, len(computed.blocks))
+        num_hit = len(computed.blocks) + len(computed.loads)
+        if num_hit:
+            self._num_indexed.setdefault(request.request_id, num_hit)
         return True
+
+    def _load(self, computed: ComputedBlocks, blocks: list[Block]) -> None:
+        """Write blocks found in lower tiers into fresh pool blocks and publish them (their KV is now valid)."""
+        assert self.tiers is not None
+        self.tiers.load_into([b.block_id for b in blocks], computed.loads)
+        for block, lb in zip(blocks, computed.loads, strict=True):
+            self.pool.cache_block(block, lb.block_hash, lb.token_ids, lb.parent_hash, lb.index)
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Index the request's full blocks whose KV is now written (call after the step ran)."""
@@ -107,14 +132,19 @@ class KVCacheManager:
         self.update_block_hashes(request)
         blocks = self._blocks[request.request_id]
         bs = self.block_size
+        hashes = request.block_hashes
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i], request.all_token_ids[i * bs : (i + 1) * bs])
+            parent = hashes[i - 1] if i else None
+            tokens = request.all_token_ids[i * bs : (i + 1) * bs]
+            if self.pool.cache_block(blocks[i], hashes[i], tokens, parent, i) and self.tiers is not None:
+                self.tiers.on_cached(blocks[i])
         self._num_indexed[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Release every block of the request, deepest first so that leaves are evicted before parents."""
         blocks = self._blocks.pop(request.request_id, [])
         self._num_indexed.pop(request.request_id, None)
+        self._lower_hits.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
     def block_ids(self, request: Request) -> list[int]:

@@ -1,13 +1,30 @@
 """Eviction policies: which unreferenced cached block gives up its KV when the pool needs a block.
 
-Contract: a policy holds exactly the blocks with ref_count == 0 that still carry a block hash ("evictable").
-`add` is called when a block becomes evictable, `remove` when a cache hit revives it, `pop` picks the victim.
-Every operation is O(1) for LRU. A block that is referenced is never in a policy, so it can never be evicted.
+Contract: a policy holds evictable *leaves*: blocks with ref_count == 0 that still carry a block hash and that no
+other cached block chains from (the pool keeps parents of cached blocks aside until their last child goes, so a
+block is never evicted while a cached descendant that depends on it stays reachable). `add` is called when a
+block becomes an evictable leaf, `remove` when a cache hit revives it (or a new child makes it a parent), `pop`
+picks the victim. The pool counts hits on `Block.hits` and records the block's depth in the chain
+(`Block.depth`, in blocks from the start of the prompt); policies read them when a block is added.
+
+  lru         least recently freed first. Intrusive doubly linked list: O(1) per operation.
+  lfu         least frequently used first, with dynamic aging (LFU-DA, Arlitt et al. 2000): priority =
+              L + hits, where L is the priority of the last victim. Aging lets a block that was hot long ago
+              leave once newer blocks have earned more; without it LFU keeps dead blocks forever.
+  cost-aware  GreedyDual-Size-Frequency (Cherkasova 1998): priority = L + hits * cost / size, where cost is
+              the compute a miss on this block would redo: its block_size tokens through every linear layer
+              plus attention over the `depth * block_size` tokens before it, and size its bytes (equal for all
+              blocks of one pool, so it only scales L). Deep blocks of long shared prefixes cost more to
+              recompute than shallow ones, frequent blocks are lost more often, and L ages both.
+Heap policies are O(log n) per operation with lazy deletion. Ties go to the block that became evictable first.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,15 +32,15 @@ if TYPE_CHECKING:
 
 
 class EvictionPolicy(ABC):
-    """The set of evictable blocks and the order in which they are evicted."""
+    """The set of evictable leaf blocks and the order in which they are evicted."""
 
     @abstractmethod
     def add(self, block: Block) -> None:
-        """block became evictable (ref_count dropped to 0 while cached)."""
+        """block became an evictable leaf (ref_count 0, cached, no cached child)."""
 
     @abstractmethod
     def remove(self, block: Block) -> None:
-        """block was revived by a cache hit; it must no longer be a victim."""
+        """block was revived by a cache hit or gained a cached child; it must no longer be a victim."""
 
     @abstractmethod
     def pop(self) -> Block:
@@ -37,7 +54,7 @@ class EvictionPolicy(ABC):
 
 
 class LRUPolicy(EvictionPolicy):
-    """Least recently freed first: an intrusive doubly linked list with sentinel head and tail.
+    """Least recently freed first: an intrusive doubly linked list.
 
     Requests free their blocks deepest-first, so within one request the leaves of the prefix go first and a
     parent outlives its children.
@@ -91,11 +108,88 @@ class LRUPolicy(EvictionPolicy):
             block = self._next[block.block_id]
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+class GreedyDualPolicy(EvictionPolicy):
+    """Smallest priority L + value(block) first; L inflates to each victim's priority (dynamic aging).
+
+    value(block) is fixed when the block is added; a hit removes it from the policy, so the next add (when
+    it is freed again) sees the new hit count.
+    """
+
+    def __init__(self, value: Callable[[Block], float]):
+        self._value = value
+        self._heap: list[tuple[float, int, Block]] = []
+        self._live: dict[int, int] = {}  # block_id -> sequence number of its live heap entry
+        self._seq = itertools.count()
+        self.inflation = 0.0  # L
+
+    def priority(self, block: Block) -> float:
+        return self.inflation + self._value(block)
+
+    def add(self, block: Block) -> None:
+        assert block.block_id not in self._live, f"block {block.block_id} already evictable"
+        seq = next(self._seq)
+        self._live[block.block_id] = seq
+        heapq.heappush(self._heap, (self.priority(block), seq, block))
+        if len(self._heap) > 2 * len(self._live) + 64:  # drop stale entries so the heap stays O(live)
+            self._heap = [e for e in self._heap if self._live.get(e[2].block_id) == e[1]]
+            heapq.heapify(self._heap)
+
+    def remove(self, block: Block) -> None:
+        del self._live[block.block_id]  # its heap entry goes stale and is skipped by pop
+
+    def pop(self) -> Block:
+        while self._heap:
+            prio, seq, block = heapq.heappop(self._heap)
+            if self._live.get(block.block_id) == seq:
+                del self._live[block.block_id]
+                self.inflation = max(self.inflation, prio)
+                return block
+        raise IndexError("no evictable block")
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, block: Block) -> bool:
+        return block.block_id in self._live
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+class LFUPolicy(GreedyDualPolicy):
+    """LFU with dynamic aging (LFU-DA): priority = L + hits."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda b: float(b.hits))
+
+
+def recompute_cost(attention_per_context_token: float, block_size: int) -> Callable[[int], float]:
+    """Cost, in units of one token through the linear layers, of recomputing a block at a given depth.
+
+    attention_per_context_token = attention FLOPs per query per context token / linear FLOPs per token.
+    """
+
+    def cost(depth: int) -> float:
+        context = depth * block_size + (block_size - 1) / 2  # mean context length of the block's tokens
+        return block_size * (1.0 + attention_per_context_token * context)
+
+    return cost
+
+
+class CostAwarePolicy(GreedyDualPolicy):
+    """GreedyDual-Size-Frequency: priority = L + hits * recompute cost / bytes."""
+
+    def __init__(self, cost: Callable[[int], float] | None = None, block_bytes: int = 1):
+        cost = cost if cost is not None else recompute_cost(0.0, 1)
+        super().__init__(lambda b: b.hits * cost(b.depth) / block_bytes)
+
+
+POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "cost-aware": CostAwarePolicy,
+}
+
+
+def make_policy(name: str, **cost_args) -> EvictionPolicy:
+    """A fresh policy by name; cost_args (cost=, block_bytes=) go to the cost-aware policy only."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name](**cost_args) if name == "cost-aware" else POLICIES[name]()

@@ -129,3 +129,95 @@ def test_hash_chain_commits_to_prefix_and_extra_keys():
     assert salted[0] != chain[0] and salted[1] != chain[1]
     # resuming the chain gives the same hashes as computing it in one go
     assert hash_block_chain(tokens, 16, parent=chain[0], start_block=1) == chain[1:]
+
+
+# ------------------------------------------------------------------------------------ policies and leaves
+def _cache_chain(pool: BlockPool, first_hash: int, length: int, depth0: int = 0, parent: BlockHash | None = None):
+    """Allocate and cache a chain of `length` blocks with hashes H(first_hash), H(first_hash + 1), ..."""
+    blocks = pool.allocate(length)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, H(first_hash + i), (first_hash + i,), parent, depth0 + i)
+        parent = H(first_hash + i)
+    return blocks
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cost-aware"])
+def test_leaves_go_before_their_parents_whatever_the_free_order(policy):
+    pool = BlockPool(3, policy=make_policy(policy))
+    b0, b1, b2 = _cache_chain(pool, 10, 3)
+    pool.free([b0])  # the root becomes free first: plain LRU would evict it first and orphan b1, b2
+    pool.free([b1])
+    pool.free([b2])
+    evicted = []
+    pool.on_evict = lambda b: evicted.append(b.block_id)
+    pool.allocate(3)
+    assert evicted == [b2.block_id, b1.block_id, b0.block_id]
+    pool.check_invariants()
+
+
+def test_parent_is_evicted_only_when_no_leaf_is_left():
+    pool = BlockPool(3)
+    b0, b1 = _cache_chain(pool, 10, 2)
+    pool.free([b0])  # b1 (its child) stays referenced
+    evicted = []
+    pool.on_evict = lambda b: evicted.append(b.block_id)
+    (new,) = pool.allocate(1)  # the empty block goes first
+    assert evicted == [] and new.block_id == 2
+    pool.allocate(1)  # no evictable leaf: the parent must go
+    assert evicted == [b0.block_id]
+    assert pool.lookup(H(11), (11,)) is b1  # the orphan is still indexed and reconnects when H(10) returns
+    pool.check_invariants()
+
+
+def test_lfu_keeps_hot_blocks_through_a_scan_that_flushes_lru():
+    def run(policy):
+        pool = BlockPool(4, policy=make_policy(policy))
+        (hot,) = _cache_chain(pool, 1, 1)
+        pool.free([hot])
+        for _ in range(3):  # the shared system prompt is hit again and again
+            pool.touch([hot])
+            pool.free([hot])
+        for k in range(6):  # a scan of one-off blocks
+            (b,) = _cache_chain(pool, 100 + k, 1)
+            pool.free([b])
+        pool.check_invariants()
+        return pool.lookup(H(1), (1,)) is not None
+
+    assert run("lfu") and run("cost-aware")
+    assert not run("lru")
+
+
+def test_lfu_ages_out_blocks_that_were_hot_long_ago():
+    pool = BlockPool(2, policy=make_policy("lfu"))
+    (old,) = _cache_chain(pool, 1, 1)
+    pool.free([old])
+    for _ in range(3):
+        pool.touch([old])
+        pool.free([old])
+    # Without aging, `old` (4 hits) would outlive any number of 1-hit blocks; with it, the inflation L
+    # grows with each victim until the newcomers' L + 1 passes old's 4.
+    for k in range(8):
+        (b,) = _cache_chain(pool, 100 + k, 1)
+        pool.free([b])
+    assert pool.lookup(H(1), (1,)) is None
+    pool.check_invariants()
+
+
+def test_cost_aware_evicts_cheap_shallow_leaves_before_deep_ones():
+    from kvserve.kv.eviction import recompute_cost
+
+    pool = BlockPool(8, policy=make_policy("cost-aware", cost=recompute_cost(0.05, 16)))
+    deep = _cache_chain(pool, 10, 6)  # a long prefix: its leaf sits at depth 5
+    pool.free(reversed(deep))
+    (shallow,) = _cache_chain(pool, 50, 1)  # freed later, so LRU would keep it
+    pool.free([shallow])
+    evicted = []
+    pool.on_evict = lambda b: evicted.append(b.block_id)
+    pool.allocate(2)  # one empty block, then one victim
+    assert evicted == [shallow.block_id]
+    pool.check_invariants()
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+        make_policy("fifo")

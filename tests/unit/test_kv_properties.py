@@ -12,8 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.block_pool import Block, BlockPool
 from kvserve.kv.cache_manager import KVCacheManager
+from kvserve.kv.eviction import make_policy, recompute_cost
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 
@@ -24,10 +25,15 @@ STEMS = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]
 
 
 class KVMachine(RuleBasedStateMachine):
+    policy = "lru"
+
     def __init__(self):
         super().__init__()
-        self.pool = BlockPool(NUM_BLOCKS)
+        args = {"cost": recompute_cost(0.01, BS)} if self.policy == "cost-aware" else {}
+        self.pool = BlockPool(NUM_BLOCKS, policy=make_policy(self.policy, **args))
+        self.pool.on_evict = self._on_evict
         self.kv = KVCacheManager(self.pool, BS)
+        self.num_evicted = 0
         self.running: dict[str, Request] = {}
         self.shadow: dict[tuple[int, int], int] = {}  # (block_id, offset) -> token written there
         self.n = 0
@@ -80,6 +86,15 @@ class KVMachine(RuleBasedStateMachine):
         req = self.running.pop(data.draw(st.sampled_from(sorted(self.running))))
         self.kv.free(req)
 
+    def _on_evict(self, block: Block) -> None:
+        """A victim is unreferenced, still holds its cached tokens, and is a leaf unless no leaf was left."""
+        assert block.ref_count == 0 and block.block_hash is not None
+        for off, token in enumerate(block.token_ids):
+            assert self.shadow.get((block.block_id, off)) == token, "victim's KV was overwritten before eviction"
+        if block.block_hash in self.pool._num_children:
+            assert len(self.pool._evictable) == 0, "a parent was evicted while an evictable leaf remained"
+        self.num_evicted += 1
+
     @rule()
     def reset_cache(self):
         self.pool.reset_prefix_cache()
@@ -112,5 +127,16 @@ class KVMachine(RuleBasedStateMachine):
         assert self.pool.num_used_blocks == 0 and self.pool.usage == 0.0
 
 
-KVMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-TestKVProperties = KVMachine.TestCase
+class LFUMachine(KVMachine):
+    policy = "lfu"
+
+
+class CostAwareMachine(KVMachine):
+    policy = "cost-aware"
+
+
+for machine in (KVMachine, LFUMachine, CostAwareMachine):
+    machine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+TestKVPropertiesLRU = KVMachine.TestCase
+TestKVPropertiesLFU = LFUMachine.TestCase
+TestKVPropertiesCostAware = CostAwareMachine.TestCase

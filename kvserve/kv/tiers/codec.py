@@ -1,0 +1,77 @@
+"""The byte format of one KV block in a persistent store: self-describing, checksummed, verified on read.
+
+    b"KVSB" | version u8 | 3 zero bytes | blake2b-128 digest of everything after it | meta length u32 |
+    meta (JSON: dtype, shape, number of tokens) | token ids (int32) | KV payload (the block's raw bytes)
+
+A value that is truncated, has a wrong digest, another dtype/shape than this engine's blocks, or tokens other
+than the ones the request has is rejected (`CorruptEntry`), so the caller recomputes; nothing unverified is
+ever served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+
+import torch
+
+MAGIC = b"KVSB"
+VERSION = 1
+_HEAD = struct.Struct("<4sB3x16sI")  # magic, version, digest, meta length
+
+
+class CorruptEntry(ValueError):
+    """A stored value failed verification."""
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def encode_block(token_ids: Sequence[int], kv: torch.Tensor) -> bytes:
+    """kv: one block's KV, (layers, 2, block_size, kv_heads, head_dim), any device/dtype."""
+    kv = kv.detach().to("cpu").contiguous()
+    meta = json.dumps({"dtype": str(kv.dtype).removeprefix("torch."), "shape": list(kv.shape)}).encode()
+    tokens = struct.pack(f"<{len(token_ids)}i", *token_ids)
+    payload = kv.view(torch.uint8).numpy().tobytes()
+    meta_tokens = struct.pack("<I", len(meta)) + meta + struct.pack("<I", len(token_ids)) + tokens
+    return _HEAD.pack(MAGIC, VERSION, _digest(meta_tokens, payload), len(meta)) + meta_tokens[4:] + payload
+
+
+def decode_block(value: bytes, token_ids: Sequence[int], dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The block's KV as a CPU tensor, after checking everything; raises CorruptEntry."""
+    if len(value) < _HEAD.size:
+        raise CorruptEntry("truncated header")
+    magic, version, digest, meta_len = _HEAD.unpack_from(value)
+    if magic != MAGIC or version != VERSION:
+        raise CorruptEntry(f"bad magic/version {magic!r}/{version}")
+    rest = memoryview(value)[_HEAD.size :]
+    if len(rest) < meta_len + 4:
+        raise CorruptEntry("truncated meta")
+    meta_b = bytes(rest[:meta_len])
+    (n_tokens,) = struct.unpack_from("<I", rest, meta_len)
+    tok_end = meta_len + 4 + 4 * n_tokens
+    if len(rest) < tok_end:
+        raise CorruptEntry("truncated token ids")
+    payload = rest[tok_end:]
+    if _digest(struct.pack("<I", meta_len) + bytes(rest[:tok_end]), payload) != digest:
+        raise CorruptEntry("checksum mismatch")
+    try:
+        meta = json.loads(meta_b)
+    except ValueError as e:
+        raise CorruptEntry(f"bad meta: {e}") from None
+    want_dtype = str(dtype).removeprefix("torch.")
+    if meta.get("dtype") != want_dtype or meta.get("shape") != list(shape):
+        raise CorruptEntry(f"layout {meta} is not {want_dtype} {list(shape)}")
+    stored = struct.unpack_from(f"<{n_tokens}i", rest, meta_len + 4)
+    if tuple(stored) != tuple(token_ids):
+        raise CorruptEntry("token ids differ (hash collision or foreign entry)")
+    expected = torch.empty(shape, dtype=dtype).nbytes
+    if len(payload) != expected:
+        raise CorruptEntry(f"payload has {len(payload)} bytes, expected {expected}")
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(tuple(shape))

@@ -1,0 +1,279 @@
+"""TieredCache: the levels below the fast KV pool, and the moves between them.
+
+    fast pool (the engine's KV tensor)
+        │ evicted block ──(sync copy, ~0.1 ms)──► host RAM tier (`--cpu-offload-gb`, LRU in bytes)
+        │ published block ─(async, writer thread)─► persistent store (`--kv-store disk:PATH | redis://...`)
+        ▼
+    lookup on admission: pool hits, then the host tier, then the store, each continuing the chain where the
+    previous level stopped; hits are copied into newly allocated pool blocks before the prefill is scheduled.
+
+The persistent store is written through when a block is published (not when it is evicted): another replica
+sharing the store, or this server after a restart, can then use a prefix while it is still hot here, and an
+eviction never waits for I/O. The writer thread encodes and writes off the step path; if it falls behind by
+`max_pending_writes` blocks, further writes are dropped (counted), never queued without bound.
+
+Keys commit to everything that makes KV valid: the block's chain hash (which covers every earlier token and the
+tenant's cache salt, an extra key of block 0), the model's fingerprint (config plus samples of every weight),
+block size and dtype. A value is verified on read (codec.py); anything corrupt, truncated, foreign or
+unreadable is a miss and is recomputed. Backend failures are counted per tier and logged once per kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.kv.hashing import BlockHash
+from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
+from kvserve.kv.tiers.stores import HostEntry, HostTier, PersistentStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier (blocks and bytes since start)."""
+
+    hits: int = 0  # blocks found and loaded back
+    misses: int = 0  # lookups that reached this tier and stopped in it
+    bytes_loaded: int = 0
+    bytes_stored: int = 0
+    stores: int = 0  # blocks written
+    evictions: int = 0  # blocks dropped by this tier for room (host RAM only)
+    loads: int = 0  # lookups that loaded at least one block
+    load_seconds: float = 0.0  # sum over those lookups: fetch + verify + copy into the pool
+    errors: int = 0  # backend failures (I/O error, full disk, Redis down)
+    corrupt: int = 0  # entries that failed verification
+    dropped_writes: int = 0  # writes skipped because the writer was behind
+
+
+@dataclass
+class LoadedBlock:
+    """A block found below the fast pool, ready to be copied into a pool block."""
+
+    tier: str
+    index: int  # position of the block in the request's chain
+    block_hash: BlockHash
+    token_ids: tuple[int, ...]
+    kv: torch.Tensor  # (layers, 2, block_size, kv_heads, head_dim), host memory
+    parent_hash: BlockHash | None = None  # the chain hash before it (None for block 0)
+
+
+def model_fingerprint(config: object, weights: dict[str, torch.Tensor]) -> str:
+    """A short stable id of a model's weights: its config plus shape and leading values of every tensor.
+
+    Independent of file format and path, so the same weights loaded from GGUF or safetensors on any replica
+    share entries, and different weights never do.
+    """
+    h = hashlib.sha256(
+        json.dumps(
+            config.__dict__ if hasattr(config, "__dict__") else str(config), sort_keys=True, default=str
+        ).encode()
+    )
+    for name in sorted(weights):
+        t = weights[name]
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().reshape(-1)[:256].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TieredCache:
+    """Host RAM and persistent tiers under one engine's KV tensor."""
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,  # (layers, 2, blocks, block_size, kv_heads, head_dim)
+        namespace: str,
+        host_bytes: int = 0,
+        store: PersistentStore | None = None,
+        max_pending_writes: int = 512,
+    ):
+        self.kv_cache = kv_cache
+        self.namespace = namespace
+        shape = list(kv_cache.shape)
+        self.block_shape = [shape[0], shape[1], *shape[3:]]
+        self.dtype = kv_cache.dtype
+        self.host = HostTier(host_bytes) if host_bytes > 0 else None
+        self.store = store
+        self.stats: dict[str, TierStats] = {}
+        if self.host is not None:
+            self.stats[self.host.name] = TierStats()
+        if store is not None:
+            self.stats[store.name] = TierStats()
+        self._logged: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()  # stats written by the writer thread
+        self._known: set[BlockHash] = set()  # in the store already (written or read by us)
+        self._writes: queue.Queue = queue.Queue(max_pending_writes)
+        self._writer: threading.Thread | None = None
+        if store is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="kvserve-kv-writer", daemon=True)
+            self._writer.start()
+
+    @property
+    def tiers(self) -> list[str]:
+        return list(self.stats)
+
+    def key(self, block_hash: BlockHash) -> str:
+        return f"kvserve-{self.namespace}-{block_hash.hex()}"
+
+    def _fault(self, tier: str, kind: str, message: str) -> None:
+        with self._lock:
+            st = self.stats[tier]
+            if kind == "corrupt":
+                st.corrupt += 1
+            else:
+                st.errors += 1
+        if (tier, kind) not in self._logged:
+            self._logged.add((tier, kind))
+            log.warning(
+                "KV %s tier: %s (%s); treated as a miss and recomputed. Further %s faults are counted "
+                "in kvserve:kv_tier_faults, not logged.",
+                tier,
+                message,
+                kind,
+                kind,
+            )
+
+    # ------------------------------------------------------------------------------ leaving the pool
+    def on_evict(self, block) -> None:
+        """Pool hook: block is about to lose its KV; keep a copy in host RAM."""
+        if self.host is None:
+            return
+        kv = self.kv_cache[:, :, block.block_id].to("cpu", copy=True)
+        evicted_before = self.host.num_evictions
+        if self.host.put(block.block_hash, HostEntry(block.token_ids, kv)):
+            st = self.stats[self.host.name]
+            st.stores += 1
+            st.bytes_stored += kv.nbytes
+            st.evictions += self.host.num_evictions - evicted_before
+
+    def on_cached(self, block) -> None:
+        """A block was published in the pool: write it through to the persistent store, off the step path."""
+        if self.store is None or block.block_hash in self._known:
+            return
+        kv = self.kv_cache[:, :, block.block_id].to("cpu", copy=True)
+        try:
+            self._writes.put_nowait((block.block_hash, block.token_ids, kv))
+            self._known.add(block.block_hash)
+        except queue.Full:
+            with self._lock:
+                self.stats[self.store.name].dropped_writes += 1
+
+    def _write_loop(self) -> None:
+        assert self.store is not None
+        name = self.store.name
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                block_hash, token_ids, kv = item
+                value = encode_block(token_ids, kv)
+                try:
+                    self.store.put(self.key(block_hash), value)
+                except StoreUnavailable as e:
+                    self._known.discard(block_hash)
+                    self._fault(name, "unavailable", str(e))
+                    continue
+                with self._lock:
+                    self.stats[name].stores += 1
+                    self.stats[name].bytes_stored += len(value)
+            except Exception:  # noqa: BLE001 - the writer must survive anything one block does
+                log.exception("KV writer failed on one block")
+            finally:
+                self._writes.task_done()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until queued writes are done (True) or timeout passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self._writes.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            self.flush(timeout)
+            self._writes.put(None)
+            self._writer.join(timeout)
+        if self.store is not None:
+            self.store.close()
+
+    # ----------------------------------------------------------------------------- coming back
+    def lookup(
+        self, block_hashes: Sequence[BlockHash], token_ids: Sequence[int], block_size: int, start: int, stop: int
+    ) -> list[LoadedBlock]:
+        """Blocks start, start+1, ... (< stop) of a chain found in the host tier, then the store, verified."""
+        found: list[LoadedBlock] = []
+        i = start
+
+        def tokens(j: int) -> tuple[int, ...]:
+            return tuple(token_ids[j * block_size : (j + 1) * block_size])
+
+        if self.host is not None and i < stop:
+            t0 = time.perf_counter()
+            while i < stop:
+                entry = self.host.get(block_hashes[i])
+                if entry is None or entry.token_ids != tokens(i):
+                    break
+                parent = block_hashes[i - 1] if i else None
+                found.append(LoadedBlock(self.host.name, i, block_hashes[i], entry.token_ids, entry.kv, parent))
+                i += 1
+            self._count(self.host.name, found, i < stop, time.perf_counter() - t0)
+        if self.store is not None and i < stop:
+            t0 = time.perf_counter()
+            name = self.store.name
+            keys = [self.key(block_hashes[j]) for j in range(i, stop)]
+            try:
+                values = self.store.get_prefix(keys)
+            except StoreUnavailable as e:
+                self._fault(name, "unavailable", str(e))
+                values = []
+            from_store: list[LoadedBlock] = []
+            for j, value in enumerate(values, start=i):
+                try:
+                    kv = decode_block(value, tokens(j), self.dtype, self.block_shape)
+                except CorruptEntry as e:
+                    self._fault(name, "corrupt", f"entry {keys[j - i]}: {e}")
+                    try:
+                        self.store.delete(keys[j - i])
+                    except StoreUnavailable:
+                        pass
+                    break
+                parent = block_hashes[j - 1] if j else None
+                from_store.append(LoadedBlock(name, j, block_hashes[j], tokens(j), kv, parent))
+                self._known.add(block_hashes[j])
+                self.stats[name].bytes_loaded += len(value)
+            found.extend(from_store)
+            self._count(name, from_store, i + len(from_store) < stop, time.perf_counter() - t0)
+        return found
+
+    def _count(self, tier: str, found: list[LoadedBlock], missed: bool, seconds: float) -> None:
+        st = self.stats[tier]
+        got = [b for b in found if b.tier == tier]
+        st.hits += len(got)
+        st.misses += int(missed)
+        if got:
+            st.loads += 1
+            st.load_seconds += seconds
+            if tier == "cpu":
+                st.bytes_loaded += sum(b.kv.nbytes for b in got)
+
+    def load_into(self, block_ids: Sequence[int], loaded: Sequence[LoadedBlock]) -> None:
+        """Copy loaded blocks into the pool blocks given (same order)."""
+        t0 = time.perf_counter()
+        for bid, lb in zip(block_ids, loaded, strict=True):
+            self.kv_cache[:, :, bid].copy_(lb.kv, non_blocking=False)
+        dt = time.perf_counter() - t0
+        if loaded:  # attribute the copy to the tier of the deepest block (the one that made the lookup slow)
+            self.stats[loaded[-1].tier].load_seconds += dt

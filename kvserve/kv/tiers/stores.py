@@ -1,0 +1,206 @@
+"""Where evicted KV blocks live below the fast pool.
+
+  HostTier     host RAM, bounded in bytes, LRU; holds tensors (no encoding), so a hit is one copy.
+  DiskStore    one file per block under a directory, written to a temp name and renamed (a reader never sees
+               half a file); the embedded default for `--kv-store disk:PATH`.
+  RedisStore   a Redis server shared by replicas (`--kv-store redis://HOST:PORT/DB`); MGET for lookups.
+
+Persistent stores (disk, Redis) hold encoded values (see codec.py) and raise `StoreUnavailable` when the
+backend fails (I/O error, full disk, Redis down): the tier manager counts it, logs it once, and treats it as a
+miss, so a request recomputes instead of failing. A Redis store that failed is not asked again for
+`retry_after_s` seconds, so a dead Redis costs one timeout, not one per request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+
+class StoreUnavailable(RuntimeError):
+    """The backend failed; the operation did nothing."""
+
+
+# -------------------------------------------------------------------------------------------- host RAM
+@dataclass(frozen=True)
+class HostEntry:
+    token_ids: tuple[int, ...]
+    kv: torch.Tensor  # (layers, 2, block_size, kv_heads, head_dim) on the host
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+
+class HostTier:
+    """A byte-bounded LRU map from block key to HostEntry. Thread-safe."""
+
+    name = "cpu"
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[bytes, HostEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes_held = 0
+        self.num_evictions = 0
+
+    def put(self, key: bytes, entry: HostEntry) -> bool:
+        if entry.nbytes > self.capacity_bytes:
+            return False
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes_held -= old.nbytes
+            while self.bytes_held + entry.nbytes > self.capacity_bytes:
+                _, victim = self._entries.popitem(last=False)
+                self.bytes_held -= victim.nbytes
+                self.num_evictions += 1
+            self._entries[key] = entry
+            self.bytes_held += entry.nbytes
+        return True
+
+    def get(self, key: bytes) -> HostEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ------------------------------------------------------------------------------------ persistent stores
+class PersistentStore(ABC):
+    """A key-value datastore of encoded blocks. Keys are printable strings without '/'."""
+
+    name: str
+
+    @abstractmethod
+    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+        """Values of the longest run of present keys from keys[0] on (stops at the first missing one)."""
+
+    @abstractmethod
+    def put(self, key: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class DiskStore(PersistentStore):
+    """Files root/<key[:2]>/<key>. Crash-safe writes (temp file + rename)."""
+
+    name = "disk"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--kv-store disk:{root}: cannot create the directory: {e}") from None
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+        out = []
+        for key in keys:
+            try:
+                out.append(self._path(key).read_bytes())
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                raise StoreUnavailable(f"disk read {key}: {e}") from e
+        return out
+
+    def put(self, key: str, value: bytes) -> None:
+        path = self._path(key)
+        tmp = None
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise StoreUnavailable(f"disk write {key}: {e}") from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"disk delete {key}: {e}") from e
+
+
+class RedisStore(PersistentStore):
+    """Blocks as Redis strings. Short timeouts; after a failure the store is skipped for retry_after_s."""
+
+    name = "redis"
+
+    def __init__(self, url: str, retry_after_s: float = 5.0, timeout_s: float = 2.0):
+        import redis
+
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        self._errors = (redis.RedisError, OSError)
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
+
+    def _call(self, what: str, fn, *args):
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable(f"redis {self.url} is down (retrying in a few seconds)")
+        try:
+            return fn(*args)
+        except self._errors as e:
+            self._down_until = time.monotonic() + self.retry_after_s
+            raise StoreUnavailable(f"redis {what}: {e}") from e
+
+    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+        if not keys:
+            return []
+        values = self._call("MGET", self._client.mget, list(keys))
+        out = []
+        for v in values:
+            if v is None:
+                break
+            out.append(v)
+        return out
+
+    def put(self, key: str, value: bytes) -> None:
+        self._call("SET", self._client.set, key, value)
+
+    def delete(self, key: str) -> None:
+        self._call("DEL", self._client.delete, key)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_store(spec: str) -> PersistentStore:
+    """`disk:PATH` or `redis://HOST:PORT[/DB]` (also rediss:// and unix://)."""
+    if spec.startswith("disk:"):
+        path = spec.removeprefix("disk:")
+        if not path:
+            raise ValueError("--kv-store disk: needs a directory, e.g. disk:/var/cache/kvserve")
+        return DiskStore(os.path.expanduser(path))
+    if urlparse(spec).scheme in ("redis", "rediss", "unix"):
+        return RedisStore(spec)
+    raise ValueError(f"--kv-store {spec!r}: use disk:PATH or redis://HOST:PORT")
