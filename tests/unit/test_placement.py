@@ -1,0 +1,299 @@
+"""Checkpoint placement: the DP against brute force over every placement, the policies against their definitions.
+
+References here are written independently of kvserve.recurrent.placement: J is a plain loop, the optimum is an
+enumeration of all subsets (small N) or a quadratic DP without the hull trick (medium N, integer weights so
+the comparison is exact), the histogram is a direct sum of decayed one-hot vectors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvserve.recurrent.placement import (
+    BalancedPlacement,
+    DepthHistogram,
+    EveryBlock,
+    LogSpacing,
+    NoCheckpoints,
+    OptimalPlacement,
+    SqrtSpacing,
+    balanced_checkpoints,
+    expected_recompute,
+    make_placement_policy,
+    optimal_checkpoints,
+)
+
+FAST = settings(max_examples=120, deadline=None)
+
+
+def ref_cost(w, checkpoints) -> Fraction:
+    """Unnormalised J as an exact fraction: sum_t w[t] * (t - deepest checkpoint <= t)."""
+    cs = sorted(set(checkpoints))
+    total = Fraction(0)
+    for t, wt in enumerate(w):
+        prev = max((c for c in cs if c <= t), default=0)
+        total += Fraction(wt) * (t - prev)
+    return total
+
+
+def ref_J(w, checkpoints) -> float:
+    s = sum(Fraction(x) for x in w)
+    return 0.0 if s == 0 else float(ref_cost(w, checkpoints) / s)
+
+
+def brute_best(w, budget) -> Fraction:
+    n = len(w) - 1
+    return min(
+        ref_cost(w, subset) for r in range(min(budget, n) + 1) for subset in itertools.combinations(range(1, n + 1), r)
+    )
+
+
+def quadratic_best(w: list[int], budget: int) -> int:
+    """Min unnormalised cost by an O(N^2 M) DP over all depths (no support pruning, no hull), exact ints."""
+    n = len(w) - 1
+    depth_weight = [t * x for t, x in enumerate(w)]
+    # seg(a, b): cost of depths a..b-1 resuming from a.
+    pw = list(itertools.accumulate(w, initial=0))
+    pdw = list(itertools.accumulate(depth_weight, initial=0))
+
+    def seg(a: int, b: int) -> int:
+        return (pdw[b] - pdw[a]) - a * (pw[b] - pw[a])
+
+    inf = math.inf
+    # best[j][c]: cost of depths < c... easier: g[j][c] = min cost of depths c..n given a checkpoint at c and
+    # j more checkpoints available above c.
+    g = [[inf] * (n + 1) for _ in range(budget + 1)]
+    for c in range(n + 1):
+        g[0][c] = seg(c, n + 1)
+    for j in range(1, budget + 1):
+        for c in range(n + 1):
+            best = g[j - 1][c]
+            for nxt in range(c + 1, n + 1):
+                best = min(best, seg(c, nxt) + g[j - 1][nxt])
+            g[j][c] = best
+    return g[budget][0]
+
+
+weights = st.lists(st.one_of(st.just(0), st.integers(0, 20)), min_size=1, max_size=9)
+
+
+# ---------------------------------------------------------------------------------------------- J itself
+@FAST
+@given(w=weights, data=st.data())
+def test_expected_recompute_matches_direct_sum(w, data):
+    n = len(w) - 1
+    cs = data.draw(st.lists(st.integers(0, n), max_size=5))
+    assert expected_recompute(w, cs) == pytest.approx(ref_J(w, cs), rel=1e-12, abs=1e-12)
+
+
+def test_expected_recompute_small_example():
+    # depths 0..4 with weights 1,0,2,0,1 and a checkpoint at 2: costs 0, -, 0, -, 1*(4-2) -> 2/4
+    assert expected_recompute([1, 0, 2, 0, 1], [2]) == pytest.approx(0.5)
+    assert expected_recompute([1, 0, 2, 0, 1], []) == pytest.approx((2 * 2 + 4) / 4)
+    assert expected_recompute([0, 0, 0], [1]) == 0.0
+
+
+def test_expected_recompute_rejects_out_of_range_checkpoint():
+    with pytest.raises(ValueError):
+        expected_recompute([1, 1, 1], [3])
+    with pytest.raises(ValueError):
+        expected_recompute([1, 1, 1], [-1])
+
+
+# -------------------------------------------------------------------------------------- optimal placement
+@FAST
+@given(w=weights, budget=st.integers(0, 5))
+def test_optimal_equals_brute_force(w, budget):
+    cs = optimal_checkpoints(w, budget)
+    assert cs == sorted(set(cs)), "sorted, no duplicates"
+    assert len(cs) <= budget
+    assert all(1 <= c <= len(w) - 1 for c in cs), "depths in 1..N (never the free depth 0)"
+    assert ref_cost(w, cs) == brute_best(w, budget)
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.lists(st.integers(0, 50), min_size=2, max_size=40), budget=st.integers(1, 8))
+def test_optimal_equals_quadratic_dp_on_medium_sizes(w, budget):
+    cs = optimal_checkpoints(w, budget)
+    assert len(cs) <= budget
+    assert ref_cost(w, cs) == quadratic_best(w, budget)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=40))
+def test_cost_never_increases_with_budget(w):
+    costs = [expected_recompute(w, optimal_checkpoints(w, m)) for m in range(0, 12)]
+    for a, b in itertools.pairwise(costs):
+        assert b <= a + 1e-12
+
+
+@FAST
+@given(w=st.lists(st.integers(0, 20), min_size=1, max_size=30), budget=st.integers(0, 40), scale=st.floats(1e-6, 1e6))
+def test_unnormalised_weights_give_the_same_placement_cost(w, budget, scale):
+    scaled = [x * scale for x in w]
+    a = expected_recompute(w, optimal_checkpoints(w, budget))
+    b = expected_recompute(scaled, optimal_checkpoints(scaled, budget))
+    assert b == pytest.approx(a, rel=1e-9, abs=1e-12)
+
+
+@FAST
+@given(w=st.lists(st.integers(0, 5), min_size=1, max_size=30), extra=st.integers(0, 5))
+def test_large_budget_returns_exactly_the_useful_depths(w, extra):
+    useful = [t for t in range(1, len(w)) if w[t] > 0]
+    assert optimal_checkpoints(w, len(useful) + extra) == useful
+    assert expected_recompute(w, useful) == 0.0
+    assert optimal_checkpoints(w, len(w) - 1 + extra) == useful  # budget >= N
+
+
+@FAST
+@given(w=st.lists(st.integers(0, 5), min_size=1, max_size=30), budget=st.integers(1, 10))
+def test_never_places_on_a_zero_weight_depth(w, budget):
+    assert all(w[c] > 0 for c in optimal_checkpoints(w, budget))
+
+
+def test_edge_cases():
+    assert optimal_checkpoints([0.2, 0.3, 0.5], 0) == []
+    assert optimal_checkpoints([1.0], 3) == []  # N = 0: nothing to checkpoint
+    assert optimal_checkpoints([0, 0, 0, 0], 2) == []
+    assert optimal_checkpoints([5, 0, 0, 0], 2) == []  # only depth 0 occurs: free already
+    assert optimal_checkpoints([0, 0, 0, 1], 1) == [3]
+    for bad in ([0.1, -0.1], [0.1, math.nan], [math.inf, 1.0], [[0.5, 0.5]]):
+        with pytest.raises(ValueError):
+            optimal_checkpoints(bad, 1)
+        with pytest.raises(ValueError):
+            expected_recompute(bad, [])
+    for bad_budget in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            optimal_checkpoints([0.5, 0.5], bad_budget)
+
+
+# ------------------------------------------------------------------------------------------------ balanced
+@FAST
+@given(w=st.lists(st.integers(0, 9), min_size=1, max_size=25), budget=st.integers(0, 8))
+def test_balanced_is_lower_edges_of_equal_mass_bins(w, budget):
+    mass = sum(w[1:])
+    expected = set()
+    if budget and mass:
+        for i in range(budget):
+            running = 0
+            for t in range(1, len(w)):
+                running += w[t]
+                if Fraction(running, mass) > Fraction(i, budget):
+                    expected.add(t)
+                    break
+    assert balanced_checkpoints(w, budget) == sorted(expected)
+
+
+# ------------------------------------------------------------------------------------------------ policies
+@pytest.mark.parametrize(
+    "spec, cls",
+    [
+        ("none", NoCheckpoints),
+        ("every-block:4", EveryBlock),
+        ("sqrt", SqrtSpacing),
+        ("LOG", LogSpacing),
+        ("balanced:3", BalancedPlacement),
+        (" optimal:8 ", OptimalPlacement),
+    ],
+)
+def test_specs_parse(spec, cls):
+    assert isinstance(make_placement_policy(spec), cls)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "foo", "every-block", "every-block:0", "every-block:x", "optimal", "optimal:0", "optimal:-2",
+     "balanced:1.5", "sqrt:3", "none:1", "log:2", "optimal:4:5"],
+)  # fmt: skip
+def test_bad_specs_raise(spec):
+    with pytest.raises(ValueError):
+        make_placement_policy(spec)
+
+
+def test_bad_learning_parameters_raise():
+    for kw in ({"resolve_every": 0}, {"decay": 0.0}, {"decay": 1.5}, {"max_depth_blocks": 0}):
+        with pytest.raises(ValueError):
+            make_placement_policy("optimal:2", **kw)
+
+
+@given(n=st.integers(0, 3000), b=st.integers(1, 50))
+@settings(max_examples=60, deadline=None)
+def test_fixed_policies_match_their_definitions(n, b):
+    assert make_placement_policy("none").checkpoint_depths(n) == []
+    assert make_placement_policy(f"every-block:{b}").checkpoint_depths(n) == [d for d in range(1, n + 1) if d % b == 0]
+    assert make_placement_policy("log").checkpoint_depths(n) == [2**k for k in range(0, 13) if 2**k <= n]
+    sq = make_placement_policy("sqrt").checkpoint_depths(n)
+    if n == 0:
+        assert sq == []
+    else:
+        step = next(s for s in range(1, n + 1) if s * s >= n)
+        assert sq == list(range(step, n + 1, step))
+        assert len(sq) <= math.ceil(math.sqrt(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(depths=st.lists(st.integers(0, 60), min_size=1, max_size=80), budget=st.integers(1, 6))
+def test_learned_optimal_policy_solves_the_empirical_distribution(depths, budget):
+    policy = make_placement_policy(f"optimal:{budget}", max_depth_blocks=64, resolve_every=1, decay=1.0)
+    for d in depths:
+        policy.observe(d)
+    counts = Counter(depths)
+    w = [counts.get(t, 0) for t in range(65)]
+    assert ref_cost(w, policy.checkpoint_depths(64)) == quadratic_best(w, budget)
+    limit = depths[0]
+    assert policy.checkpoint_depths(limit) == [d for d in policy.checkpoint_depths(64) if d <= limit]
+    assert policy.describe() == f"optimal:{budget} {policy.checkpoint_depths(64)}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(depths=st.lists(st.integers(0, 40), min_size=1, max_size=900), decay=st.sampled_from([0.5, 0.9, 0.99, 1.0]))
+def test_decayed_histogram_equals_direct_sum(depths, decay):
+    hist = DepthHistogram(max_depth=30, decay=decay)
+    for d in depths:
+        hist.observe(d)
+    direct = np.zeros(31)
+    n = len(depths)
+    for i, d in enumerate(depths):
+        direct[min(d, 30)] += decay ** (n - 1 - i)
+    assert np.allclose(hist.probs(), direct / direct.sum(), rtol=1e-9, atol=1e-12)
+    assert hist.num_observed == n
+
+
+def test_resolve_schedule_doubles_then_every_k():
+    policy = make_placement_policy("optimal:2", max_depth_blocks=100, resolve_every=32)
+    assert policy.checkpoint_depths(100) == []  # cold: nothing observed yet
+    solved_at = []
+    for i in range(1, 200):
+        before = policy.num_solves
+        policy.observe(i % 7 * 10)
+        if policy.num_solves != before:
+            solved_at.append(i)
+    assert solved_at == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192]
+
+
+def test_depths_hold_between_solves():
+    policy = make_placement_policy("optimal:1", max_depth_blocks=100, resolve_every=10, decay=1.0)
+    for _ in range(10):
+        policy.observe(10)
+    assert policy.checkpoint_depths(100) == [10]
+    for _ in range(9):
+        policy.observe(80)  # 19 observations: not yet re-solved
+    assert policy.checkpoint_depths(100) == [10]
+    policy.observe(80)  # 20th: depth 10 x10, 80 x10; a checkpoint at 80 saves 80*10 > 10*20 at depth 10
+    assert policy.checkpoint_depths(100) == [80]
+
+
+def test_depths_beyond_the_histogram_count_as_its_deepest():
+    policy = make_placement_policy("balanced:1", max_depth_blocks=16, resolve_every=1)
+    policy.observe(10**6)
+    assert policy.checkpoint_depths(10**6) == [16]
+    with pytest.raises(ValueError):
+        policy.observe(-1)
