@@ -166,6 +166,10 @@ class AsyncEngine:
             self._close(f"{type(exc).__name__}: {exc}", abort=False)
             return
         self._close("the server is shutting down", abort=True)
+        try:
+            engine.shutdown()  # finish writes to the persistent KV store, so a restart finds them
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            log.exception("engine shutdown failed")
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when idle). False once a stop was asked for."""

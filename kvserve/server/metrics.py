@@ -10,14 +10,16 @@ Two sources:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from kvserve.engine import LLMEngine
+from kvserve.kv.tiers import TierStats
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
@@ -38,6 +40,8 @@ class EngineSnapshot:
     num_used_blocks: int = 0
     num_running: int = 0
     num_waiting: int = 0
+    tiers: dict[str, TierStats] = field(default_factory=dict)  # KV tiers below the pool, by name
+    host_tier_bytes: int = 0
 
     @classmethod
     def capture(cls, engine: LLMEngine) -> EngineSnapshot:
@@ -52,6 +56,8 @@ class EngineSnapshot:
             num_used_blocks=engine.pool.num_used_blocks,
             num_running=len(engine.scheduler.running),
             num_waiting=len(engine.scheduler.waiting),
+            tiers={k: dataclasses.replace(v) for k, v in engine.tiers.stats.items()} if engine.tiers else {},
+            host_tier_bytes=engine.tiers.host.bytes_held if engine.tiers and engine.tiers.host else 0,
         )
 
 
@@ -81,6 +87,45 @@ class _SnapshotCollector(Collector):
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"kvserve:{name}", doc, value=value)
+        yield from _tier_metrics(s)
+
+
+def _tier_metrics(s: EngineSnapshot) -> Iterator[Metric]:
+    """Per-tier counters (label tier = cpu | disk | redis); absent when no tier is configured."""
+    if not s.tiers:
+        return
+    per_tier = [
+        ("kv_tier_hits", "KV blocks found in this tier and loaded back into the pool.", "hits"),
+        ("kv_tier_misses", "Lookups that reached this tier and stopped in it.", "misses"),
+        ("kv_tier_bytes_loaded", "Bytes read from this tier.", "bytes_loaded"),
+        ("kv_tier_bytes_stored", "Bytes written to this tier.", "bytes_stored"),
+        ("kv_tier_evictions", "KV blocks this tier dropped for room.", "evictions"),
+    ]
+    for name, doc, attr in per_tier:
+        m = CounterMetricFamily(f"kvserve:{name}", doc, labels=["tier"])
+        for tier, st in s.tiers.items():
+            m.add_metric([tier], getattr(st, attr))
+        yield m
+    faults = CounterMetricFamily(
+        "kvserve:kv_tier_faults",
+        "Tier faults, each treated as a miss: unavailable (I/O error, full disk, Redis down), corrupt (failed "
+        "verification), dropped_write (writer behind).",
+        labels=["tier", "kind"],
+    )
+    for tier, st in s.tiers.items():
+        faults.add_metric([tier, "unavailable"], st.errors)
+        faults.add_metric([tier, "corrupt"], st.corrupt)
+        faults.add_metric([tier, "dropped_write"], st.dropped_writes)
+    yield faults
+    latency = SummaryMetricFamily(
+        "kvserve:kv_tier_load_seconds", "Time to fetch, verify and copy back one lookup's hits.", labels=["tier"]
+    )
+    for tier, st in s.tiers.items():
+        latency.add_metric([tier], count_value=st.loads, sum_value=st.load_seconds)
+    yield latency
+    if "cpu" in s.tiers:
+        doc = "Bytes held by the host-RAM tier."
+        yield GaugeMetricFamily("kvserve:kv_tier_cpu_bytes", doc, value=s.host_tier_bytes)
 
 
 class ServerMetrics:
