@@ -7,11 +7,12 @@ A block is in exactly one of three states:
 Allocation takes empty blocks first and only then asks the eviction policy for a victim, whose hash entry is
 dropped at that moment (lazy eviction). A referenced block is never in the policy, so it can't be evicted.
 
-Leaves first: an evictable block that other cached blocks chain from (a parent) waits in `_parents` and enters
-the policy only when its last cached child is evicted, because evicting it would make every descendant
-unreachable (lookups walk the chain from block 0). Only when no evictable leaf is left (every cached child of
-the remaining parents is referenced) is a parent taken anyway; its orphaned children reconnect as soon as the
-parent's content is cached again, since addresses are content hashes.
+Leaves first: evicting a block that other cached blocks chain from (a parent) would make every descendant
+unreachable (lookups walk the chain from block 0). When the policy's candidate is such a parent, the pool sets
+it aside in `_parents` and asks again; when its last cached child is evicted, it goes back to the policy at
+the rank it had. Only when no other evictable block is left (every cached child of the remaining parents is
+referenced) is a parent taken anyway; its orphaned children reconnect as soon as the parent's content is cached
+again, since addresses are content hashes.
 `on_evict(block)` runs just before a victim's hash is dropped, while its KV is still intact (the tier hook).
 """
 
@@ -36,6 +37,7 @@ class Block:
     parent_hash: BlockHash | None = None  # chain hash of the block before it (None for block 0)
     depth: int = 0  # index of the block in its chain (0 = first block of a prompt)
     hits: int = 0  # times it was taken since it was cached (1 = its own request); read by LFU/cost policies
+    evict_priority: float = 0.0  # rank a priority policy gave it when it became evictable
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -100,8 +102,11 @@ class BlockPool:
         return out
 
     def _evict(self) -> Block:
-        if len(self._evictable):
+        while len(self._evictable):
             block = self._evictable.pop()
+            if self._is_leaf(block):
+                break
+            self._parents[block.block_id] = block  # back in the policy when its last cached child goes
         else:  # every leaf is referenced: a parent must go (its cached children become unreachable for now)
             block = self._parents.pop(next(iter(self._parents)))
         if self.on_evict is not None:
@@ -116,20 +121,9 @@ class BlockPool:
     def _is_leaf(self, block: Block) -> bool:
         return block.block_hash not in self._num_children
 
-    def _make_evictable(self, block: Block) -> None:
-        if self._is_leaf(block):
-            self._evictable.add(block)
-        else:
-            self._parents[block.block_id] = block
-
     def _add_child(self, parent_hash: BlockHash | None) -> None:
-        if parent_hash is None:
-            return
-        self._num_children[parent_hash] = self._num_children.get(parent_hash, 0) + 1
-        parent = self._cached.get(parent_hash)
-        if parent is not None and parent.ref_count == 0 and parent in self._evictable:
-            self._evictable.remove(parent)
-            self._parents[parent.block_id] = parent
+        if parent_hash is not None:
+            self._num_children[parent_hash] = self._num_children.get(parent_hash, 0) + 1
 
     def _drop_child(self, parent_hash: BlockHash | None) -> None:
         if parent_hash is None:
@@ -142,7 +136,7 @@ class BlockPool:
         parent = self._cached.get(parent_hash)
         if parent is not None and parent.block_id in self._parents:
             del self._parents[parent.block_id]
-            self._evictable.add(parent)
+            self._evictable.readd(parent)
 
     def touch(self, blocks: Iterable[Block]) -> None:
         """Take one more reference on each block (a cache hit); revives evictable blocks."""
@@ -161,7 +155,7 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.block_hash is not None:
-                    self._make_evictable(block)
+                    self._evictable.add(block)
                 else:
                     self._empty.append(block)
 
@@ -220,8 +214,8 @@ class BlockPool:
                 )
             elif block.block_hash is not None:
                 assert block.block_id not in empty_ids, f"cached free block {block.block_id} also empty"
-                # leaves are victims, parents wait for their children
-                assert in_policy if self._is_leaf(block) else in_parents, f"cached block {block.block_id} lost"
+                assert in_policy or in_parents, f"cached free block {block.block_id} lost"
+                assert not in_parents or not self._is_leaf(block), f"leaf {block.block_id} set aside"
             else:
                 assert block.block_id in empty_ids and not in_policy and not in_parents, (
                     f"empty block {block.block_id} leaked"

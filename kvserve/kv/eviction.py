@@ -1,21 +1,25 @@
 """Eviction policies: which unreferenced cached block gives up its KV when the pool needs a block.
 
-Contract: a policy holds evictable *leaves*: blocks with ref_count == 0 that still carry a block hash and that no
-other cached block chains from (the pool keeps parents of cached blocks aside until their last child goes, so a
-block is never evicted while a cached descendant that depends on it stays reachable). `add` is called when a
-block becomes an evictable leaf, `remove` when a cache hit revives it (or a new child makes it a parent), `pop`
-picks the victim. The pool counts hits on `Block.hits` and records the block's depth in the chain
-(`Block.depth`, in blocks from the start of the prompt); policies read them when a block is added.
+Contract: a policy holds evictable blocks: ref_count == 0 and still carrying a block hash. `add` is called when a
+block becomes evictable (its last reference is freed) and fixes its rank, `remove` when a cache hit revives it,
+`pop` returns the next candidate. Leaves first: when the candidate is a parent of other cached blocks, the pool
+sets it aside (evicting it would make every cached descendant unreachable) and pops again; once its last cached
+child is gone it hands the block back with `readd`, and it returns to the rank it had, which is older than
+anything added since (a parent is freed after its children, so this is rare and cheap). The pool counts hits
+on `Block.hits` and records the block's depth in the chain (`Block.depth`, in blocks from the start of the
+prompt); policies read them in `add`.
 
   lru         least recently freed first. Intrusive doubly linked list: O(1) per operation.
   lfu         least frequently used first, with dynamic aging (LFU-DA, Arlitt et al. 2000): priority =
               L + hits, where L is the priority of the last victim. Aging lets a block that was hot long ago
               leave once newer blocks have earned more; without it LFU keeps dead blocks forever.
-  cost-aware  GreedyDual-Size-Frequency (Cherkasova 1998): priority = L + hits * cost / size, where cost is
-              the compute a miss on this block would redo: its block_size tokens through every linear layer
-              plus attention over the `depth * block_size` tokens before it, and size its bytes (equal for all
-              blocks of one pool, so it only scales L). Deep blocks of long shared prefixes cost more to
-              recompute than shallow ones, frequent blocks are lost more often, and L ages both.
+  cost-aware  GreedyDual-Size-Frequency (Cherkasova 1998) on reuses: priority = L + reuses * cost / size,
+              where reuses = hits - 1 (cache hits after the request that computed it), cost is the compute a
+              miss on this block would redo (its block_size tokens through every linear layer plus attention
+              over the `depth * block_size` tokens before it) and size its bytes (equal for all blocks of one
+              pool, so it only scales L). The expected recompute an eviction causes is (chance of another use)
+              x cost; past reuses estimate the first factor, and a block nobody reused (a one-off prompt, a
+              scan) has no evidence of future value, so such blocks go first, oldest first. L ages everything.
 Heap policies are O(log n) per operation with lazy deletion. Ties go to the block that became evictable first.
 """
 
@@ -45,6 +49,10 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def pop(self) -> Block:
         """Remove and return the next victim. Raises IndexError when empty."""
+
+    @abstractmethod
+    def readd(self, block: Block) -> None:
+        """A block pop() returned and the pool set aside comes back with the rank it had."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -95,6 +103,17 @@ class LRUPolicy(EvictionPolicy):
         self.remove(block)
         return block
 
+    def readd(self, block: Block) -> None:
+        """Back to the front: it was the least recent when popped, and everything added since is newer."""
+        assert block.block_id not in self._prev, f"block {block.block_id} already evictable"
+        self._prev[block.block_id] = None
+        self._next[block.block_id] = self._first
+        if self._first is None:
+            self._last = block
+        else:
+            self._prev[self._first.block_id] = block
+        self._first = block
+
     def __len__(self) -> int:
         return len(self._prev)
 
@@ -126,10 +145,17 @@ class GreedyDualPolicy(EvictionPolicy):
         return self.inflation + self._value(block)
 
     def add(self, block: Block) -> None:
+        self._push(block, self.priority(block))
+
+    def readd(self, block: Block) -> None:
+        self._push(block, block.evict_priority)
+
+    def _push(self, block: Block, priority: float) -> None:
         assert block.block_id not in self._live, f"block {block.block_id} already evictable"
         seq = next(self._seq)
         self._live[block.block_id] = seq
-        heapq.heappush(self._heap, (self.priority(block), seq, block))
+        block.evict_priority = priority
+        heapq.heappush(self._heap, (priority, seq, block))
         if len(self._heap) > 2 * len(self._live) + 64:  # drop stale entries so the heap stays O(live)
             self._heap = [e for e in self._heap if self._live.get(e[2].block_id) == e[1]]
             heapq.heapify(self._heap)
@@ -174,11 +200,11 @@ def recompute_cost(attention_per_context_token: float, block_size: int) -> Calla
 
 
 class CostAwarePolicy(GreedyDualPolicy):
-    """GreedyDual-Size-Frequency: priority = L + hits * recompute cost / bytes."""
+    """GreedyDual-Size-Frequency on reuses: priority = L + (hits - 1) * recompute cost / bytes."""
 
     def __init__(self, cost: Callable[[int], float] | None = None, block_bytes: int = 1):
         cost = cost if cost is not None else recompute_cost(0.0, 1)
-        super().__init__(lambda b: b.hits * cost(b.depth) / block_bytes)
+        super().__init__(lambda b: max(b.hits - 1, 0) * cost(b.depth) / block_bytes)
 
 
 POLICIES: dict[str, Callable[..., EvictionPolicy]] = {

@@ -203,14 +203,31 @@ def test_lfu_ages_out_blocks_that_were_hot_long_ago():
     pool.check_invariants()
 
 
+def test_cost_aware_evicts_never_reused_blocks_first():
+    pool = BlockPool(3, policy=make_policy("cost-aware"))
+    (reused,) = _cache_chain(pool, 1, 1)
+    pool.free([reused])
+    pool.touch([reused])
+    pool.free([reused])
+    (one_off,) = _cache_chain(pool, 2, 1)  # freed later, so LRU would evict `reused` first
+    pool.free([one_off])
+    evicted = []
+    pool.on_evict = lambda b: evicted.append(b.block_id)
+    pool.allocate(2)
+    assert evicted == [one_off.block_id]
+
+
 def test_cost_aware_evicts_cheap_shallow_leaves_before_deep_ones():
     from kvserve.kv.eviction import recompute_cost
 
     pool = BlockPool(8, policy=make_policy("cost-aware", cost=recompute_cost(0.05, 16)))
     deep = _cache_chain(pool, 10, 6)  # a long prefix: its leaf sits at depth 5
     pool.free(reversed(deep))
-    (shallow,) = _cache_chain(pool, 50, 1)  # freed later, so LRU would keep it
+    (shallow,) = _cache_chain(pool, 50, 1)
     pool.free([shallow])
+    for blocks in (deep, [shallow]):  # each reused once; the shallow one last, so LRU would keep it
+        pool.touch(blocks)
+        pool.free(reversed(blocks))
     evicted = []
     pool.on_evict = lambda b: evicted.append(b.block_id)
     pool.allocate(2)  # one empty block, then one victim
@@ -221,3 +238,20 @@ def test_cost_aware_evicts_cheap_shallow_leaves_before_deep_ones():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
         make_policy("fifo")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_chain_keeps_its_rank_while_its_leaves_are_evicted(policy):
+    """Regression: a parent that became a leaf must not jump ahead of blocks freed after it (a dead scan
+    would otherwise outlive a hot system prompt, one block at a time)."""
+    pool = BlockPool(5, policy=make_policy(policy))
+    scan = _cache_chain(pool, 10, 3)
+    pool.free(reversed(scan))
+    (hot,) = _cache_chain(pool, 50, 1)  # freed after the whole scan
+    pool.free([hot])
+    evicted = []
+    pool.on_evict = lambda b: evicted.append(b.block_id)
+    pool.allocate(4)  # one empty block, then three victims: the scan, leaf upwards
+    assert evicted == [scan[2].block_id, scan[1].block_id, scan[0].block_id]
+    assert pool.lookup(H(50), (50,)) is hot
+    pool.check_invariants()
