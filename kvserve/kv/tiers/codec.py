@@ -19,7 +19,7 @@ import torch
 
 MAGIC = b"KVSB"
 VERSION = 1
-_HEAD = struct.Struct("<4sB3x16sI")  # magic, version, digest, meta length
+_HEAD = struct.Struct("<4sB3s16sI")  # magic, version, zero padding, digest, meta length
 
 
 class CorruptEntry(ValueError):
@@ -40,16 +40,16 @@ def encode_block(token_ids: Sequence[int], kv: torch.Tensor) -> bytes:
     tokens = struct.pack(f"<{len(token_ids)}i", *token_ids)
     payload = kv.view(torch.uint8).numpy().tobytes()
     meta_tokens = struct.pack("<I", len(meta)) + meta + struct.pack("<I", len(token_ids)) + tokens
-    return _HEAD.pack(MAGIC, VERSION, _digest(meta_tokens, payload), len(meta)) + meta_tokens[4:] + payload
+    return _HEAD.pack(MAGIC, VERSION, bytes(3), _digest(meta_tokens, payload), len(meta)) + meta_tokens[4:] + payload
 
 
 def decode_block(value: bytes, token_ids: Sequence[int], dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """The block's KV as a CPU tensor, after checking everything; raises CorruptEntry."""
     if len(value) < _HEAD.size:
         raise CorruptEntry("truncated header")
-    magic, version, digest, meta_len = _HEAD.unpack_from(value)
-    if magic != MAGIC or version != VERSION:
-        raise CorruptEntry(f"bad magic/version {magic!r}/{version}")
+    magic, version, pad, digest, meta_len = _HEAD.unpack_from(value)
+    if magic != MAGIC or version != VERSION or pad != bytes(3):
+        raise CorruptEntry(f"bad header {magic!r}/{version}/{pad!r}")
     rest = memoryview(value)[_HEAD.size :]
     if len(rest) < meta_len + 4:
         raise CorruptEntry("truncated meta")

@@ -36,6 +36,7 @@ from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry, HostTier, PersistentStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
+MAX_KNOWN = 1 << 20  # block hashes remembered as already in the store (~100 MB at most)
 
 
 @dataclass
@@ -163,6 +164,8 @@ class TieredCache:
         kv = self.kv_cache[:, :, block.block_id].to("cpu", copy=True)
         try:
             self._writes.put_nowait((block.block_hash, block.token_ids, kv))
+            if len(self._known) >= MAX_KNOWN:  # a memo, not a ledger: forgetting costs one redundant write
+                self._known.clear()
             self._known.add(block.block_hash)
         except queue.Full:
             with self._lock:

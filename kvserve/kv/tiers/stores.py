@@ -173,15 +173,14 @@ class RedisStore(PersistentStore):
             self._down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"redis {what}: {e}") from e
 
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
-        if not keys:
-            return []
-        values = self._call("MGET", self._client.mget, list(keys))
-        out = []
-        for v in values:
-            if v is None:
-                break
-            out.append(v)
+    def get_prefix(self, keys: Sequence[str], batch: int = 64) -> list[bytes]:
+        """MGET in batches of `batch` keys, stopping after the batch with the first missing key."""
+        out: list[bytes] = []
+        for i in range(0, len(keys), batch):
+            for v in self._call("MGET", self._client.mget, list(keys[i : i + batch])):
+                if v is None:
+                    return out
+                out.append(v)
         return out
 
     def put(self, key: str, value: bytes) -> None:

@@ -1,0 +1,95 @@
+"""Tier building blocks without a model: the block codec rejects every kind of damage, the host tier stays
+within its byte budget in LRU order, disk and Redis stores return the longest present run of keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvserve.kv.tiers import DiskStore, HostTier, RedisStore, open_store
+from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
+from kvserve.kv.tiers.stores import HostEntry
+
+SHAPE = (2, 2, 4, 1, 8)  # layers, K/V, block_size, kv_heads, head_dim
+TOKENS = [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codec_round_trip_is_bit_exact(dtype):
+    kv = torch.randn(SHAPE).to(dtype)
+    out = decode_block(encode_block(TOKENS, kv), TOKENS, dtype, SHAPE)
+    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_codec_rejects_any_flipped_byte_or_truncation(data):
+    value = bytearray(encode_block(TOKENS, torch.randn(SHAPE)))
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, 63) | st.integers(0, len(value) - 1))  # the header often
+        value[i] ^= data.draw(st.integers(1, 255))
+    else:
+        value = value[: data.draw(st.integers(0, len(value) - 1))]
+    with pytest.raises(CorruptEntry):
+        decode_block(bytes(value), TOKENS, torch.float32, SHAPE)
+
+
+def test_codec_rejects_other_tokens_dtype_or_shape():
+    value = encode_block(TOKENS, torch.randn(SHAPE))
+    with pytest.raises(CorruptEntry, match="token ids differ"):
+        decode_block(value, [5, 6, 7, 9], torch.float32, SHAPE)
+    with pytest.raises(CorruptEntry, match="layout"):
+        decode_block(value, TOKENS, torch.bfloat16, SHAPE)
+    with pytest.raises(CorruptEntry, match="layout"):
+        decode_block(value, TOKENS, torch.float32, (2, 2, 4, 2, 4))
+
+
+def test_host_tier_is_byte_bounded_and_lru():
+    one = torch.zeros(SHAPE).nbytes
+    tier = HostTier(3 * one)
+    entries = {k: HostEntry(tuple(TOKENS), torch.full(SHAPE, float(k))) for k in range(5)}
+    for k in range(3):
+        tier.put(bytes([k]), entries[k])
+    assert tier.get(bytes([0])) is entries[0]  # 0 becomes most recent
+    tier.put(bytes([3]), entries[3])  # evicts 1, the least recent
+    assert bytes([1]) not in tier and bytes([0]) in tier and tier.bytes_held == 3 * one
+    assert tier.num_evictions == 1
+    assert not HostTier(one - 1).put(b"x", entries[4])  # larger than the whole tier: refused, nothing lost
+
+
+def _store_contract(store):
+    keys = [f"k{i}" for i in range(5)]
+    for k in keys[:3]:
+        store.put(k, k.encode() * 3)
+    store.put("k4", b"after a gap")
+    assert store.get_prefix(keys) == [b"k0k0k0", b"k1k1k1", b"k2k2k2"]  # stops at the first missing key
+    store.delete("k0")
+    assert store.get_prefix(keys) == []
+    assert store.get_prefix([]) == []
+
+
+def test_disk_store_contract_and_no_temp_files(tmp_path):
+    store = DiskStore(tmp_path)
+    _store_contract(store)
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_redis_store_contract_and_batched_lookup(redis_server):
+    store = RedisStore(redis_server.url)
+    _store_contract(store)
+    keys = [f"b{i}" for i in range(150)]
+    for k in keys[:130]:
+        store.put(k, k.encode())
+    assert store.get_prefix(keys, batch=64) == [k.encode() for k in keys[:130]]
+    store.close()
+
+
+def test_open_store_specs(tmp_path):
+    assert isinstance(open_store(f"disk:{tmp_path}/s"), DiskStore)
+    assert isinstance(open_store("redis://127.0.0.1:1/0"), RedisStore)  # connects lazily
+    with pytest.raises(ValueError, match="disk:PATH or redis://"):
+        open_store("ftp://x")
+    with pytest.raises(ValueError, match="needs a directory"):
+        open_store("disk:")
