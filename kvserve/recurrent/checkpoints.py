@@ -19,7 +19,7 @@ snapshot bigger than the whole budget is refused without evicting anything.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +123,19 @@ class CheckpointStore:
             self._depths[entry.depth] = left
         else:
             del self._depths[entry.depth]
+
+    def retain_depths(self, depths: Collection[int]) -> int:
+        """Drop every snapshot at a depth not in depths (counted as evictions); returns how many were dropped.
+
+        For a placement that changed: the snapshots it no longer places stay exact, but keeping them would let
+        a sequence hold more than its budget of checkpoints.
+        """
+        keep = set(depths)
+        stale = [key for key, entry in self._entries.items() if entry.depth not in keep]
+        for key in stale:
+            self._drop(self._entries.pop(key))
+        self.num_evicted += len(stale)
+        return len(stale)
 
     def clear(self) -> int:
         """Drop every snapshot (counted as evictions); returns how many were dropped."""

@@ -54,7 +54,11 @@ The learned policies (balanced, optimal) keep a histogram over block depths 0..m
 depths count as max_depth_blocks) with exponential decay: each observation first multiplies all earlier
 weight by `decay`. It is O(1) per observation (the increment grows by 1/decay instead, and the histogram is
 rescaled now and then). The placement is re-solved after observations 1, 2, 4, 8, ... while that is below
-`resolve_every` (so a cold engine learns fast), then every `resolve_every` observations.
+`resolve_every` (so a cold engine learns fast), then every `resolve_every` observations. A new solution is
+adopted only if it lowers J under the current histogram by more than `switch_margin` (default 0: always):
+each change strands the snapshots at the depths it gives up, so chasing noise costs recomputation. And while
+every depth seen so far fits the budget, optimal:M places a newly seen depth at once (the whole support is
+then the exact optimum), so a new document is checkpointed from its second request on.
 """
 
 from __future__ import annotations
@@ -219,7 +223,19 @@ def balanced_checkpoints(probs: Sequence[float] | np.ndarray, budget: int) -> li
 
 # ------------------------------------------------------------------------------------------- policies
 class PlacementPolicy(ABC):
-    """Which depths a prefilling request snapshots its recurrent state at, possibly learned online."""
+    """Which depths a prefilling request snapshots its recurrent state at, possibly learned online.
+
+    `version` grows whenever a learned placement changes; `placed` is then the new set of depths (None for
+    rules that depend on the prompt length). A caller holding snapshots may drop those at depths no longer
+    placed (`CheckpointStore.retain_depths`), so that no sequence holds more than the budget.
+    """
+
+    version: int = 0
+
+    @property
+    def placed(self) -> list[int] | None:
+        """The depths placed for every prompt (each request takes those <= its length), or None."""
+        return None
 
     @abstractmethod
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
@@ -241,6 +257,10 @@ def _check_num_blocks(num_blocks: int) -> None:
 
 
 class NoCheckpoints(PlacementPolicy):
+    @property
+    def placed(self) -> list[int]:
+        return []
+
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
         _check_num_blocks(num_blocks)
         return []
@@ -307,6 +327,7 @@ class DepthHistogram:
         self.max_depth = max_depth
         self.decay = decay
         self.num_observed = 0
+        self.seen: set[int] = set()  # distinct depths >= 1 ever observed (clipped)
         self._counts = np.zeros(max_depth + 1, dtype=np.float64)
         self._increment = 1.0  # weight of the next observation; older weight stays put, which is the same decay
 
@@ -315,7 +336,10 @@ class DepthHistogram:
             raise ValueError(f"overlap depth must be >= 0, got {depth}")
         if self.num_observed:
             self._increment /= self.decay
-        self._counts[min(depth, self.max_depth)] += self._increment
+        depth = min(depth, self.max_depth)
+        if depth:
+            self.seen.add(depth)
+        self._counts[depth] += self._increment
         self.num_observed += 1
         if self._increment > self._RESCALE_AT:
             self._counts /= self._increment
@@ -332,7 +356,18 @@ class _LearnedPlacement(PlacementPolicy):
 
     name = ""
 
-    def __init__(self, budget: int, *, max_depth_blocks: int = 4096, resolve_every: int = 32, decay: float = 0.99):
+    def __init__(
+        self,
+        budget: int,
+        *,
+        max_depth_blocks: int = 4096,
+        resolve_every: int = 32,
+        decay: float = 0.99,
+        switch_margin: float = 0.0,
+    ):
+        if not 0.0 <= switch_margin < 1.0:
+            raise ValueError(f"switch_margin must be in [0, 1), got {switch_margin}")
+        self.switch_margin = switch_margin
         if budget < 1:
             raise ValueError(f"{self.name}:M needs M >= 1 checkpoints, got {budget}")
         if resolve_every < 1:
@@ -358,8 +393,20 @@ class _LearnedPlacement(PlacementPolicy):
             self.resolve()
 
     def resolve(self) -> None:
-        self.depths = self._solve(self.histogram.probs())
+        probs = self.histogram.probs()
+        depths = self._solve(probs)
         self.num_solves += 1
+        if depths != self.depths and self.depths and self.switch_margin > 0:
+            # Switch only for a real gain: every change strands the snapshots at the depths it gives up.
+            if expected_recompute(probs, depths) > (1 - self.switch_margin) * expected_recompute(probs, self.depths):
+                return
+        if depths != self.depths:
+            self.depths = depths
+            self.version += 1
+
+    @property
+    def placed(self) -> list[int]:
+        return list(self.depths)
 
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
         _check_num_blocks(num_blocks)
@@ -379,6 +426,15 @@ class BalancedPlacement(_LearnedPlacement):
 class OptimalPlacement(_LearnedPlacement):
     name = "optimal"
 
+    def observe(self, depth: int) -> None:
+        depth = min(depth, self.histogram.max_depth)
+        new = depth >= 1 and depth not in self.histogram.seen
+        super().observe(depth)
+        if new and depth not in self.depths and len(self.histogram.seen) <= self.budget:
+            # Every depth seen so far fits the budget: the whole support is the optimum, no need to wait.
+            self.depths = sorted([*self.depths, depth])
+            self.version += 1
+
     def _solve(self, probs: np.ndarray) -> list[int]:
         return optimal_checkpoints(probs, self.budget)
 
@@ -397,7 +453,12 @@ def _int_arg(spec: str, arg: str, what: str) -> int:
 
 
 def make_placement_policy(
-    spec: str, *, max_depth_blocks: int = 4096, resolve_every: int = 32, decay: float = 0.99
+    spec: str,
+    *,
+    max_depth_blocks: int = 4096,
+    resolve_every: int = 32,
+    decay: float = 0.99,
+    switch_margin: float = 0.0,
 ) -> PlacementPolicy:
     """The policy a --checkpoint-policy spec names; one of none, every-block:B, sqrt, log, balanced:M, optimal:M."""
     name, sep, arg = spec.strip().lower().partition(":")
@@ -418,5 +479,6 @@ def make_placement_policy(
             max_depth_blocks=max_depth_blocks,
             resolve_every=resolve_every,
             decay=decay,
+            switch_margin=switch_margin,
         )
     raise ValueError(f"unknown checkpoint policy {spec!r}; choose one of {', '.join(SPECS)}")

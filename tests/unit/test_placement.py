@@ -297,3 +297,46 @@ def test_depths_beyond_the_histogram_count_as_its_deepest():
     assert policy.checkpoint_depths(10**6) == [16]
     with pytest.raises(ValueError):
         policy.observe(-1)
+
+
+def test_optimal_places_a_new_depth_at_once_while_the_support_fits():
+    policy = make_placement_policy("optimal:2", max_depth_blocks=100, resolve_every=32)
+    policy.observe(0)
+    policy.observe(0)
+    policy.observe(40)  # third observation: no solve due (1, 2, 4, ...), but the support {40} fits the budget
+    assert policy.checkpoint_depths(100) == [40]
+    policy.observe(70)  # fourth: solved anyway
+    assert policy.checkpoint_depths(100) == [40, 70]
+    for d in (10, 20, 30):  # support 5 > budget 2: new depths wait for the next solve (8, then 16)
+        policy.observe(d)
+    assert policy.checkpoint_depths(100) == [40, 70]
+
+
+@settings(max_examples=30, deadline=None)
+@given(depths=st.lists(st.integers(0, 30), min_size=1, max_size=120), budget=st.integers(1, 4))
+def test_version_counts_placement_changes(depths, budget):
+    policy = make_placement_policy(f"optimal:{budget}", max_depth_blocks=32, resolve_every=4)
+    seen, changes = policy.placed, 0
+    for d in depths:
+        policy.observe(d)
+        if policy.placed != seen:
+            changes += 1
+            seen = policy.placed
+    assert policy.version == changes
+    assert make_placement_policy("sqrt").placed is None and make_placement_policy("none").placed == []
+
+
+def test_switch_margin_keeps_a_placement_that_is_nearly_as_good():
+    # a observations at depth 10, b at depth 12; unnormalised J(10) = 2b, J(12) = 10a.
+    sticky = make_placement_policy("optimal:1", max_depth_blocks=100, resolve_every=1, decay=1.0, switch_margin=0.5)
+    eager = make_placement_policy("optimal:1", max_depth_blocks=100, resolve_every=1, decay=1.0)
+    for d in [10] * 10 + [12] * 60:  # a = 10, b = 60: J(12) = 100 < J(10) = 120, a 17% gain
+        sticky.observe(d)
+        eager.observe(d)
+    assert eager.checkpoint_depths(100) == [12]
+    assert sticky.checkpoint_depths(100) == [10]  # under the 50% margin: stays
+    for _ in range(60):  # b = 120: J(10) = 240, J(12) = 100, a 58% gain
+        sticky.observe(12)
+    assert sticky.checkpoint_depths(100) == [12]
+    with pytest.raises(ValueError):
+        make_placement_policy("optimal:1", switch_margin=1.0)
