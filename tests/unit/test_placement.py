@@ -119,6 +119,20 @@ def test_optimal_equals_brute_force(w, budget):
     assert ref_cost(w, cs) == brute_best(w, budget)
 
 
+@FAST
+@given(
+    w=st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=1, max_size=9),
+    budget=st.integers(0, 5),
+)
+def test_optimal_equals_brute_force_with_float_weights(w, budget):
+    n = len(w) - 1
+    best = min(
+        expected_recompute(w, s) for r in range(min(budget, n) + 1) for s in itertools.combinations(range(1, n + 1), r)
+    )
+    got = expected_recompute(w, optimal_checkpoints(w, budget))
+    assert got == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
 @settings(max_examples=40, deadline=None)
 @given(w=st.lists(st.integers(0, 50), min_size=2, max_size=40), budget=st.integers(1, 8))
 def test_optimal_equals_quadratic_dp_on_medium_sizes(w, budget):
