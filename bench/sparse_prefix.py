@@ -458,7 +458,9 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "# Sparse prefix caching for recurrent state: checkpoint placement (simulation)",
         "",
         f"`bench/sparse_prefix.py --num-requests {args.num_requests} --seed {args.seed} --block-size {args.block_size}"
-        f" --resolve-every {args.resolve_every} --decay {args.decay}`",
+        f" --resolve-every {args.resolve_every} --decay {args.decay} --switch-margin {args.switch_margin}"
+        + (" --keep-stale" if args.keep_stale else "")
+        + "`",
         "",
         "Simulation: real block-hash chains, real `CheckpointStore` and placement policies, online learning as",
         "requests arrive; attention KV cached at every block (unbounded), recurrent state only at checkpoints.",
@@ -467,9 +469,14 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"{args.overhead_ms:g} ms + {args.per_token_ms:g} ms per computed token",
         "(the bf16 512-token prefill rate and short-suffix TTFT of kvserve's bundled 135M Llama in README.md; not a",
         "hybrid model). Store budget "
-        f"{args.store_checkpoints:,} snapshots: no policy comes near it, so nothing is evicted for space; when a",
-        "learned placement changes, the snapshots at depths it gave up are dropped (`--keep-stale` keeps them), so",
-        "no sequence ever holds more than M.",
+        f"{args.store_checkpoints:,} snapshots: no policy comes near it, so nothing is evicted for space.",
+        (
+            "**--keep-stale: when a learned placement changes, the snapshots at depths it gave up stay (as in an"
+            " engine that leaves them to the store's LRU), so a sequence can hold more than M of them.**"
+            if args.keep_stale
+            else "When a learned placement changes, the snapshots at depths it gave up are dropped (`--keep-stale`"
+            " keeps them), so no sequence ever holds more than M."
+        ),
         "",
     ]
     for wr in report["workloads"]:
