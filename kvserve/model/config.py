@@ -1,8 +1,11 @@
 """Model hyper-parameters, read from a Hugging Face ``config.json`` or from GGUF metadata.
 
 :class:`ModelConfig` is the one description of a decoder-only transformer that the rest of
-kvserve uses (engine, KV cache sizing, sampling stop ids). Only the Llama family of
-architectures is accepted: ``llama``, ``mistral`` and ``qwen2`` (Llama with q/k/v bias).
+kvserve uses (engine, KV cache sizing, sampling stop ids). Accepted: the Llama family (``llama``,
+``mistral``, ``qwen2`` = Llama with q/k/v bias) and two Mamba-2 families: ``bamba`` (a hybrid whose layers are
+either attention or a Mamba-2 mixer, each followed by a SwiGLU MLP) and ``mamba2`` (pure recurrent: every
+layer is a Mamba-2 mixer, no MLP). For those, ``layer_types`` names each layer's mixer and ``mamba`` holds the
+mixer's shape; the attention fields describe the attention layers (if any).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "bamba", "mamba2")
+HYBRID_ARCHITECTURES: tuple[str, ...] = ("bamba", "mamba2")
+ATTENTION, MAMBA = "attention", "mamba"  # layer_types entries
 
 # GGUF `general.architecture` -> our architecture name.
 _GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
@@ -19,8 +24,33 @@ _DEFAULT_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
+class MambaConfig:
+    """Shape of one Mamba-2 mixer (the same for every recurrent layer of a model)."""
+
+    num_heads: int  # H
+    head_dim: int  # P; H * P = intermediate_size = expand * hidden_size
+    num_groups: int  # G: B and C are shared by H / G heads each
+    state_size: int  # N
+    conv_kernel: int  # K: causal depthwise conv width; the conv state keeps the last K - 1 inputs
+    chunk_size: int  # SSD chunk length used for prefill
+    conv_bias: bool
+    proj_bias: bool
+    time_step_limit: tuple[float, float]
+    norm_eps: float
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the conv: x (H * P) plus B and C (G * N each)."""
+        return self.intermediate_size + 2 * self.num_groups * self.state_size
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family causal language model."""
+    """Shape and numerics of a causal language model (Llama family, or a Mamba-2 hybrid / recurrent one)."""
 
     architecture: str
     vocab_size: int
@@ -38,6 +68,29 @@ class ModelConfig:
     attention_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Hybrid / recurrent models only (empty / None / defaults for the Llama family).
+    layer_types: tuple[str, ...] = ()  # ATTENTION or MAMBA per layer; () = every layer is attention
+    mamba: MambaConfig | None = None
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Bamba: 0.5)
+    has_mlp: bool = True  # False for mamba2 (mixer only)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True when some layer is recurrent (a Mamba-2 mixer)."""
+        return MAMBA in self.layer_types
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if not self.layer_types or self.layer_types[i] == ATTENTION]
+
+    @property
+    def recurrent_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind == MAMBA]
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers with a KV cache (all of them for the Llama family, none for mamba2)."""
+        return len(self.attention_layers)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -52,6 +105,8 @@ class ModelConfig:
     def from_hf_config(cls, config: dict[str, Any]) -> ModelConfig:
         """Build from a parsed Hugging Face ``config.json`` (transformers 4.x or 5.x layout)."""
         architecture = _hf_architecture(config)
+        if architecture in HYBRID_ARCHITECTURES:
+            return _hybrid_from_hf(architecture, config)
         if config.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported (no bias on gate/up/down projections)")
         hidden_size = int(config["hidden_size"])
@@ -170,6 +225,102 @@ def _hf_architecture(config: dict[str, Any]) -> str:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(_unsupported_message(str(model_type), SUPPORTED_ARCHITECTURES))
     return str(model_type)
+
+
+def _hybrid_from_hf(architecture: str, config: dict[str, Any]) -> ModelConfig:
+    """Bamba (``BambaConfig``) or Mamba-2 (``Mamba2Config``) config.json -> ModelConfig."""
+    hidden_size = int(config["hidden_size"])
+    num_layers = int(config["num_hidden_layers"])
+    limit = tuple(
+        float(v["__float__"]) if isinstance(v, dict) else float(v)
+        for v in config.get("time_step_limit") or (0.0, float("inf"))
+    )
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{architecture}: attention_bias / mlp_bias are not supported")
+    if architecture == "bamba":
+        heads = int(config["mamba_n_heads"])
+        head_dim = config.get("mamba_d_head", "auto")
+        mamba = MambaConfig(
+            num_heads=heads,
+            head_dim=int(config["mamba_expand"]) * hidden_size // heads if head_dim == "auto" else int(head_dim),
+            num_groups=int(config.get("mamba_n_groups", 1)),
+            state_size=int(config["mamba_d_state"]),
+            conv_kernel=int(config.get("mamba_d_conv", 4)),
+            chunk_size=int(config.get("mamba_chunk_size", 256)),
+            conv_bias=bool(config.get("mamba_conv_bias", True)),
+            proj_bias=bool(config.get("mamba_proj_bias", False)),
+            time_step_limit=(limit[0], limit[1]),
+            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        )
+        attn = set(config.get("attn_layer_indices") or ())
+        layer_types = tuple(ATTENTION if i in attn else MAMBA for i in range(num_layers))
+        num_heads = int(config["num_attention_heads"])
+        rope_theta, rope_scaling = _hf_rope(config)
+        rope_params = config.get("rope_parameters") or {}
+        partial = float(rope_params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5)))
+        if rope_scaling is not None:
+            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "partial_rotary_factor"} or None
+            if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+                rope_scaling = None
+        return ModelConfig(
+            architecture=architecture,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
+            head_dim=int(config.get("head_dim") or hidden_size // num_heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings", 262144)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=False,
+            bos_token_id=_optional_int(config.get("bos_token_id")),
+            eos_token_ids=token_id_tuple(config.get("eos_token_id")),
+            layer_types=layer_types,
+            mamba=mamba,
+            partial_rotary_factor=partial,
+        )
+    # mamba2: every layer a mixer, no MLP, no attention (the attention fields are placeholders).
+    eps = float(config.get("layer_norm_epsilon", 1e-5))
+    mamba = MambaConfig(
+        num_heads=int(config["num_heads"]),
+        head_dim=int(config["head_dim"]),
+        num_groups=int(config.get("n_groups", 1)),
+        state_size=int(config["state_size"]),
+        conv_kernel=int(config.get("conv_kernel", 4)),
+        chunk_size=int(config.get("chunk_size", 256)),
+        conv_bias=bool(config.get("use_conv_bias", True)),
+        proj_bias=bool(config.get("use_bias", False)),
+        time_step_limit=(limit[0], limit[1]),
+        norm_eps=eps,
+    )
+    if mamba.intermediate_size != int(config.get("expand", 2)) * hidden_size:
+        raise ValueError("mamba2: num_heads * head_dim must equal expand * hidden_size")
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden_size,
+        intermediate_size=0,
+        num_hidden_layers=num_layers,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=1,
+        rms_norm_eps=eps,
+        rope_theta=_DEFAULT_ROPE_THETA,
+        rope_scaling=None,
+        # Recurrent state has no length limit; this only bounds max_model_len.
+        max_position_embeddings=int(config.get("max_position_embeddings", 1 << 20)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=False,
+        bos_token_id=_optional_int(config.get("bos_token_id")),
+        eos_token_ids=token_id_tuple(config.get("eos_token_id")),
+        layer_types=(MAMBA,) * num_layers,
+        mamba=mamba,
+        has_mlp=False,
+    )
 
 
 def _hf_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

