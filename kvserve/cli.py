@@ -35,6 +35,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument(
+        "--checkpoint-policy",
+        default="none",
+        help="hybrid/recurrent models: where prefill snapshots recurrent state for prefix reuse: "
+        "none | every-block:B | balanced:M | sqrt | log | optimal:M",
+    )
+    g.add_argument(
+        "--checkpoint-memory",
+        type=parse_memory,
+        default=None,
+        help="bytes for recurrent-state checkpoints, e.g. 1GiB (default: a quarter of --kv-cache-memory)",
+    )
+    g.add_argument(
         "--eviction-policy",
         default="lru",
         choices=["lru", "lfu", "cost-aware"],

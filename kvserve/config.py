@@ -42,6 +42,9 @@ class EngineConfig:
     kv_store: str | None = None  # persistent tier: disk:PATH or redis://HOST:PORT[/DB]
     seed: int = 0  # seed for requests that bring none
     max_logprobs: int = 20
+    # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
+    checkpoint_policy: str = "none"  # none | every-block:B | balanced:M | sqrt | log | optimal:M
+    checkpoint_memory: int | None = None  # bytes for state checkpoints; None -> a quarter of the KV budget
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -69,10 +72,19 @@ class EngineConfig:
             raise ValueError(f"kv_store must be disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.checkpoint_memory is not None and self.checkpoint_memory < 0:
+            raise ValueError(f"checkpoint_memory must be >= 0 when given, got {self.checkpoint_memory}")
+        from kvserve.recurrent.placement import make_placement_policy
+
+        make_placement_policy(self.checkpoint_policy)  # a bad spec fails here, naming the choices
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache_memory if self.kv_cache_memory is not None else _default_kv_cache_memory()
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.checkpoint_memory if self.checkpoint_memory is not None else self.kv_cache_bytes // 4
 
     @classmethod
     def field_names(cls) -> list[str]:

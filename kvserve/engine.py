@@ -21,6 +21,8 @@ from kvserve.kv.cache_manager import KVCacheManager
 from kvserve.kv.eviction import make_policy, recompute_cost
 from kvserve.kv.tiers import TieredCache, model_fingerprint, open_store
 from kvserve.model.device import resolve_device, resolve_dtype
+from kvserve.model.hybrid import HybridModel
+from kvserve.model.hybrid_runner import make_hybrid_runner
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import LoadedModel, load_model
 from kvserve.model.runner import ModelRunner, kv_bytes_per_block
@@ -31,6 +33,9 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.scheduler import Scheduler, SchedulerLimits
 
 log = logging.getLogger(__name__)
+
+# A purely recurrent model's blocks hold no KV, only prefix-cache addresses (for state checkpoints).
+_RECURRENT_ONLY_BLOCKS = 16384
 
 
 @dataclass
@@ -63,10 +68,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {model_max}")
         self.max_model_len = config.max_model_len or model_max
         per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
-        self.num_blocks = config.num_kv_blocks or config.kv_cache_bytes // per_block
+        self.num_blocks = config.num_kv_blocks or (
+            config.kv_cache_bytes // per_block if per_block else _RECURRENT_ONLY_BLOCKS
+        )
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no block of {per_block} B")
-        self.model = LlamaModel(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
+        model_cls = HybridModel if self.model_config.is_hybrid else LlamaModel
+        self.model = model_cls(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
         cost_args = {"cost": self._recompute_cost(), "block_bytes": per_block}
         policy = make_policy(config.eviction_policy, **(cost_args if config.eviction_policy == "cost-aware" else {}))
         self.pool = BlockPool(self.num_blocks, enable_caching=config.enable_prefix_caching, policy=policy)
@@ -75,7 +83,11 @@ class LLMEngine:
             config.max_num_batched_tokens, config.max_num_seqs, config.long_prefill_token_threshold
         )
         self.scheduler = Scheduler(limits, self.kv)
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, seed=config.seed)
+        if self.model_config.is_hybrid:  # recurrent state slots, checkpoints, scheduler hooks
+            self.runner = make_hybrid_runner(config, self.model, self.num_blocks)
+            self.scheduler.recurrent = self.runner.recurrent
+        else:
+            self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, seed=config.seed)
         self.tiers = self._make_tiers()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()

@@ -10,16 +10,24 @@ beyond the shared ones.
 When a running request can't get a block, the newest running request is preempted: its blocks are freed
 (they stay in the prefix cache until evicted) and it goes back to the front of the waiting queue, to be
 recomputed later. Nothing fails for want of memory.
+
+Models with recurrent layers set `recurrent` (a RecurrentCacheManager): it cuts prefix hits to the deepest
+recurrent-state checkpoint, ends prefill chunks at checkpoint positions, and frees a request's state slot
+wherever its KV blocks are freed.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
 from kvserve.kv.cache_manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from kvserve.recurrent.manager import RecurrentCacheManager
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.recurrent: RecurrentCacheManager | None = None  # set for models with recurrent layers
 
     # ------------------------------------------------------------------------------------------ queues
     def add_request(self, request: Request) -> None:
@@ -52,6 +61,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv.free(request)
+        if self.recurrent is not None:
+            self.recurrent.free(request)
 
     @property
     def num_unfinished(self) -> int:
@@ -66,7 +77,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request, request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, n, out):
                 break  # request itself was preempted; nothing after it runs either
             scheduled.append(ScheduledRequest(request, n, []))
@@ -81,10 +92,12 @@ class Scheduler:
         out.scheduled = scheduled
         return out
 
-    def _chunk(self, remaining: int, budget: int) -> int:
-        n = min(remaining, budget)
+    def _chunk(self, request: Request, start: int, budget: int) -> int:
+        n = min(request.num_tokens - start, budget)
         if self.limits.long_prefill_token_threshold is not None:
             n = min(n, self.limits.long_prefill_token_threshold)
+        if self.recurrent is not None:
+            n = self.recurrent.cut_chunk(request, start, n)
         return n
 
     def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
@@ -99,6 +112,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        if self.recurrent is not None:
+            self.recurrent.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -109,7 +124,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
             computed = self.kv.get_computed_blocks(request)
-            n = self._chunk(request.num_tokens - computed.num_tokens, budget)
+            if self.recurrent is not None:
+                computed = self.recurrent.limit_prefix_hit(request, computed)
+            n = self._chunk(request, computed.num_tokens, budget)
             if not self.kv.allocate_slots(request, n, computed):
                 break
             self.waiting.popleft()

@@ -16,8 +16,9 @@ from kvserve.model.sampler import SampleResult, sample
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all attention layers (0 for a purely recurrent model)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * elem
+    return config.num_attention_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * elem
 
 
 class ModelRunner:
@@ -26,9 +27,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.device
-        # (layers, 2, blocks, block_size, kv_heads, head_dim); zeros so padded (masked) reads stay finite.
+        # (attention layers, 2, blocks, block_size, kv_heads, head_dim); zeros so padded (masked) reads stay finite.
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers,
+            cfg.num_attention_layers,
             2,
             num_blocks,
             block_size,
@@ -93,14 +94,26 @@ class ModelRunner:
             groups=groups,
         )
         sampling = [s for s in decodes + prefills if s.samples]
-        logits = self.model.forward(
+        logits = self._forward(
             torch.tensor(token_ids, device=dev),
-            self.kv_cache,
             meta,
             torch.tensor(logits_rows or [0], device=dev),  # a step of only partial chunks samples nothing
+            decodes,
+            prefills,
         )
         if not sampling:
             return {}
         params = [s.request.sampling_params for s in sampling]
         results = sample(logits, params, [self._generator(s) for s in sampling])
         return {s.request.request_id: r for s, r in zip(sampling, results)}
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_rows: torch.Tensor,
+        decodes: list[ScheduledRequest],
+        prefills: list[ScheduledRequest],
+    ) -> torch.Tensor:
+        """The model call (rows: decodes, then prefill chunks); a hook for runners with more state."""
+        return self.model.forward(input_ids, self.kv_cache, meta, logits_rows)

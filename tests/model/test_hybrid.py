@@ -1,0 +1,248 @@
+"""Hybrid (Bamba: attention + Mamba-2) and recurrent (Mamba2ForCausalLM) models against transformers.
+
+Tiny random-weight checkpoints are built with transformers' own classes, saved as HF folders (with the
+SmolLM2 tokenizer files) and loaded by kvserve. Asserted:
+* greedy tokens equal transformers' generate (float32, pure-torch path), alone and batched; logprobs equal
+  log_softmax of transformers' logits;
+* chunked prefill (tiny token budget, chunks cut mid-SSD-window) and preemption (tiny KV pool) give the same
+  tokens, and the state slots and KV blocks all come back;
+* recurrent-state checkpoints: with every placement policy, prompts sharing prefixes of random lengths give
+  the no-cache (and transformers') tokens, and resumes happen at every checkpoint depth with
+  num_cached_tokens == that depth in tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.model import load_model
+
+BS = 8  # block size: small so that short prompts span several blocks
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+VOCAB = 512
+
+
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(model, tokenizer_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def bamba(tmp_path_factory, hf_tokenizer_dir):
+    """4 layers, attention at layer 1; SSD chunk 16, so prefill chunks cut through SSD windows."""
+    tf = _transformers()
+    torch.manual_seed(0)
+    cfg = tf.BambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        max_position_embeddings=512,
+        initializer_range=0.25,  # peaked logits: greedy choices far from ties
+    )
+    model = tf.BambaForCausalLM(cfg).eval()
+    return model, _save(model, hf_tokenizer_dir, tmp_path_factory.mktemp("bamba"))
+
+
+@pytest.fixture(scope="module")
+def mamba2(tmp_path_factory, hf_tokenizer_dir):
+    tf = _transformers()
+    torch.manual_seed(1)
+    cfg = tf.Mamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_heads=8,
+        head_dim=16,
+        state_size=16,
+        expand=2,
+        n_groups=2,
+        chunk_size=16,
+        initializer_range=0.25,
+        tie_word_embeddings=False,
+    )
+    model = tf.Mamba2ForCausalLM(cfg).eval()
+    return model, _save(model, hf_tokenizer_dir, tmp_path_factory.mktemp("mamba2"))
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+PROMPTS = _prompts(0, [5, 17, 33, 50, 71])
+
+
+def _hf_greedy(model, prompts: list[list[int]], max_tokens: int = GREEDY.max_tokens) -> list[list[int]]:
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            out.append(gen[0, len(ids) :].tolist())
+    return out
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+_LOADED: dict[Path, object] = {}
+
+
+def _llm(path: Path, **kwargs) -> LLM:
+    """An engine on the HF folder at path (loaded from disk once per module, then shared)."""
+    if path not in _LOADED:
+        _LOADED[path] = load_model(str(path))
+    args = {"dtype": "float32", "block_size": BS, "num_kv_blocks": 128, "max_num_seqs": 8} | kwargs
+    return LLM(model=str(path), loaded=_LOADED[path], **args)
+
+
+def _released(llm: LLM) -> None:
+    engine = llm.engine
+    assert engine.pool.num_used_blocks == 0
+    pool = engine.runner.recurrent.pool
+    pool.check_invariants()
+    assert pool.num_free_slots == pool.num_slots
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_greedy_and_logprobs_match_transformers(which, request):
+    model, path = request.getfixturevalue(which)
+    reference = _hf_greedy(model, PROMPTS)
+    llm = _llm(path)
+    assert llm.engine.model_config.is_hybrid
+    single = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+    batched = llm.generate(PROMPTS, GREEDY)
+    assert _tokens(single) == reference
+    assert _tokens(batched) == reference
+    # logprobs of the chosen tokens == transformers' full-sequence forward
+    for prompt, out in zip(PROMPTS[:3], single[:3]):
+        ids = prompt + out.outputs[0].token_ids
+        with torch.inference_mode():
+            ref = torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0].float(), -1)
+        n = len(prompt)
+        got = torch.tensor(out.outputs[0].logprobs)
+        want = ref[torch.arange(n - 1, len(ids) - 1), torch.tensor(out.outputs[0].token_ids)]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    _released(llm)
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_chunked_prefill_and_preemption_change_nothing(which, request):
+    _, path = request.getfixturevalue(which)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    reference = _llm(path, enable_prefix_caching=False).generate(PROMPTS, params)
+    chunked = _llm(path, max_num_batched_tokens=7)
+    assert _tokens(chunked.generate(PROMPTS, params)) == _tokens(reference)
+    _released(chunked)
+    small = _llm(path, num_kv_blocks=16)  # 128 tokens for 5 requests of up to 95
+    outs = small.generate(PROMPTS, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert _tokens(outs) == _tokens(reference)
+    for a, b in zip(outs, reference):
+        torch.testing.assert_close(a.outputs[0].logprobs, b.outputs[0].logprobs, atol=1e-4, rtol=0)
+    small.engine.kv.check_invariants()
+    _released(small)
+
+
+def _shared_prefix_prompts(seed: int, n: int) -> list[list[int]]:
+    """n prompts in a few families, each member sharing a random-length prefix with its family's root."""
+    rng = random.Random(seed)
+    roots = _prompts(seed, [80, 64])
+    out = []
+    for _ in range(n):
+        root = rng.choice(roots)
+        keep = rng.randrange(0, len(root) + 1)
+        out.append(root[:keep] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 12))])
+    return out
+
+
+POLICIES = ["none", "every-block:1", "every-block:3", "sqrt", "log", "balanced:3", "optimal:3"]
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_checkpoint_policies_give_no_cache_outputs(which, request):
+    model, path = request.getfixturevalue(which)
+    prompts = _shared_prefix_prompts(7, 12)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    reference = _tokens(_llm(path, enable_prefix_caching=False).generate(prompts, params))
+    if which == "bamba":
+        assert reference == _hf_greedy(model, prompts, params.max_tokens)
+    for policy in POLICIES:
+        llm = _llm(path, checkpoint_policy=policy, max_num_batched_tokens=40)
+        outs = [llm.generate(p, params)[0] for p in prompts]  # one at a time: later ones hit earlier ones
+        assert _tokens(outs) == reference, policy
+        store = llm.engine.runner.recurrent.store
+        cached = [o.num_cached_tokens for o in outs]
+        if policy == "none":
+            assert store is None and cached == [0] * len(prompts)
+        else:
+            store.check_invariants()
+            assert store.num_stored > 0 and all(c % BS == 0 for c in cached)
+            if policy == "every-block:1":
+                assert sum(cached) > 0 and store.num_hits > 0
+        _released(llm)
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_resume_at_every_checkpoint_depth(which, request):
+    _, path = request.getfixturevalue(which)
+    root = _prompts(3, [6 * BS + 3])[0]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0)
+    depths = list(range(1, len(root) // BS + 1))  # every-block:1 snapshots at every block: resume at each
+    branches = [root[: d * BS] + [VOCAB - 1 - d, 7, 9] for d in depths]
+    reference = _llm(path, enable_prefix_caching=False).generate(branches, params)
+    llm = _llm(path, checkpoint_policy="every-block:1")
+    llm.generate(root, params)
+    store = llm.engine.runner.recurrent.store
+    assert store.num_stored == len(root) // BS  # a snapshot at every block boundary of the prompt
+    for d, prompt, ref in zip(depths, branches, reference):
+        out = llm.generate(prompt, params)[0]
+        assert out.num_cached_tokens == d * BS
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        torch.testing.assert_close(out.outputs[0].logprobs, ref.outputs[0].logprobs, atol=1e-4, rtol=0)
+    # a deeper KV hit without a checkpoint there resumes from the deepest one below it
+    sparse = _llm(path, checkpoint_policy="every-block:4")
+    sparse.generate(root, params)
+    out = sparse.generate(root[: 5 * BS] + [11, 12], params)[0]
+    assert out.num_cached_tokens == 4 * BS
+    ref = _llm(path, enable_prefix_caching=False).generate(root[: 5 * BS] + [11, 12], params)[0]
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    _released(llm)
+    _released(sparse)
