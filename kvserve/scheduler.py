@@ -123,7 +123,10 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
-            computed = self.kv.get_computed_blocks(request)
+            # Blocks coming back from a lower tier: let this step's other requests run meanwhile.
+            computed = self.kv.get_computed_blocks(request, wait=not scheduled)
+            if computed.pending:
+                break
             if self.recurrent is not None:
                 computed = self.recurrent.limit_prefix_hit(request, computed)
             n = self._chunk(request, computed.num_tokens, budget)

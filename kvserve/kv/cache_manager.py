@@ -9,6 +9,7 @@ For a request with block table [b0, b1, ..., bk]:
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kvserve.kv.block_pool import Block, BlockPool
@@ -24,6 +25,7 @@ class ComputedBlocks:
     blocks: list[Block] = field(default_factory=list)
     num_tokens: int = 0
     loads: list[LoadedBlock] = field(default_factory=list)  # chain blocks len(blocks), len(blocks) + 1, ...
+    pending: bool = False  # a lower-tier lookup is still in flight; ask again next step
 
 
 class KVCacheManager:
@@ -32,9 +34,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.tiers = tiers if enable_caching else None
-        # request id -> (first block looked up below the pool, what was found): a waiting request is looked
-        # up every step until it is admitted; the tiers are asked once per starting point.
-        self._lower_hits: dict[str, tuple[int, list[LoadedBlock]]] = {}
+        # request id -> (first block looked up below the pool, the lookup): a waiting request is looked up
+        # every step until it is admitted; the tiers are asked once per starting point.
+        self._lower_hits: dict[str, tuple[int, Future[list[LoadedBlock]]]] = {}
         self._blocks: dict[str, list[Block]] = {}
         self._num_indexed: dict[str, int] = {}  # full blocks of the request already offered to the index
         self.prefix_queries = 0  # tokens looked up
@@ -57,11 +59,12 @@ class KVCacheManager:
         )
 
     # ------------------------------------------------------------------------------------------- lookups
-    def get_computed_blocks(self, request: Request) -> ComputedBlocks:
+    def get_computed_blocks(self, request: Request, wait: bool = True) -> ComputedBlocks:
         """The longest cached chain of full blocks at the start of the request.
 
         The last token is never served from cache: its logits are needed to sample, so at most
-        num_tokens - 1 tokens (rounded down to whole blocks) can hit.
+        num_tokens - 1 tokens (rounded down to whole blocks) can hit. With wait=False, a lower-tier lookup
+        still in flight gives `pending=True` (and only the pool hits) instead of blocking.
         """
         if not self.enable_caching:
             return ComputedBlocks()
@@ -77,11 +80,12 @@ class KVCacheManager:
         loads: list[LoadedBlock] = []
         if self.tiers is not None and len(hit) < max_blocks:
             memo = self._lower_hits.get(request.request_id)
-            if memo is not None and memo[0] == len(hit):
-                loads = memo[1]
-            else:
-                loads = self.tiers.lookup(request.block_hashes, request.all_token_ids, bs, len(hit), max_blocks)
-                self._lower_hits[request.request_id] = (len(hit), loads)
+            if memo is None or memo[0] != len(hit):
+                args = (request.block_hashes, request.all_token_ids, bs, len(hit), max_blocks)
+                memo = self._lower_hits[request.request_id] = (len(hit), self.tiers.lookup_async(*args))
+            if not wait and not memo[1].done():
+                return ComputedBlocks(hit, len(hit) * bs, pending=True)
+            loads = memo[1].result()
         return ComputedBlocks(hit, (len(hit) + len(loads)) * bs, loads)
 
     def record_query(self, request: Request, computed: ComputedBlocks) -> None:

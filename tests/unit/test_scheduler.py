@@ -116,3 +116,47 @@ def test_finish_waiting_request_frees_nothing_and_removes_it():
     sched.add_request(r)
     sched.finish_request(r, RequestStatus.FINISHED_ABORTED)
     assert not sched.waiting and r.is_finished and kv.pool.num_used_blocks == 0
+
+
+def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_path):
+    import threading
+
+    import torch
+
+    from kvserve.kv.hashing import hash_block_chain
+    from kvserve.kv.tiers import DiskStore, TieredCache
+    from kvserve.kv.tiers.codec import encode_block
+
+    gate = threading.Event()
+
+    class SlowDisk(DiskStore):  # a real disk store whose reads wait for the test
+        def get_prefix(self, keys):
+            assert gate.wait(10)
+            return super().get_prefix(keys)
+
+    kv_tensor = torch.zeros(1, 2, 32, BS, 1, 2)  # (layers, K/V, blocks, block_size, kv_heads, head_dim)
+    tiers = TieredCache(kv_tensor, "test", store=SlowDisk(tmp_path))
+    sched, kv = make()
+    kv.tiers = tiers
+    prompt = list(range(100, 111))  # two full blocks can hit, the last token is recomputed
+    stored = []
+    for i, h in enumerate(hash_block_chain(prompt, BS)):
+        block = torch.full((1, 2, BS, 1, 2), float(i + 1))
+        tiers.store.put(tiers.key(h), encode_block(prompt[i * BS : (i + 1) * BS], block))
+        stored.append(block)
+    a, b = req("a", range(5)), req("b", prompt)
+    sched.add_request(a)
+    run_step(sched)
+    sched.add_request(b)
+    for _ in range(3):  # b's blocks are still on their way: a decodes alone, b waits
+        out = run_step(sched)
+        assert [s.request.request_id for s in out.scheduled] == ["a"]
+    gate.set()
+    kv._lower_hits["b"][1].result(10)
+    out = run_step(sched)
+    assert [s.request.request_id for s in out.scheduled] == ["a", "b"]
+    assert b.num_cached_tokens == 2 * BS
+    table = kv.block_ids(b)
+    for i, block in enumerate(stored):
+        assert torch.equal(kv_tensor[:, :, table[i]], block)  # loaded into the pool before b's prefill
+    tiers.close()

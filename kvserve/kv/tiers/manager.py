@@ -6,6 +6,8 @@
         ▼
     lookup on admission: pool hits, then the host tier, then the store, each continuing the chain where the
     previous level stopped; hits are copied into newly allocated pool blocks before the prefill is scheduled.
+    Store reads run on a fetch thread: while they are in flight the scheduler leaves the request waiting and
+    the running requests keep stepping (it waits only when there is nothing else to run).
 
 The persistent store is written through when a block is published (not when it is evicted): another replica
 sharing the store, or this server after a restart, can then use a prefix while it is still hot here, and an
@@ -27,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +118,9 @@ class TieredCache:
         self._known: set[BlockHash] = set()  # in the store already (written or read by us)
         self._writes: queue.Queue = queue.Queue(max_pending_writes)
         self._writer: threading.Thread | None = None
+        self._fetcher: ThreadPoolExecutor | None = None
         if store is not None:
+            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="kvserve-kv-fetch")
             self._writer = threading.Thread(target=self._write_loop, name="kvserve-kv-writer", daemon=True)
             self._writer.start()
 
@@ -205,6 +210,8 @@ class TieredCache:
         return True
 
     def close(self, timeout: float = 30.0) -> None:
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
         if self._writer is not None and self._writer.is_alive():
             self.flush(timeout)
             self._writes.put(None)
@@ -213,6 +220,24 @@ class TieredCache:
             self.store.close()
 
     # ----------------------------------------------------------------------------- coming back
+    def lookup_async(
+        self, block_hashes: Sequence[BlockHash], token_ids: Sequence[int], block_size: int, start: int, stop: int
+    ) -> Future[list[LoadedBlock]]:
+        """lookup() on the fetch thread when a store is configured (it may do I/O), else done at once."""
+        if self._fetcher is None:
+            done: Future[list[LoadedBlock]] = Future()
+            done.set_result(self.lookup(block_hashes, token_ids, block_size, start, stop))
+            return done
+        hashes, tokens = list(block_hashes[:stop]), list(token_ids[: stop * block_size])
+        return self._fetcher.submit(self._safe_lookup, hashes, tokens, block_size, start, stop)
+
+    def _safe_lookup(self, *args) -> list[LoadedBlock]:
+        try:
+            return self.lookup(*args)
+        except Exception:  # noqa: BLE001 - a lookup that fails is a miss; the request recomputes
+            log.exception("KV tier lookup failed")
+            return []
+
     def lookup(
         self, block_hashes: Sequence[BlockHash], token_ids: Sequence[int], block_size: int, start: int, stop: int
     ) -> list[LoadedBlock]:
