@@ -64,6 +64,7 @@ def ssd_scan(
     h0 (H, P, N) -> y (n, H, P) without the D skip, final state (H, P, N).
     """
     n, H, P = x.shape
+    chunk = min(chunk, n)  # a short prefill chunk needs no padding to a full window (same math)
     pad = (chunk - n % chunk) % chunk
     nc = (n + pad) // chunk
 
