@@ -48,7 +48,7 @@ class RecurrentCacheManager:
     def limit_prefix_hit(self, request: Request, computed: ComputedBlocks) -> ComputedBlocks:
         """Cut a KV prefix hit to the deepest checkpoint at or below it (to nothing without one)."""
         rid = request.request_id
-        hit = len(computed.blocks)
+        hit = computed.num_tokens // self.block_size  # pool blocks, then blocks loaded from lower KV tiers
         if self.policy is not None and rid not in self._observed:
             self._observed.add(rid)
             self.policy.observe(hit)
@@ -61,7 +61,8 @@ class RecurrentCacheManager:
         depth, state = found
         tokens = depth * self.block_size
         self._restore[rid] = (tokens, state)
-        return ComputedBlocks(computed.blocks[:depth], tokens)
+        shared = computed.blocks[:depth]
+        return ComputedBlocks(shared, tokens, computed.loads[: depth - len(shared)])
 
     def cut_chunk(self, request: Request, start: int, num_tokens: int) -> int:
         """Shorten a chunk [start, start + num_tokens) so that it ends at the first checkpoint inside it."""

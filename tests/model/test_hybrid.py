@@ -246,3 +246,61 @@ def test_resume_at_every_checkpoint_depth(which, request):
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
     _released(llm)
     _released(sparse)
+
+
+def test_failed_batch_is_retried_from_unchanged_states(bamba, monkeypatch):
+    """A step that fails after the forward (here: in sampling) must not commit the new states: the engine's
+    one-request-at-a-time retry starts from the states before the step."""
+    import kvserve.model.runner as runner_module
+
+    _, path = bamba
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reference = _tokens(_llm(path, enable_prefix_caching=False).generate(PROMPTS, params))
+    llm = _llm(path, max_num_batched_tokens=40)
+    real = runner_module.sample
+    state = {"calls": 0, "failures": 0}
+
+    def flaky(logits, params, generators):
+        state["calls"] += 1
+        if state["calls"] > 1 and state["failures"] < 2 and len(params) > 1:
+            state["failures"] += 1
+            raise RuntimeError("injected failure after the forward")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(runner_module, "sample", flaky)
+    outs = llm.generate(PROMPTS, params)
+    assert state["failures"] == 2
+    assert [o.error for o in outs] == [None] * len(PROMPTS)
+    assert _tokens(outs) == reference
+    _released(llm)
+
+
+def test_resume_with_kv_blocks_loaded_from_the_host_tier(bamba):
+    """KV hit partly from the host-RAM tier (evicted pool blocks), recurrent state from a checkpoint."""
+    _, path = bamba
+    root = _prompts(5, [5 * BS + 2])[0]
+    branch = root[: 4 * BS] + [3, 4, 5]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    reference = _llm(path, enable_prefix_caching=False).generate(branch, params)[0]
+    llm = _llm(path, checkpoint_policy="every-block:2", num_kv_blocks=12, cpu_offload_gb=0.01)
+    llm.generate(root, params)
+    llm.generate(_prompts(6, [80])[0], params)  # 11 of the 12 blocks: evicts root's blocks to host RAM
+    out = llm.generate(branch, params)[0]
+    assert llm.engine.tiers.stats["cpu"].hits > 0
+    assert out.num_cached_tokens == 4 * BS
+    assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    _released(llm)
+
+
+def test_checkpoint_flags_reach_the_engine_config():
+    from kvserve.cli import build_parser, engine_config
+    from kvserve.config import EngineConfig
+
+    args = build_parser().parse_args(
+        ["generate", "hi", "--checkpoint-policy", "optimal:4", "--checkpoint-memory", "64MiB"]
+    )
+    config = engine_config(args)
+    assert config.checkpoint_policy == "optimal:4" and config.checkpoint_memory == 64 << 20
+    assert EngineConfig(kv_cache_memory=1 << 30).checkpoint_bytes == 1 << 28
+    with pytest.raises(ValueError, match="checkpoint policy"):
+        EngineConfig(checkpoint_policy="every-block")
