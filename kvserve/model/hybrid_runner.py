@@ -8,6 +8,8 @@ failed step is then retried request by request from unchanged states (see LLMEng
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
@@ -20,6 +22,8 @@ from kvserve.recurrent.checkpoints import CheckpointStore
 from kvserve.recurrent.manager import RecurrentCacheManager
 from kvserve.recurrent.placement import make_placement_policy
 from kvserve.recurrent.state_pool import RecurrentStatePool
+
+log = logging.getLogger(__name__)
 
 
 class HybridModelRunner(ModelRunner):
@@ -76,4 +80,12 @@ def make_hybrid_runner(config: EngineConfig, model: HybridModel, num_blocks: int
     if config.enable_prefix_caching and config.checkpoint_policy.strip().lower() != "none":
         store = CheckpointStore(config.checkpoint_bytes)
     recurrent = RecurrentCacheManager(pool, config.block_size, store, policy)
+    log.info(
+        "recurrent state: %d layers, %d slots x %.1f MiB; checkpoints: %s%s",
+        len(cfg.recurrent_layers),
+        pool.num_slots,
+        pool.bytes_per_slot / (1 << 20),
+        policy.describe(),
+        f" in {config.checkpoint_bytes / (1 << 20):.0f} MiB" if store is not None else " (off)",
+    )
     return HybridModelRunner(model, num_blocks, config.block_size, recurrent, seed=config.seed)

@@ -147,19 +147,20 @@ def test_greedy_and_logprobs_match_transformers(which, request):
     reference = _hf_greedy(model, PROMPTS)
     llm = _llm(path)
     assert llm.engine.model_config.is_hybrid
-    single = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+    top5 = SamplingParams(temperature=0, max_tokens=GREEDY.max_tokens, ignore_eos=True, logprobs=5)
+    single = [llm.generate(p, top5)[0] for p in PROMPTS]
     batched = llm.generate(PROMPTS, GREEDY)
     assert _tokens(single) == reference
     assert _tokens(batched) == reference
-    # logprobs of the chosen tokens == transformers' full-sequence forward
+    # the top-5 logprobs at every generated position == transformers' full-sequence forward
     for prompt, out in zip(PROMPTS[:3], single[:3]):
         ids = prompt + out.outputs[0].token_ids
         with torch.inference_mode():
             ref = torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0].float(), -1)
-        n = len(prompt)
-        got = torch.tensor(out.outputs[0].logprobs)
-        want = ref[torch.arange(n - 1, len(ids) - 1), torch.tensor(out.outputs[0].token_ids)]
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        for i, top in enumerate(out.outputs[0].top_logprobs):
+            row = ref[len(prompt) - 1 + i]
+            assert set(top) == set(torch.topk(row, 5).indices.tolist())
+            torch.testing.assert_close(torch.tensor(list(top.values())), row[list(top)], atol=1e-4, rtol=0)
     _released(llm)
 
 
