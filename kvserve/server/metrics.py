@@ -42,6 +42,7 @@ class EngineSnapshot:
     num_waiting: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)  # KV tiers below the pool, by name
     host_tier_bytes: int = 0
+    checkpoints: dict[str, int] | None = None  # recurrent-state checkpoint counters (hybrid models with a store)
 
     @classmethod
     def capture(cls, engine: LLMEngine) -> EngineSnapshot:
@@ -58,7 +59,23 @@ class EngineSnapshot:
             num_waiting=len(engine.scheduler.waiting),
             tiers={k: dataclasses.replace(v) for k, v in engine.tiers.stats.items()} if engine.tiers else {},
             host_tier_bytes=engine.tiers.host.bytes_held if engine.tiers and engine.tiers.host else 0,
+            checkpoints=_checkpoint_counters(engine),
         )
+
+
+def _checkpoint_counters(engine: LLMEngine) -> dict[str, int] | None:
+    recurrent = getattr(engine.runner, "recurrent", None)
+    if recurrent is None or recurrent.store is None:
+        return None
+    store = recurrent.store
+    return {
+        "stored": store.num_stored,
+        "hits": store.num_hits,
+        "misses": store.num_misses,
+        "evicted": store.num_evicted,
+        "bytes": store.bytes_held,
+        "resumed_tokens": recurrent.num_resumed_tokens,
+    }
 
 
 class _SnapshotCollector(Collector):
@@ -88,6 +105,24 @@ class _SnapshotCollector(Collector):
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"kvserve:{name}", doc, value=value)
         yield from _tier_metrics(s)
+        yield from _checkpoint_metrics(s)
+
+
+def _checkpoint_metrics(s: EngineSnapshot) -> Iterator[Metric]:
+    """Recurrent-state checkpoints of hybrid models (absent otherwise)."""
+    c = s.checkpoints
+    if c is None:
+        return
+    counters = [
+        ("recurrent_checkpoints_stored", "Recurrent-state snapshots stored.", "stored"),
+        ("recurrent_checkpoint_hits", "Admissions that resumed from a recurrent-state checkpoint.", "hits"),
+        ("recurrent_checkpoint_misses", "Admissions with a KV prefix hit but no checkpoint under it.", "misses"),
+        ("recurrent_checkpoints_evicted", "Snapshots evicted from the checkpoint store for room.", "evicted"),
+        ("recurrent_resumed_tokens", "Prompt tokens skipped by resuming from checkpoints.", "resumed_tokens"),
+    ]
+    for name, doc, key in counters:
+        yield CounterMetricFamily(f"kvserve:{name}", doc, value=c[key])
+    yield GaugeMetricFamily("kvserve:recurrent_checkpoint_bytes", "Bytes held by the checkpoint store.", c["bytes"])
 
 
 def _tier_metrics(s: EngineSnapshot) -> Iterator[Metric]:

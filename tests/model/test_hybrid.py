@@ -21,6 +21,7 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.model import load_model
+from kvserve.server.metrics import EngineSnapshot, ServerMetrics
 
 BS = 8  # block size: small so that short prompts span several blocks
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
@@ -238,6 +239,11 @@ def test_resume_at_every_checkpoint_depth(which, request):
         assert out.num_cached_tokens == d * BS
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         torch.testing.assert_close(out.outputs[0].logprobs, ref.outputs[0].logprobs, atol=1e-4, rtol=0)
+    metrics = ServerMetrics()
+    metrics.set_snapshot(EngineSnapshot.capture(llm.engine))
+    text = metrics.render().decode()
+    assert f"kvserve:recurrent_checkpoint_hits_total {float(len(depths))}" in text
+    assert f"kvserve:recurrent_resumed_tokens_total {float(sum(depths) * BS)}" in text
     # a deeper KV hit without a checkpoint there resumes from the deepest one below it
     sparse = _llm(path, checkpoint_policy="every-block:4")
     sparse.generate(root, params)
