@@ -181,6 +181,13 @@ def test_chunked_prefill_and_preemption_change_nothing(which, request):
         torch.testing.assert_close(a.outputs[0].logprobs, b.outputs[0].logprobs, atol=1e-4, rtol=0)
     small.engine.kv.check_invariants()
     _released(small)
+    # preempted requests resume from their own checkpoints when their KV blocks are still cached
+    resuming = _llm(path, num_kv_blocks=16, checkpoint_policy="every-block:2")
+    outs = resuming.generate(PROMPTS, params)
+    assert resuming.engine.scheduler.num_preemptions > 0
+    assert resuming.engine.runner.recurrent.num_resumed_tokens > 0
+    assert _tokens(outs) == _tokens(reference)
+    _released(resuming)
 
 
 def _shared_prefix_prompts(seed: int, n: int) -> list[list[int]]:
