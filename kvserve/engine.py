@@ -75,7 +75,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no block of {per_block} B")
         model_cls = HybridModel if self.model_config.is_hybrid else LlamaModel
         self.model = model_cls(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
-        cost_args = {"cost": self._recompute_cost(), "block_bytes": per_block}
+        cost_args = {"cost": self._recompute_cost(), "block_bytes": max(per_block, 1)}  # 0 B: recurrent-only
         policy = make_policy(config.eviction_policy, **(cost_args if config.eviction_policy == "cost-aware" else {}))
         self.pool = BlockPool(self.num_blocks, enable_caching=config.enable_prefix_caching, policy=policy)
         self.kv = KVCacheManager(self.pool, config.block_size, enable_caching=config.enable_prefix_caching)
