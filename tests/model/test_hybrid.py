@@ -2,13 +2,14 @@
 
 Tiny random-weight checkpoints are built with transformers' own classes, saved as HF folders (with the
 SmolLM2 tokenizer files) and loaded by kvserve. Asserted:
-* greedy tokens equal transformers' generate (float32, pure-torch path), alone and batched; logprobs equal
-  log_softmax of transformers' logits;
-* chunked prefill (tiny token budget, chunks cut mid-SSD-window) and preemption (tiny KV pool) give the same
-  tokens, and the state slots and KV blocks all come back;
+* greedy tokens equal transformers' generate (float32, pure-torch path), alone and batched; the top-5
+  logprobs at every generated position equal log_softmax of transformers' logits (to 1e-4);
+* chunked prefill (tiny token budget, chunks cut mid-SSD-window) and preemption (tiny KV pool, with and
+  without resuming from checkpoints) give the same tokens, and the state slots and KV blocks all come back;
 * recurrent-state checkpoints: with every placement policy, prompts sharing prefixes of random lengths give
   the no-cache (and transformers') tokens, and resumes happen at every checkpoint depth with
-  num_cached_tokens == that depth in tokens.
+  num_cached_tokens == that depth in tokens (also with the KV coming back from the host-RAM tier);
+* a step that fails after the forward commits no state (the per-request retry gives the same tokens).
 """
 
 from __future__ import annotations
@@ -211,8 +212,7 @@ def test_checkpoint_policies_give_no_cache_outputs(which, request):
     prompts = _shared_prefix_prompts(7, 12)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     reference = _tokens(_llm(path, enable_prefix_caching=False).generate(prompts, params))
-    if which == "bamba":
-        assert reference == _hf_greedy(model, prompts, params.max_tokens)
+    assert reference == _hf_greedy(model, prompts, params.max_tokens)
     for policy in POLICIES:
         llm = _llm(path, checkpoint_policy=policy, max_num_batched_tokens=40)
         outs = [llm.generate(p, params)[0] for p in prompts]  # one at a time: later ones hit earlier ones
@@ -223,9 +223,8 @@ def test_checkpoint_policies_give_no_cache_outputs(which, request):
             assert store is None and cached == [0] * len(prompts)
         else:
             store.check_invariants()
-            assert store.num_stored > 0 and all(c % BS == 0 for c in cached)
-            if policy == "every-block:1":
-                assert sum(cached) > 0 and store.num_hits > 0
+            assert store.num_stored > 0 and store.num_hits > 0  # every policy resumes some requests here
+            assert sum(cached) > 0 and all(c % BS == 0 for c in cached)
         _released(llm)
 
 
