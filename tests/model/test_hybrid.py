@@ -317,3 +317,15 @@ def test_checkpoint_flags_reach_the_engine_config():
     assert EngineConfig(kv_cache_memory=1 << 30).checkpoint_bytes == 1 << 28
     with pytest.raises(ValueError, match="checkpoint policy"):
         EngineConfig(checkpoint_policy="every-block")
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_bfloat16_runs_chunked_with_checkpoints(which, request):
+    """Smoke test of the bf16 path (conv state bf16, SSM state float32): no dtype errors, everything released."""
+    _, path = request.getfixturevalue(which)
+    llm = _llm(path, dtype="bfloat16", checkpoint_policy="every-block:2", max_num_batched_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params) + llm.generate(PROMPTS[-1][:40] + [5, 6], params)
+    assert all(len(t) == 4 for t in _tokens(outs))
+    assert outs[-1].num_cached_tokens == 32  # KV hit 5 blocks, deepest checkpoint (every 2 blocks) at 4
+    _released(llm)
