@@ -250,6 +250,11 @@ class PlacementPolicy(ABC):
     def describe(self) -> str:
         """The spec and, for learned policies, the current depths, e.g. 'optimal:4 [3, 17, 40, 128]'."""
 
+    @property
+    def spec(self) -> str:
+        """The --checkpoint-policy spec this policy was made from, e.g. 'every-block:8' or 'optimal:4'."""
+        return self.describe()
+
 
 def _check_num_blocks(num_blocks: int) -> None:
     if num_blocks < 0:
@@ -413,7 +418,11 @@ class _LearnedPlacement(PlacementPolicy):
         return [d for d in self.depths if d <= num_blocks]
 
     def describe(self) -> str:
-        return f"{self.name}:{self.budget} {self.depths}"
+        return f"{self.spec} {self.depths}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.budget}"
 
 
 class BalancedPlacement(_LearnedPlacement):

@@ -96,6 +96,7 @@ class AsyncEngine:
         """Start the engine thread; call from the event loop that will read the streams."""
         assert self._thread is None, "AsyncEngine.start() called twice"
         self._loop = asyncio.get_running_loop()
+        self.metrics.set_snapshot(EngineSnapshot.capture(self.engine))  # a fresh server's gauges and placement
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -257,7 +258,9 @@ class AsyncEngine:
                 self.metrics.observe_next_tokens(num_tokens - child.num_tokens, now - child.last_token_time)
             child.num_tokens, child.last_token_time = num_tokens, now
         if out.finished:
-            self.metrics.observe_finished(completion.finish_reason or "error", now - child.stream.arrival_time)
+            recomputed = len(out.prompt_token_ids) - out.num_cached_tokens
+            reason = completion.finish_reason or "error"
+            self.metrics.observe_finished(reason, now - child.stream.arrival_time, recomputed)
 
     def _deliver(self, batch: list[tuple[RequestStream, tuple[int, RequestOutput] | BaseException]]) -> None:
         def put_all() -> None:

@@ -1,11 +1,18 @@
 """Prometheus metrics of the server, all named ``kvserve:*``, in a registry of their own.
 
 Two sources:
-  per-request latencies (histograms) and finish reasons (counter), observed by the engine thread as outputs
-  come out of LLMEngine.step();
-  engine counters and gauges (tokens, prefix cache, preemptions, evictions, KV usage, queue lengths), read at
-  scrape time from an EngineSnapshot that the engine thread takes after every step. The scrape never touches
-  the (not thread-safe) engine itself, and the counters are the engine's own, so they cannot drift.
+  per-request latencies and recomputed prompt tokens (histograms) and finish reasons (counter), observed by
+  the engine thread as outputs come out of LLMEngine.step();
+  engine counters and gauges (tokens, prefix cache, preemptions, evictions, KV usage, queue lengths, and for
+  hybrid models the recurrent-state checkpoints and their current placement), read at scrape time from an
+  EngineSnapshot that the engine thread takes after every step. The scrape never touches the (not
+  thread-safe) engine itself, and the counters are the engine's own, so they cannot drift.
+
+The placement is an info-style gauge (value 1, the facts in labels, as `python_info` or kube-state-metrics'
+`*_info`): `kvserve:recurrent_checkpoint_placement_info{policy="optimal:4",depths="3,17,40,128"} 1`, depths
+in blocks, empty for rules that depend on the prompt length (every-block:B, sqrt, log) and for none. Only
+the current placement is exposed, so the label set changes only when a learned placement is re-solved to
+new depths (`kvserve:recurrent_checkpoint_placement_changes_total` counts those changes).
 """
 
 from __future__ import annotations
@@ -24,6 +31,17 @@ from kvserve.kv.tiers import TierStats
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960)
+RECOMPUTED_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+@dataclass(frozen=True)
+class PlacementInfo:
+    """The checkpoint placement policy of a hybrid model: its spec and the depths it places now."""
+
+    policy: str  # the --checkpoint-policy spec, e.g. "optimal:4"
+    depths: tuple[int, ...] | None  # blocks, for every prompt; None for rules that depend on the prompt length
+    block_size: int
+    changes: int  # how often a learned placement changed
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,7 @@ class EngineSnapshot:
     tiers: dict[str, TierStats] = field(default_factory=dict)  # KV tiers below the pool, by name
     host_tier_bytes: int = 0
     checkpoints: dict[str, int] | None = None  # recurrent-state checkpoint counters (hybrid models with a store)
+    placement: PlacementInfo | None = None  # hybrid models: where prefill snapshots the recurrent state
 
     @classmethod
     def capture(cls, engine: LLMEngine) -> EngineSnapshot:
@@ -60,6 +79,7 @@ class EngineSnapshot:
             tiers={k: dataclasses.replace(v) for k, v in engine.tiers.stats.items()} if engine.tiers else {},
             host_tier_bytes=engine.tiers.host.bytes_held if engine.tiers and engine.tiers.host else 0,
             checkpoints=_checkpoint_counters(engine),
+            placement=_placement(engine),
         )
 
 
@@ -76,6 +96,20 @@ def _checkpoint_counters(engine: LLMEngine) -> dict[str, int] | None:
         "bytes": store.bytes_held,
         "resumed_tokens": recurrent.num_resumed_tokens,
     }
+
+
+def _placement(engine: LLMEngine) -> PlacementInfo | None:
+    recurrent = getattr(engine.runner, "recurrent", None)
+    policy = None if recurrent is None else recurrent.policy
+    if policy is None:
+        return None
+    placed = policy.placed
+    return PlacementInfo(
+        policy=policy.spec,
+        depths=None if placed is None else tuple(placed),
+        block_size=recurrent.block_size,
+        changes=policy.version,
+    )
 
 
 class _SnapshotCollector(Collector):
@@ -109,7 +143,20 @@ class _SnapshotCollector(Collector):
 
 
 def _checkpoint_metrics(s: EngineSnapshot) -> Iterator[Metric]:
-    """Recurrent-state checkpoints of hybrid models (absent otherwise)."""
+    """Recurrent-state checkpoints of hybrid models and their placement (absent otherwise)."""
+    p = s.placement
+    if p is not None:
+        info = GaugeMetricFamily(
+            "kvserve:recurrent_checkpoint_placement_info",
+            "Where prefill snapshots recurrent state: the policy and the depths (blocks) it places now; depths is "
+            "empty for rules that depend on the prompt length. Always 1.",
+            labels=["policy", "depths", "block_size"],
+        )
+        depths = "" if p.depths is None else ",".join(map(str, p.depths))
+        info.add_metric([p.policy, depths, str(p.block_size)], 1)
+        yield info
+        doc = "Times a learned checkpoint placement changed its depths."
+        yield CounterMetricFamily("kvserve:recurrent_checkpoint_placement_changes", doc, value=p.changes)
     c = s.checkpoints
     if c is None:
         return
@@ -178,6 +225,12 @@ class ServerMetrics:
         self.e2e = Histogram(
             "kvserve:e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=r
         )
+        self.recomputed = Histogram(
+            "kvserve:recomputed_prompt_tokens",
+            "Prompt tokens a finished request computed: prompt tokens minus those served from the prefix cache.",
+            buckets=RECOMPUTED_BUCKETS,
+            registry=r,
+        )
         self.finished = Counter(
             "kvserve:request_success",
             "Finished engine requests (one per choice) by finish reason: stop, length, abort, error.",
@@ -198,10 +251,13 @@ class ServerMetrics:
         for _ in range(num_new):
             self.tpot.observe(seconds / num_new)
 
-    def observe_finished(self, reason: str, e2e_seconds: float) -> None:
+    def observe_finished(self, reason: str, e2e_seconds: float, recomputed_prompt_tokens: int | None = None) -> None:
+        """One engine request finished; recomputed_prompt_tokens = prompt tokens - cached tokens, when known."""
         self.finished.labels(finished_reason=reason).inc()
         if reason != "abort":
             self.e2e.observe(e2e_seconds)
+            if recomputed_prompt_tokens is not None:
+                self.recomputed.observe(recomputed_prompt_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

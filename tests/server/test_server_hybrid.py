@@ -1,0 +1,144 @@
+"""/metrics of a server on a tiny hybrid (Bamba) model: recomputed prompt tokens per request, checkpoint counters
+and the current placement, after requests that share a prefix. Every expected value is derived by hand from the
+placement rules (README, placement.py's docstring) and cross-checked against each response's `usage`.
+
+Also: a plain (attention-only) model observes the recomputed-tokens histogram too and exposes no placement.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.server.app import build_app
+from tests.server.conftest import RunningServer
+
+BS = 8  # block size
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_bamba(tmp_path_factory, hf_tokenizer_dir):
+    """A 2-layer random Bamba (one attention, one Mamba-2 layer) saved as an HF folder with a tokenizer."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        max_position_embeddings=512,
+    )
+    out = tmp_path_factory.mktemp("tiny_bamba")
+    tf.BambaForCausalLM(cfg).save_pretrained(out)
+    for f in hf_tokenizer_dir.iterdir():
+        if f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _serve(path, policy: str) -> RunningServer:
+    config = EngineConfig(
+        model=str(path),
+        dtype="float32",
+        device="cpu",
+        block_size=BS,
+        num_kv_blocks=64,
+        max_num_seqs=4,
+        checkpoint_policy=policy,
+        seed=0,
+    )
+    return RunningServer(build_app(config))
+
+
+def _complete(srv: RunningServer, prompt: list[int]) -> dict:
+    with srv.client() as c:
+        r = c.post("/v1/completions", json={"model": srv.engine.config.model, "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    return {"prompt": usage["prompt_tokens"], "cached": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+def test_hybrid_metrics_after_shared_prefix_requests(tiny_bamba):
+    rng = random.Random(0)
+    root = [rng.randrange(3, VOCAB) for _ in range(6 * BS + 3)]  # 51 tokens, 6 full blocks
+    a = root
+    b = root[: 5 * BS] + [101, 102]  # shares 5 blocks with a
+    c = root[: 5 * BS] + [103, 104]  # shares 5 blocks with a and b
+    srv = _serve(tiny_bamba, "optimal:2")
+    try:
+        m = srv.metrics()
+        assert m['kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="",policy="optimal:2"}'] == 1
+        # a: cold, observes depth 0, nothing placed -> no snapshot.
+        # b: KV hit of 5 blocks, observed -> depth 5 placed (one depth fits the budget); no checkpoint yet, so
+        #    the hit is cut to 0 and b recomputes everything, snapshotting at depth 5 (b has 5 full blocks).
+        # c: KV hit 5 -> resumes from b's checkpoint at depth 5 = 40 tokens; recomputes 2.
+        usages = [_complete(srv, p) for p in (a, b, c)]
+        assert [u["prompt"] for u in usages] == [51, 42, 42]
+        assert [u["cached"] for u in usages] == [0, 0, 40]
+        m = srv.metrics()
+        info = {k: v for k, v in m.items() if k.startswith("kvserve:recurrent_checkpoint_placement_info")}
+        assert info == {'kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="5",policy="optimal:2"}': 1}
+        assert m["kvserve:recurrent_checkpoint_placement_changes_total"] == 1
+        assert m["kvserve:recomputed_prompt_tokens_count"] == 3
+        assert m["kvserve:recomputed_prompt_tokens_sum"] == 51 + 42 + 2
+        assert m["kvserve:recomputed_prompt_tokens_sum"] == sum(u["prompt"] - u["cached"] for u in usages)
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="0.0"}'] == 0
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="16.0"}'] == 1  # c
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="32.0"}'] == 1
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="64.0"}'] == 3  # a and b
+        assert m["kvserve:recurrent_checkpoints_stored_total"] == 1
+        assert m["kvserve:recurrent_checkpoint_hits_total"] == 1  # c
+        assert m["kvserve:recurrent_checkpoint_misses_total"] == 1  # b: a KV hit, no checkpoint under it
+        assert m["kvserve:recurrent_checkpoints_evicted_total"] == 0
+        assert m["kvserve:recurrent_resumed_tokens_total"] == 40
+        assert m["kvserve:recurrent_checkpoint_bytes"] > 0
+    finally:
+        srv.stop()
+
+
+def test_fixed_rule_placement_has_no_depths(tiny_bamba):
+    """every-block:2 snapshots at blocks 2, 4, 6 of a 51-token prompt; a request sharing 5 blocks resumes at 4."""
+    rng = random.Random(1)
+    root = [rng.randrange(3, VOCAB) for _ in range(6 * BS + 3)]
+    srv = _serve(tiny_bamba, "every-block:2")
+    try:
+        usages = [_complete(srv, root), _complete(srv, root[: 5 * BS] + [7, 9])]
+        assert [u["cached"] for u in usages] == [0, 4 * BS]
+        m = srv.metrics()
+        assert m['kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="",policy="every-block:2"}'] == 1
+        assert m["kvserve:recurrent_checkpoint_placement_changes_total"] == 0
+        assert m["kvserve:recurrent_checkpoints_stored_total"] == 3
+        assert m["kvserve:recomputed_prompt_tokens_sum"] == 51 + (42 - 32)
+        assert m["kvserve:recomputed_prompt_tokens_count"] == 2
+    finally:
+        srv.stop()
+
+
+def test_attention_model_observes_recomputed_tokens_without_placement(server_factory):
+    srv = server_factory()
+    doc = "The pool keeps every full block of sixteen tokens, addressed by a hash chain over its tokens. " * 4
+    usages = []
+    for q in ("Q1", "Q2"):
+        with srv.client() as c:
+            r = c.post("/v1/completions", json={"model": "smollm2-135m", "prompt": doc + q, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        u = r.json()["usage"]
+        usages.append(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"])
+    assert usages[1] < usages[0]  # the second one reused the document's blocks
+    m = srv.metrics()
+    assert m["kvserve:recomputed_prompt_tokens_count"] == 2
+    assert m["kvserve:recomputed_prompt_tokens_sum"] == sum(usages)
+    assert not any("placement" in k or "recurrent" in k for k in m)
+    srv.stop()
