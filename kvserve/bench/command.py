@@ -5,6 +5,10 @@
 
 Without --concurrency or --request-rate, a trace with arrival times is replayed on its clock and anything
 else runs at concurrency 8.
+
+The server's /metrics is scraped before and after the measured run (best effort, see server_metrics.py):
+kvserve's recurrent-state checkpoint counters, recomputed prompt tokens per request and checkpoint placement
+go into the summary's "server" field (None when the server has no /metrics).
 """
 
 from __future__ import annotations
@@ -85,13 +89,16 @@ async def bench(args: argparse.Namespace, progress: bool = True) -> dict[str, An
     """Run the benchmark the arguments describe; the summary (also written to --result-file when given)."""
     from kvserve.bench.client import discover_model, run_requests, warm_up
     from kvserve.bench.report import summarize, write_json
+    from kvserve.bench.server_metrics import scrape, summarize_server
 
     workload, requests = requests_from_args(args)
     model = args.model or await discover_model(args.base_url, args.api_key)
     cfg = config_from_args(args, model, requests)
     if args.warmup:
         await warm_up(cfg, args.warmup)
+    before = await scrape(args.base_url, args.api_key)
     run = await run_requests(requests, cfg, progress=progress)
+    after = await scrape(args.base_url, args.api_key) if before is not None else None
     summary = summarize(
         run,
         workload=workload,
@@ -102,6 +109,7 @@ async def bench(args: argparse.Namespace, progress: bool = True) -> dict[str, An
         request_rate=cfg.request_rate,
         max_tokens=cfg.max_tokens,
         ignore_eos=cfg.ignore_eos,
+        server=summarize_server(before, after),
     )
     if args.result_file:
         write_json(summary, args.result_file)

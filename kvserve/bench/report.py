@@ -3,7 +3,8 @@
 Percentiles interpolate linearly between order statistics (numpy.percentile's default), computed over the
 requests that succeeded. Throughput divides by the run's wall time (first send to last answer). The hit rate
 is cached over prompt tokens, summed over the successful requests whose server reported both; it is None when
-the server reports no cached tokens at all (llama-cpp-python, most proxies).
+the server reports no cached tokens at all (llama-cpp-python, most proxies). What the server's own /metrics
+said (`server`, from server_metrics.py) is printed when present.
 """
 
 from __future__ import annotations
@@ -116,4 +117,34 @@ def format_table(s: dict[str, Any]) -> str:
     for name in METRICS:
         row = s[f"{name}_ms"]
         lines.append(f"{name.upper():<6}" + "".join(f"{_fmt(row[k]):>12}" for k in STATS))
+    lines += _server_lines(s.get("server"))
     return "\n".join(lines)
+
+
+def _server_lines(server: dict[str, Any] | None) -> list[str]:
+    """The server's checkpoint counters, recomputed prompt tokens and placement, when it reported them."""
+    if not server:
+        return []
+    lines = []
+    rec = server.get("recomputed_prompt_tokens")
+    if rec:
+        lines.append(
+            f"recomputed  prompt tokens/request: mean {_fmt(rec['mean'])}   p50 ~{_fmt(rec['p50'], 0)}   "
+            f"p99 ~{_fmt(rec['p99'], 0)} ({rec['count']} req)"
+        )
+    ckpt = server.get("checkpoints")
+    if ckpt:
+        held = ckpt.get("bytes_held")
+        lines.append(
+            f"checkpoints stored {ckpt['stored']:,}   hits {ckpt['hits']:,}   misses {ckpt['misses']:,}   "
+            f"evicted {ckpt['evicted']:,}"
+        )
+        lines.append(
+            f"            resumed {ckpt['resumed_tokens']:,} tokens   held "
+            + ("n/a" if held is None else f"{held / (1 << 20):,.1f} MiB")
+        )
+    place = server.get("placement")
+    if place:
+        depths = "" if place["depths"] is None else f" at blocks {place['depths']}"
+        lines.append(f"placement   {place['policy']}{depths}   ({place['changes']} changes during the run)")
+    return [""] + lines if lines else []

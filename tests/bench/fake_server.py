@@ -11,6 +11,12 @@ the test process). Per-request behaviour is a directive in the prompt or last me
 Every request streams max_tokens tokens, one chunk per `tokens_per_chunk` tokens, after `ttft_s`, one chunk
 every `itl_s`; usage reports prompt_tokens = characters // 4 and cached_tokens = prompt_tokens * cached_fraction
 (rounded down), and every reported usage is recorded in `log` so tests can compare.
+
+/metrics is a 404 unless `serve_metrics`; then it is kvserve's own exposition (kvserve.server.metrics), as
+if from earlier traffic (PRIOR_* below, so a client must take differences) plus one observation per completed
+request: recomputed prompt tokens = prompt_tokens - cached_tokens, and with `checkpoint_metrics` each request
+stores one checkpoint, hits one when it had cached tokens (resuming all of them) and changes the placement
+(policy PLACEMENT_POLICY at PLACEMENT_DEPTHS) once. `metrics_text` replaces the whole body.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from kvserve.server.metrics import EngineSnapshot, PlacementInfo, ServerMetrics
 
 MODEL = "fake-model"
+PRIOR_REQUESTS, PRIOR_RECOMPUTED = 10, 100_000  # observations already on /metrics when a test starts
+PRIOR_CHECKPOINTS = {"stored": 50, "hits": 40, "misses": 5, "evicted": 3, "bytes": 7 << 20, "resumed_tokens": 9999}
+PRIOR_PLACEMENT_CHANGES = 7
+PLACEMENT_POLICY, PLACEMENT_DEPTHS, BLOCK_SIZE = "optimal:4", (3, 17), 16
 
 
 @dataclass
@@ -37,6 +49,9 @@ class FakeSettings:
     report_usage: bool = True
     report_cached: bool = True
     cached_fraction: float = 0.5
+    serve_metrics: bool = False
+    checkpoint_metrics: bool = True
+    metrics_text: str | None = None
 
 
 @dataclass
@@ -57,11 +72,38 @@ class FakeState:
     log: list[Served] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    placement_changes: int = 0
 
     def reset(self, **settings) -> None:
         self.settings = FakeSettings(**settings)
         self.log.clear()
         self.in_flight = self.max_in_flight = 0
+        self.metrics = ServerMetrics()
+        for _ in range(PRIOR_REQUESTS):
+            self.metrics.observe_finished("length", 1.0, PRIOR_RECOMPUTED)
+        self.checkpoints = dict(PRIOR_CHECKPOINTS)
+        self.placement_changes = PRIOR_PLACEMENT_CHANGES
+
+    def record(self, served: Served) -> None:
+        """A request completed: what kvserve's engine would count for it."""
+        cached = served.cached_tokens or 0
+        self.metrics.observe_finished("length", served.end - served.start, served.prompt_tokens - cached)
+        self.checkpoints["stored"] += 1
+        self.checkpoints["bytes"] += 1024
+        if cached:
+            self.checkpoints["hits"] += 1
+            self.checkpoints["resumed_tokens"] += cached
+        self.placement_changes += 1
+
+    def render_metrics(self) -> bytes:
+        snapshot = EngineSnapshot()
+        if self.settings.checkpoint_metrics:
+            placement = PlacementInfo(PLACEMENT_POLICY, PLACEMENT_DEPTHS, BLOCK_SIZE, self.placement_changes)
+            snapshot = EngineSnapshot(checkpoints=dict(self.checkpoints), placement=placement)
+        self.metrics.set_snapshot(snapshot)
+        return self.metrics.render()
 
 
 def build_app(state: FakeState) -> FastAPI:
@@ -70,6 +112,14 @@ def build_app(state: FakeState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.settings.metrics_text is not None:
+            return PlainTextResponse(state.settings.metrics_text)
+        if not state.settings.serve_metrics:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return Response(state.render_metrics(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -129,6 +179,8 @@ async def _stream(state: FakeState, body: dict, text: str, chat: bool):
                 served.cached_tokens = int(served.prompt_tokens * s.cached_fraction)
                 usage["prompt_tokens_details"] = {"cached_tokens": served.cached_tokens}
             yield _sse({"object": "chunk", "choices": [], "usage": usage})
+        served.end = time.perf_counter()
+        state.record(served)
         yield "data: [DONE]\n\n"
     finally:
         served.end = time.perf_counter()
