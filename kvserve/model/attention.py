@@ -99,7 +99,10 @@ def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """kv_layer (2, blocks, bs, kvh, hd), tables (B, nb) -> (2, B, kvh, nb * bs, hd) float32."""
     _, _, bs, kvh, hd = kv_layer.shape
     B, nb = tables.shape
-    return kv_layer[:, tables].view(2, B, nb * bs, kvh, hd).permute(0, 1, 3, 2, 4).float()
+    raw = kv_layer.index_select(1, tables.view(-1)).view(2, B, nb * bs, kvh, hd)  # one copy of the blocks
+    # Contiguous in the permuted order: .float() alone would keep the permuted strides (or, in float32, be a
+    # view), and every GEMM below would then read keys and values with a stride of kvh * hd.
+    return raw.permute(0, 1, 3, 2, 4).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _attend_group(q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
