@@ -25,7 +25,7 @@ import torch
 
 from kvserve.model.invariant import invariant_rows
 
-KEY_CHUNK = 256  # keys per P @ V GEMM; block sizes must divide it
+KEY_CHUNK = 128  # keys per P @ V GEMM: smaller pads short contexts less, larger means fewer GEMMs
 QUERY_TILE = 128  # prefill tokens per tile: each tile reads keys only up to its last position (causal skip)
 
 
@@ -76,7 +76,7 @@ def build_group(
     """
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
-    width = max(L, padded_keys(gather_len)) // block_size
+    width = -(-max(L, padded_keys(gather_len)) // block_size)  # a block may hold more than L keys
     padded = [t[:width] + [0] * (width - len(t)) for t in tables]
     M = n * group_size
     Mp = invariant_rows(M, torch.float32)

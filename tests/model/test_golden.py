@@ -195,3 +195,14 @@ def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
         LLM(loaded=ours, block_size=12)
     assert llm.engine.pool.num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids  # still serves
+
+
+def test_block_size_changes_nothing(ours):
+    """Blocks larger than an attention key chunk (256 > 128) and smaller ones give bit-identical results."""
+    prompts = [DOC + "\nQ: Why hash chains?\nA:", PROMPTS[0]]
+    runs = [
+        LLM(loaded=ours, dtype="bfloat16", block_size=bs, num_kv_blocks=4096 // bs).generate(prompts, GREEDY)
+        for bs in (8, 16, 256)
+    ]
+    assert _tokens(runs[0]) == _tokens(runs[1]) == _tokens(runs[2])
+    assert _logprobs(runs[0]) == _logprobs(runs[1]) == _logprobs(runs[2])
