@@ -23,6 +23,7 @@ import torch
 from kvserve import LLM, SamplingParams
 from kvserve.model import load_model
 from kvserve.server.metrics import EngineSnapshot, ServerMetrics
+from tests.hybrid_models import bamba_config, save_with_tokenizer
 
 BS = 8  # block size: small so that short prompts span several blocks
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
@@ -30,7 +31,9 @@ VOCAB = 512
 
 
 def _transformers():
-    return pytest.importorskip("transformers")
+    import transformers
+
+    return transformers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,37 +45,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _save(model, tokenizer_dir: Path, out: Path) -> Path:
-    model.save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        if f.name != "config.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    return out
-
-
 @pytest.fixture(scope="module")
 def bamba(tmp_path_factory, hf_tokenizer_dir):
     """4 layers, attention at layer 1; SSD chunk 16, so prefill chunks cut through SSD windows."""
     tf = _transformers()
     torch.manual_seed(0)
-    cfg = tf.BambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=8,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=16,
-        max_position_embeddings=512,
-        initializer_range=0.25,  # peaked logits: greedy choices far from ties
-    )
+    cfg = bamba_config(vocab_size=VOCAB, initializer_range=0.25)  # peaked logits: greedy choices far from ties
     model = tf.BambaForCausalLM(cfg).eval()
-    return model, _save(model, hf_tokenizer_dir, tmp_path_factory.mktemp("bamba"))
+    return model, save_with_tokenizer(model, hf_tokenizer_dir, tmp_path_factory.mktemp("bamba"))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +73,7 @@ def mamba2(tmp_path_factory, hf_tokenizer_dir):
         tie_word_embeddings=False,
     )
     model = tf.Mamba2ForCausalLM(cfg).eval()
-    return model, _save(model, hf_tokenizer_dir, tmp_path_factory.mktemp("mamba2"))
+    return model, save_with_tokenizer(model, hf_tokenizer_dir, tmp_path_factory.mktemp("mamba2"))
 
 
 def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:

@@ -14,6 +14,7 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.server.app import build_app
+from tests.hybrid_models import bamba_config, save_with_tokenizer
 from tests.server.conftest import RunningServer
 
 BS = 8  # block size
@@ -23,29 +24,11 @@ VOCAB = 512
 @pytest.fixture(scope="module")
 def tiny_bamba(tmp_path_factory, hf_tokenizer_dir):
     """A 2-layer random Bamba (one attention, one Mamba-2 layer) saved as an HF folder with a tokenizer."""
-    tf = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
-    cfg = tf.BambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=8,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=16,
-        max_position_embeddings=512,
-    )
-    out = tmp_path_factory.mktemp("tiny_bamba")
-    tf.BambaForCausalLM(cfg).save_pretrained(out)
-    for f in hf_tokenizer_dir.iterdir():
-        if f.name != "config.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    return out
+    model = transformers.BambaForCausalLM(bamba_config(vocab_size=VOCAB, num_hidden_layers=2))
+    return save_with_tokenizer(model, hf_tokenizer_dir, tmp_path_factory.mktemp("tiny_bamba"))
 
 
 def _serve(path, policy: str) -> RunningServer:
