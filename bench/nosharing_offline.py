@@ -16,10 +16,9 @@ def run(caching, blocks=None):
     llm = LLM(loaded=loaded, dtype="bfloat16", enable_prefix_caching=caching, max_num_seqs=8, num_kv_blocks=blocks)
     prompts = [prompt_ids(llm, 1000, salt=100+i) for i in range(16)]
     llm.generate([prompts[0][:50]], p)  # warm-up
-    eng = llm.engine
     t = time.perf_counter()
     llm.generate(prompts, p)
     return time.perf_counter() - t
 for rep in range(2):
     for caching, blocks in [(False, None), (True, None), (True, 1200)]:
-        print(rep, "caching", caching, "blocks", blocks, "%.2f s" % run(caching, blocks), flush=True)
+        print(rep, "caching", caching, "blocks", blocks, f"{run(caching, blocks):.2f} s", flush=True)
