@@ -808,6 +808,8 @@ def main() -> None:
         print(text)
         print(f"wrote {out}.md")
         return
+    if args.num_requests < WARMUP:  # the within-5% check reads the placement held after WARMUP requests
+        ap.error(f"--num-requests must be at least {WARMUP} in simulation mode, got {args.num_requests}")
     prefill_cost = modelled_prefill_cost(args.overhead_ms / 1e3, args.per_token_ms / 1e3)
     t0 = time.perf_counter()
     report = {"args": vars(args), "ttft": "modelled", "workloads": []}
