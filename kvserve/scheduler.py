@@ -60,6 +60,10 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Give back everything the request holds: KV blocks and, for recurrent models, its state slot."""
         self.kv.free(request)
         if self.recurrent is not None:
             self.recurrent.free(request)
@@ -111,9 +115,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
-        if self.recurrent is not None:
-            self.recurrent.free(request)
+        self._release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
