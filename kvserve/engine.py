@@ -20,7 +20,7 @@ from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.cache_manager import KVCacheManager
 from kvserve.kv.eviction import make_policy, recompute_cost
 from kvserve.kv.tiers import TieredCache, model_fingerprint, open_store
-from kvserve.model.device import resolve_device, resolve_dtype
+from kvserve.model.device import keep_freed_memory_mapped, resolve_device, resolve_dtype
 from kvserve.model.hybrid import HybridModel
 from kvserve.model.hybrid_runner import make_hybrid_runner
 from kvserve.model.llama import LlamaModel
@@ -62,6 +62,8 @@ class LLMEngine:
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_mapped()
         self.dtype = resolve_dtype(config.dtype, self.device)
         model_max = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:

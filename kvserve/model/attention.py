@@ -1,8 +1,10 @@
 """Paged attention in plain torch, written so that a token's result never depends on its batch.
 
 The KV cache of one layer is a view of the engine's single preallocated tensor:
-    kv_layer: (2, num_blocks, block_size, num_kv_heads, head_dim)      [0] = keys, [1] = values
-A token at absolute position p of a sequence with block table bt lives in slot bt[p // bs] * bs + p % bs.
+    kv_layer: (2, num_kv_heads, num_blocks, block_size, head_dim)      [0] = keys, [1] = values
+A token at absolute position p of a sequence with block table bt lives in slot bt[p // bs] * bs + p % bs of
+every head. Heads outermost: gathering a batch's blocks (index_select over the block axis) yields
+(kv_heads, batch, keys, head_dim) directly, the layout the attention GEMMs read, with no permuted copy.
 
 Batch invariance. Greedy outputs must not change when a prompt is split into chunks, served from cached
 blocks, batched with other requests or recomputed after preemption. Library attention kernels break that:
@@ -35,15 +37,17 @@ class AttentionGroup:
 
     Decodes form one group (n = 1); each prefill chunk forms one group per QUERY_TILE tokens (B = 1), so a
     tile attends keys only up to its own last position. Tiles of one chunk share kv_id and one K/V gather
-    (tables cover the chunk's last tile); a tile uses the first L keys, L = masked.shape[-1].
+    (tables cover the chunk's last tile); a tile uses the first `keys` keys.
     """
 
     row_start: int
     batch: int  # B
     tokens: int  # n per sequence
     tables: torch.Tensor  # (B, blocks) long; padding points at block 0 (masked)
-    masked: torch.Tensor  # (B, 1, Mp, L) bool, True = key not attended; row t*G + g is token t, head g
+    masked: torch.Tensor  # (1, B, Mp, L - mask_from) bool, True = key not attended; row t*G + g: token t, head g
     kv_id: int  # groups with the same kv_id (consecutive) read the same gathered K/V
+    keys: int  # L: keys attended (a multiple of KEY_CHUNK)
+    mask_from: int  # keys below this are visible to every row of the group, so only the rest is masked
 
 
 @dataclass
@@ -81,51 +85,49 @@ def build_group(
     M = n * group_size
     Mp = invariant_rows(M, torch.float32)
     q_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(group_size, dim=1)  # (B, M)
-    q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M))  # padded rows attend key 0 only; discarded
-    masked = torch.arange(L)[None, None, :] > q_pos[:, :, None]
-    return AttentionGroup(
-        row_start, B, n, torch.tensor(padded, dtype=torch.long, device=device), masked[:, None].to(device), kv_id
-    )
+    mask_from = min(p[0] for p in positions) + 1
+    q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M), value=mask_from - 1)  # padded rows: discarded
+    masked = torch.arange(mask_from, L)[None, None, :] > q_pos[:, :, None]
+    tables_t = torch.tensor(padded, dtype=torch.long, device=device)
+    return AttentionGroup(row_start, B, n, tables_t, masked[None].to(device), kv_id, L, mask_from)
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter k, v (T, kv_heads, head_dim) into their cache slots."""
-    _, nb, bs, kvh, hd = kv_layer.shape
-    kv_layer[0].view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, k)
-    kv_layer[1].view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, v)
+    _, kvh, nb, bs, hd = kv_layer.shape
+    kv_layer[0].view(kvh, nb * bs, hd).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    kv_layer[1].view(kvh, nb * bs, hd).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """kv_layer (2, blocks, bs, kvh, hd), tables (B, nb) -> (2, B, kvh, nb * bs, hd) float32."""
-    _, _, bs, kvh, hd = kv_layer.shape
+    """kv_layer (2, kvh, blocks, bs, hd), tables (B, nb) -> (2, kvh, B, nb * bs, hd) float32, contiguous."""
+    _, kvh, _, bs, hd = kv_layer.shape
     B, nb = tables.shape
-    raw = kv_layer.index_select(1, tables.view(-1)).view(2, B, nb * bs, kvh, hd)  # one copy of the blocks
-    # Contiguous in the permuted order: .float() alone would keep the permuted strides (or, in float32, be a
-    # view), and every GEMM below would then read keys and values with a stride of kvh * hd.
-    return raw.permute(0, 1, 3, 2, 4).to(torch.float32, memory_format=torch.contiguous_format)
+    raw = kv_layer.index_select(2, tables.view(-1)).view(2, kvh, B, nb * bs, hd)  # one copy of the blocks
+    return raw.float()  # a view in float32; one contiguous conversion otherwise
 
 
 def _attend_group(q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
     """q (B * n, heads, hd), kv from _gather -> (B * n, heads, hd) float32."""
     B, n = g.batch, g.tokens
     H, hd = q.shape[1], q.shape[2]
-    kvh = kv.shape[2]
+    kvh = kv.shape[1]
     G = H // kvh
-    L = g.masked.shape[-1]
-    keys, values = kv[0, :, :, :L], kv[1, :, :, :L]  # (B, kvh, L, hd)
-    # (B, n, kvh, G, hd) -> (B, kvh, n*G, hd): row t*G + g is token t, query head kv_head * G + g
-    qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(0, 2, 1, 3, 4).reshape(B, kvh, n * G, hd)
+    L = g.keys
+    keys, values = kv[0, :, :, :L], kv[1, :, :, :L]  # (kvh, B, L, hd)
+    # (B, n, kvh, G, hd) -> (kvh, B, n*G, hd): row t*G + g is token t, query head kv_head * G + g
+    qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(2, 0, 1, 3, 4).reshape(kvh, B, n * G, hd)
     M, Mp = n * G, g.masked.shape[2]
     if Mp != M:
         qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
-    scores = torch.matmul(qg, keys.transpose(2, 3))  # (B, kvh, Mp, L)
-    scores.masked_fill_(g.masked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(B, kvh, Mp, L // KEY_CHUNK, KEY_CHUNK)
-    v = values.view(B, kvh, L // KEY_CHUNK, KEY_CHUNK, hd)
-    out = torch.matmul(probs[:, :, :, 0], v[:, :, 0])  # (B, kvh, Mp, hd)
+    scores = torch.matmul(qg, keys.transpose(2, 3))  # (kvh, B, Mp, L)
+    scores[..., g.mask_from :].masked_fill_(g.masked, float("-inf"))  # a prefill tile masks only its diagonal
+    probs = torch.softmax(scores, dim=-1).view(kvh, B, Mp, L // KEY_CHUNK, KEY_CHUNK)
+    v = values.view(kvh, B, L // KEY_CHUNK, KEY_CHUNK, hd)
+    out = torch.matmul(probs[:, :, :, 0], v[:, :, 0])  # (kvh, B, Mp, hd)
     for c in range(1, L // KEY_CHUNK):  # fixed order; chunks past a row's position add exact zeros
         out += torch.matmul(probs[:, :, :, c], v[:, :, c])
-    return out[:, :, :M].view(B, kvh, n, G, hd).permute(0, 2, 1, 3, 4).reshape(B * n, H, hd)
+    return out[:, :, :M].view(kvh, B, n, G, hd).permute(1, 2, 0, 3, 4).reshape(B * n, H, hd)
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

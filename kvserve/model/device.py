@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,3 +40,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@functools.cache
+def keep_freed_memory_mapped() -> bool:
+    """Stop glibc from handing freed tensor memory back to the kernel between steps (CPU only; idempotent).
+
+    A step allocates the same multi-megabyte temporaries again and again (gathered K/V, scores, GEMM
+    outputs). With glibc's defaults each one above the dynamic mmap threshold, or left at the top of the heap
+    past the trim threshold, goes back to the kernel when freed and returns as fresh zeroed pages. Measured
+    on a bfloat16 batch-8 decode step over 1,000-token contexts (2-core EPYC): the K/V gather fell from 1.6
+    to 0.8 ms per layer and the step from 109 to 84 ms with these settings. They keep allocations up to
+    32 MiB in the heap and the heap from shrinking; the KV pool itself (one large tensor) is still mapped on
+    its own. PyTorch's CPU tuning guides get the same effect by preloading jemalloc or tcmalloc.
+    """
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 64 << 20)
+    if not ok:
+        logger.debug("mallopt refused the allocator settings; keeping glibc defaults")
+    return bool(ok)

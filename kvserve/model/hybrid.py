@@ -194,7 +194,7 @@ class HybridModel:
         logits_rows: torch.Tensor,
         rec: RecurrentBatch,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids (T,); kv_cache (attention layers, 2, blocks, bs, kvh, hd).
+        """input_ids (T,); kv_cache (attention layers, 2, kvh, blocks, bs, hd).
 
         -> logits (S, V) float32, and the sequences' states after the step: conv (Lr, S, C, K - 1) and
         ssm (Lr, S, H, P, N), in rec.slots order (not yet written to the pool).

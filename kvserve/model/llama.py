@@ -84,7 +84,7 @@ class LlamaModel:
     def forward(
         self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
     ) -> torch.Tensor:
-        """input_ids: (T,); kv_cache: (layers, 2, blocks, bs, kvh, hd); -> logits (S, V) float32."""
+        """input_ids: (T,); kv_cache: (layers, 2, kvh, blocks, bs, hd); -> logits (S, V) float32."""
         cfg = self.config
         T = input_ids.shape[0]
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -27,13 +27,14 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.device
-        # (attention layers, 2, blocks, block_size, kv_heads, head_dim); zeros so padded (masked) reads stay finite.
+        # (attention layers, 2, kv_heads, blocks, block_size, head_dim); zeros so padded (masked) reads stay
+        # finite. Layout: kvserve/model/attention.py.
         self.kv_cache = torch.zeros(
             cfg.num_attention_layers,
             2,
+            cfg.num_key_value_heads,
             num_blocks,
             block_size,
-            cfg.num_key_value_heads,
             cfg.head_dim,
             dtype=model.dtype,
             device=self.device,

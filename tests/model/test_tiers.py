@@ -69,7 +69,7 @@ def test_host_ram_tier_loads_evicted_blocks_back_exactly(ours, reference):
     assert llm.engine.pool.num_evictions > 0
     _loaded_back(llm, ours, reference, "cpu")
     st = llm.engine.tiers.stats["cpu"]
-    assert st.bytes_loaded == st.hits * llm.engine.runner.kv_cache[:, :, 0].nbytes
+    assert st.bytes_loaded == st.hits * llm.engine.runner.kv_cache[:, :, :, 0].nbytes
 
 
 def test_disk_store_loads_back_exactly_and_survives_a_restart(ours, reference, tmp_path):

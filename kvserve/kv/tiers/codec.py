@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 MAGIC = b"KVSB"
-VERSION = 1
+VERSION = 2  # 2: KV block laid out (layers, 2, kv_heads, block_size, head_dim); 1 had heads after tokens
 _HEAD = struct.Struct("<4sB3s16sI")  # magic, version, zero padding, digest, meta length
 
 

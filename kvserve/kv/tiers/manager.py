@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.kv.hashing import BlockHash
-from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
+from kvserve.kv.tiers.codec import VERSION, CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry, HostTier, PersistentStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class TieredCache:
 
     def __init__(
         self,
-        kv_cache: torch.Tensor,  # (layers, 2, blocks, block_size, kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (layers, 2, kv_heads, blocks, block_size, head_dim)
         namespace: str,
         host_bytes: int = 0,
         store: PersistentStore | None = None,
@@ -104,7 +104,7 @@ class TieredCache:
         self.kv_cache = kv_cache
         self.namespace = namespace
         shape = list(kv_cache.shape)
-        self.block_shape = [shape[0], shape[1], *shape[3:]]
+        self.block_shape = [*shape[:3], *shape[4:]]
         self.dtype = kv_cache.dtype
         self.host = HostTier(host_bytes) if host_bytes > 0 else None
         self.store = store
@@ -129,7 +129,7 @@ class TieredCache:
         return list(self.stats)
 
     def key(self, block_hash: BlockHash) -> str:
-        return f"kvserve-{self.namespace}-{block_hash.hex()}"
+        return f"kvserve-v{VERSION}-{self.namespace}-{block_hash.hex()}"  # a new layout never reads old keys
 
     def _fault(self, tier: str, kind: str, message: str) -> None:
         with self._lock:
@@ -154,7 +154,7 @@ class TieredCache:
         """Pool hook: block is about to lose its KV; keep a copy in host RAM."""
         if self.host is None:
             return
-        kv = self.kv_cache[:, :, block.block_id].to("cpu", copy=True)
+        kv = self.kv_cache[:, :, :, block.block_id].to("cpu", copy=True)
         evicted_before = self.host.num_evictions
         if self.host.put(block.block_hash, HostEntry(block.token_ids, kv)):
             st = self.stats[self.host.name]
@@ -166,7 +166,7 @@ class TieredCache:
         """A block was published in the pool: write it through to the persistent store, off the step path."""
         if self.store is None or block.block_hash in self._known:
             return
-        kv = self.kv_cache[:, :, block.block_id].to("cpu", copy=True)
+        kv = self.kv_cache[:, :, :, block.block_id].to("cpu", copy=True)
         try:
             self._writes.put_nowait((block.block_hash, block.token_ids, kv))
             if len(self._known) >= MAX_KNOWN:  # a memo, not a ledger: forgetting costs one redundant write
@@ -301,7 +301,7 @@ class TieredCache:
         """Copy loaded blocks into the pool blocks given (same order)."""
         t0 = time.perf_counter()
         for bid, lb in zip(block_ids, loaded, strict=True):
-            self.kv_cache[:, :, bid].copy_(lb.kv, non_blocking=False)
+            self.kv_cache[:, :, :, bid].copy_(lb.kv, non_blocking=False)
         dt = time.perf_counter() - t0
         if loaded:  # attribute the copy to the tier of the deepest block (the one that made the lookup slow)
             self.stats[loaded[-1].tier].load_seconds += dt
