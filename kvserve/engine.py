@@ -28,6 +28,7 @@ from kvserve.model.loader import LoadedModel, load_model
 from kvserve.model.runner import ModelRunner, kv_bytes_per_block
 from kvserve.model.sampler import SampleResult
 from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.recurrent.state_pool import state_bytes_per_slot
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 from kvserve.scheduler import Scheduler, SchedulerLimits
@@ -70,11 +71,17 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {model_max}")
         self.max_model_len = config.max_model_len or model_max
         per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
-        self.num_blocks = config.num_kv_blocks or (
-            config.kv_cache_bytes // per_block if per_block else _RECURRENT_ONLY_BLOCKS
-        )
+        slot_bytes = self._state_slot_bytes()  # the recurrent state slots share the KV budget
+        budget = config.kv_cache_bytes - slot_bytes
+        if budget < 0 and config.num_kv_blocks is None:
+            raise ValueError(
+                f"kv_cache_memory {config.kv_cache_bytes} B cannot hold the recurrent state of max_num_seqs="
+                f"{config.max_num_seqs} sequences ({slot_bytes} B); raise kv_cache_memory or lower max_num_seqs"
+            )
+        self.num_blocks = config.num_kv_blocks or (budget // per_block if per_block else _RECURRENT_ONLY_BLOCKS)
         if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no block of {per_block} B")
+            after = f" after the recurrent state slots ({slot_bytes} B)" if slot_bytes else ""
+            raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no KV block of {per_block} B{after}")
         model_cls = HybridModel if self.model_config.is_hybrid else LlamaModel
         self.model = model_cls(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
         cost_args = {"cost": self._recompute_cost(), "block_bytes": max(per_block, 1)}  # 0 B: recurrent-only
@@ -95,6 +102,13 @@ class LLMEngine:
         self.stats = EngineStats()
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+
+    def _state_slot_bytes(self) -> int:
+        """Bytes of the recurrent state pool (one slot per running sequence); 0 for attention-only models."""
+        c = self.model_config
+        if not c.is_hybrid or c.mamba is None:
+            return 0
+        return self.config.max_num_seqs * state_bytes_per_slot(len(c.recurrent_layers), c.mamba, self.dtype)
 
     def _recompute_cost(self):
         """Cost of recomputing a block at a depth, for the cost-aware policy: linear layers + attention."""

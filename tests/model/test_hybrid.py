@@ -309,3 +309,45 @@ def test_bfloat16_runs_chunked_with_checkpoints(which, request):
     assert all(len(t) == 4 for t in _tokens(outs))
     assert outs[-1].num_cached_tokens == 32  # KV hit 5 blocks, deepest checkpoint (every 2 blocks) at 4
     _released(llm)
+
+
+def test_recurrent_state_slots_count_against_the_kv_budget(bamba):
+    """--kv-cache-memory bounds the KV blocks and the per-sequence state slots together."""
+    _, path = bamba
+    budget = 4 << 20
+    llm = _llm(path, num_kv_blocks=None, kv_cache_memory=budget, max_num_seqs=8)
+    engine = llm.engine
+    slots = engine.runner.recurrent.pool
+    slot_bytes = slots.conv.nbytes + slots.ssm.nbytes  # what the pool really allocated
+    kv_bytes = engine.runner.kv_cache.nbytes
+    assert 0 < slot_bytes and kv_bytes + slot_bytes <= budget
+    assert budget - (kv_bytes + slot_bytes) < kv_bytes // engine.num_blocks  # less than one more block left
+    more_seqs = _llm(path, num_kv_blocks=None, kv_cache_memory=budget, max_num_seqs=16).engine
+    assert more_seqs.num_blocks < engine.num_blocks  # twice the slots leave fewer blocks
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        _llm(path, num_kv_blocks=None, kv_cache_memory=slot_bytes - 1, max_num_seqs=8)
+
+
+def test_a_changed_placement_drops_the_snapshots_it_gave_up(bamba):
+    """optimal:1 first learns depth 2, then depth 6 dominates: the depth-2 snapshots leave the store."""
+    _, path = bamba
+    llm = _llm(path, checkpoint_policy="optimal:1")
+    rec = llm.engine.runner.recurrent
+    rng = random.Random(7)
+    base = [rng.randrange(3, VOCAB) for _ in range(6 * BS)]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def ask(shared: int) -> None:
+        llm.generate(base[:shared] + [rng.randrange(3, VOCAB) for _ in range(2 * BS)], params)
+
+    for _ in range(4):
+        ask(2 * BS)  # overlap depth 2 blocks
+    assert rec.policy.placed == [2]
+    assert {rec.store.depth_of(k) for k in rec.store.lru_order()} == {2}
+    for _ in range(6):
+        ask(6 * BS)  # now depth 6 carries the mass: the placement moves there (re-solved at observation 8)
+    assert rec.policy.placed == [6]
+    assert rec.num_stale_dropped > 0
+    assert {rec.store.depth_of(k) for k in rec.store.lru_order()} == {6}
+    rec.store.check_invariants()
+    _released(llm)
