@@ -48,6 +48,9 @@ class AttentionGroup:
     kv_id: int  # groups with the same kv_id (consecutive) read the same gathered K/V
     keys: int  # L: keys attended (a multiple of KEY_CHUNK)
     mask_from: int  # keys below this are visible to every row of the group, so only the rest is masked
+    shared: int = 0  # S: leading keys (whole chunks) every sequence of the group reads from the same blocks
+    shared_table: torch.Tensor | None = None  # (1, blocks) long: the blocks holding keys [0, S)
+    key_offset: int = 0  # where key S sits in the gather of `tables` (which starts at block S // block_size)
 
 
 @dataclass
@@ -80,16 +83,34 @@ def build_group(
     """
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
-    width = -(-max(L, padded_keys(gather_len)) // block_size)  # a block may hold more than L keys
-    padded = [t[:width] + [0] * (width - len(t)) for t in tables]
     M = n * group_size
     Mp = invariant_rows(M, torch.float32)
     q_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(group_size, dim=1)  # (B, M)
     mask_from = min(p[0] for p in positions) + 1
     q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M), value=mask_from - 1)  # padded rows: discarded
     masked = torch.arange(mask_from, L)[None, None, :] > q_pos[:, :, None]
+    S = _shared_keys(tables, block_size, mask_from) if B > 1 else 0
+    skip = S // block_size  # whole blocks of the shared keys: the per-sequence gather starts after them
+    width = -(-max(L, padded_keys(gather_len)) // block_size) - skip  # a block may hold more than L keys
+    padded = [t[skip : skip + width] + [0] * (width - len(t[skip : skip + width])) for t in tables]
+    shared_table = None
+    if S:
+        shared_table = torch.tensor([tables[0][: -(-S // block_size)]], dtype=torch.long, device=device)
     tables_t = torch.tensor(padded, dtype=torch.long, device=device)
-    return AttentionGroup(row_start, B, n, tables_t, masked[None].to(device), kv_id, L, mask_from)
+    masked = masked[None].to(device)
+    return AttentionGroup(
+        row_start, B, n, tables_t, masked, kv_id, L, mask_from, S, shared_table, S - skip * block_size
+    )
+
+
+def _shared_keys(tables: list[list[int]], block_size: int, mask_from: int) -> int:
+    """Leading keys, in whole KEY_CHUNKs, that every table maps to the same blocks and every row may attend."""
+    common = 0
+    for column in zip(*tables):
+        if any(b != column[0] for b in column):
+            break
+        common += 1
+    return min(common * block_size, mask_from) // KEY_CHUNK * KEY_CHUNK
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -107,26 +128,50 @@ def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return raw.float()  # a view in float32; one contiguous conversion otherwise
 
 
-def _attend_group(q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
-    """q (B * n, heads, hd), kv from _gather -> (B * n, heads, hd) float32."""
+def _attend_group(
+    q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float, shared_kv: torch.Tensor | None
+) -> torch.Tensor:
+    """q (B * n, heads, hd), kv from _gather, shared_kv (2, kvh, S, hd) or None -> (B * n, heads, hd) float32.
+
+    Two passes over fixed KEY_CHUNK-key chunks: a row's max over all its keys (exact, order-free), then per
+    chunk its sum of exp(score - max) and its exp-weighted sum of values, added up over the chunks in order.
+    A chunk's numbers depend only on the row and the chunk's keys, so a chunk that several sequences read
+    from the same blocks (a shared prompt prefix, decoding) is gathered once and multiplied for all of them in
+    one GEMM, and the row gets the same bits as when it is computed alone.
+    """
     B, n = g.batch, g.tokens
     H, hd = q.shape[1], q.shape[2]
     kvh = kv.shape[1]
     G = H // kvh
-    L = g.keys
-    keys, values = kv[0, :, :, :L], kv[1, :, :, :L]  # (kvh, B, L, hd)
+    S, L = g.shared, g.keys
+    keys = kv[0, :, :, g.key_offset : g.key_offset + L - S]  # (kvh, B, L - S, hd)
+    values = kv[1, :, :, g.key_offset : g.key_offset + L - S]
     # (B, n, kvh, G, hd) -> (kvh, B, n*G, hd): row t*G + g is token t, query head kv_head * G + g
     qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(2, 0, 1, 3, 4).reshape(kvh, B, n * G, hd)
     M, Mp = n * G, g.masked.shape[2]
     if Mp != M:
         qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
-    scores = torch.matmul(qg, keys.transpose(2, 3))  # (kvh, B, Mp, L)
-    scores[..., g.mask_from :].masked_fill_(g.masked, float("-inf"))  # a prefill tile masks only its diagonal
-    probs = torch.softmax(scores, dim=-1).view(kvh, B, Mp, L // KEY_CHUNK, KEY_CHUNK)
-    v = values.view(kvh, B, L // KEY_CHUNK, KEY_CHUNK, hd)
-    out = torch.matmul(probs[:, :, :, 0], v[:, :, 0])  # (kvh, B, Mp, hd)
-    for c in range(1, L // KEY_CHUNK):  # fixed order; chunks past a row's position add exact zeros
-        out += torch.matmul(probs[:, :, :, c], v[:, :, c])
+    scores = torch.matmul(qg, keys.transpose(2, 3))  # (kvh, B, Mp, L - S)
+    scores[..., g.mask_from - S :].masked_fill_(g.masked, float("-inf"))  # a prefill tile masks only its diagonal
+    row_max = scores.amax(-1, keepdim=True)
+    if S:  # rows of every sequence against the shared keys: (kvh, B * Mp, hd) @ (kvh, hd, S)
+        shared_scores = torch.matmul(qg.reshape(kvh, B * Mp, hd), shared_kv[0].transpose(1, 2))
+        shared_scores = shared_scores.view(kvh, B, Mp, S)
+        row_max = torch.maximum(row_max, shared_scores.amax(-1, keepdim=True))
+    C = (L - S) // KEY_CHUNK
+    weights = scores.sub_(row_max).exp_().view(kvh, B, Mp, C, KEY_CHUNK)
+    sums = weights.sum(-1)  # (kvh, B, Mp, C)
+    outs = torch.matmul(weights.transpose(2, 3), values.view(kvh, B, C, KEY_CHUNK, hd))  # (kvh, B, C, Mp, hd)
+    if S:
+        Cs = S // KEY_CHUNK
+        shared_w = shared_scores.sub_(row_max).exp_().view(kvh, B * Mp, Cs, KEY_CHUNK)
+        shared_outs = torch.matmul(shared_w.transpose(1, 2), shared_kv[1].reshape(kvh, Cs, KEY_CHUNK, hd))
+        shared_outs = shared_outs.view(kvh, Cs, B, Mp, hd).transpose(1, 2)  # (kvh, B, Cs, Mp, hd)
+        sums = torch.cat([shared_w.sum(-1).view(kvh, B, Mp, Cs), sums], dim=-1)
+        outs = torch.cat([shared_outs, outs], dim=2)
+    # Chunk totals added in chunk order (cumsum runs sequentially, accumulating in float64): chunks past a
+    # row's position add exact zeros, so the number of chunks in the group does not matter.
+    out = outs.cumsum(2)[:, :, -1] / sums.cumsum(-1)[..., -1:]  # (kvh, B, Mp, hd)
     return out[:, :, :M].view(kvh, B, n, G, hd).permute(1, 2, 0, 3, 4).reshape(B * n, H, hd)
 
 
@@ -137,6 +182,7 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
     for g in meta.groups:
         if g.kv_id != kv_id:
             kv, kv_id = _gather(kv_layer, g.tables), g.kv_id
+        shared_kv = _gather(kv_layer, g.shared_table)[:, :, 0, : g.shared] if g.shared_table is not None else None
         rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
-        out[rows] = _attend_group(q[rows], kv, g, scale).to(q.dtype)
+        out[rows] = _attend_group(q[rows], kv, g, scale, shared_kv).to(q.dtype)
     return out
