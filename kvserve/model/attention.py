@@ -13,8 +13,13 @@ lengths, so the same row gets different rounding (measured: up to 0.12 in a bf16
 takes the same arithmetic whatever its neighbours:
   * one code path for decode and prefill (decode is a chunk of one token);
   * math in float32; scores = q . k over head_dim (a fixed-length reduction);
-  * keys are padded with masked zeros to a multiple of KEY_CHUNK, and P @ V is summed chunk by chunk in a
-    fixed order, each chunk a GEMM with exactly KEY_CHUNK terms: keys past a row's position add exact zeros;
+  * keys are padded with masked zeros to a multiple of KEY_CHUNK and cut into chunks at fixed absolute
+    positions; a row's softmax is two passes: its max over all keys (exact in any order), then per chunk the
+    sum of exp(score - max) and a GEMM with exactly KEY_CHUNK terms for the values, chunk totals added in
+    chunk order: chunks past a row's position add exact zeros;
+  * so a chunk's numbers depend only on the row and that chunk's keys: decodes whose sequences read the same
+    cached blocks (one system prompt, one document) share those chunks, gathered once and multiplied for all
+    rows in one GEMM, and each row still gets the bits it gets alone (tests/model/test_golden.py);
   * GEMM row counts are kept in the shapes where MKL's result for a row does not depend on the row count
     (see kvserve/model/invariant.py).
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
-from kvserve.model.attention import QUERY_TILE, AttentionMetadata, build_group
+from kvserve.model.attention import KEY_CHUNK, QUERY_TILE, AttentionMetadata, build_group
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaModel
 from kvserve.model.sampler import SampleResult, sample
@@ -19,6 +19,19 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     """Bytes of one KV block over all attention layers (0 for a purely recurrent model)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return config.num_attention_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+def _by_first_chunk(decodes: list[ScheduledRequest], block_size: int) -> list[list[ScheduledRequest]]:
+    """Decodes grouped by the blocks holding their first KEY_CHUNK keys, so each attention group's sequences
+    can share their common cached prefix (one per system prompt or document); the rest form one group."""
+    n = max(1, KEY_CHUNK // block_size)
+    by_key: dict[tuple[int, ...], list[ScheduledRequest]] = {}
+    for s in decodes:
+        key = tuple(s.block_ids[:n]) if s.start >= KEY_CHUNK else ()
+        by_key.setdefault(key, []).append(s)
+    clusters = [c for k, c in by_key.items() if k and len(c) > 1]
+    rest = [s for k, c in by_key.items() if not k or len(c) == 1 for s in c]
+    return clusters + ([rest] if rest else [])
 
 
 class ModelRunner:
@@ -61,7 +74,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampleResult]:
         """Run one step; returns the sampled token of every request whose chunk reached its end."""
         is_decode = [s.num_new_tokens == 1 and s.samples for s in sched.scheduled]
-        decodes = [s for s, d in zip(sched.scheduled, is_decode) if d]
+        clusters = _by_first_chunk([s for s, d in zip(sched.scheduled, is_decode) if d], self.block_size)
+        decodes = [s for cluster in clusters for s in cluster]  # each cluster's rows contiguous
         prefills = [s for s, d in zip(sched.scheduled, is_decode) if not d]
         bs = self.block_size
         token_ids: list[int] = []
@@ -76,11 +90,13 @@ class ModelRunner:
         kvh = self.model.config.num_key_value_heads
         group = self.model.config.num_attention_heads // kvh
         groups = []
-        if decodes:
-            positions_d = [[s.start] for s in decodes]
-            groups.append(build_group(0, positions_d, [s.block_ids for s in decodes], bs, group, dev, kv_id=-1))
+        row = 0
+        for i, cluster in enumerate(clusters):
+            positions_d = [[s.start] for s in cluster]
+            tables = [s.block_ids for s in cluster]
+            groups.append(build_group(row, positions_d, tables, bs, group, dev, kv_id=-1 - i))
+            row += len(cluster)
         logits_rows = list(range(len(decodes)))
-        row = len(decodes)
         for s in prefills:
             for t0 in range(s.start, s.end, QUERY_TILE):
                 tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
