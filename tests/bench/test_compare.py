@@ -50,3 +50,18 @@ def test_peers_know_every_compared_system(compare):
     assert argv[argv.index("-np") + 1] == "4" and argv[argv.index("-c") + 1] == str(4 * compare.peers.MODEL_CONTEXT)
     argv = compare.peers.PEERS_BY_NAME["kvserve-nocache"].argv(Path("m.gguf"), launch)
     assert "--no-enable-prefix-caching" in argv and "9999" in argv
+
+
+def test_cache_overhead_alternates_on_and_off_so_drift_hits_both():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_cache_overhead", BENCH / "cache_overhead.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    runs = module.order(4)
+    assert [s for _, s in runs] == ["kvserve", "kvserve-nocache", "kvserve-nocache", "kvserve"] * 2
+    assert sorted({r for r, _ in runs}) == [0, 1, 2, 3]
+    for r in range(4):  # each round measures both systems once
+        assert sorted(s for rr, s in runs if rr == r) == ["kvserve", "kvserve-nocache"]
