@@ -47,6 +47,7 @@ class EngineStats:
     generation_tokens: int = 0
     num_steps: int = 0
     num_failed_requests: int = 0
+    num_failed_batches: int = 0  # steps whose batch raised and was retried one request at a time
 
 
 @dataclass
@@ -233,6 +234,7 @@ class LLMEngine:
         try:
             return self.runner.execute(sched), []
         except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
+            self.stats.num_failed_batches += 1
             log.exception("batch of %d requests failed; retrying them one at a time", len(sched.scheduled))
         sampled: dict[str, SampleResult] = {}
         failed: list[tuple[Request, str]] = []

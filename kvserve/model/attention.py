@@ -41,18 +41,17 @@ class AttentionGroup:
     """B sequences with n new tokens each, attended in one call: rows [row_start, row_start + B * n).
 
     Decodes form one group (n = 1); each prefill chunk forms one group per QUERY_TILE tokens (B = 1), so a
-    tile attends keys only up to its own last position. Tiles of one chunk share kv_id and one K/V gather
-    (tables cover the chunk's last tile); a tile uses the first `keys` keys.
+    tile attends keys only up to its own last position. Each group gathers exactly the keys it reads, so the
+    gathered K/V splits into KEY_CHUNK-key chunks without a copy.
     """
 
     row_start: int
     batch: int  # B
     tokens: int  # n per sequence
     tables: torch.Tensor  # (B, blocks) long; padding points at block 0 (masked)
-    masked: torch.Tensor  # (1, B, Mp, L - mask_from) bool, True = key not attended; row t*G + g: token t, head g
-    kv_id: int  # groups with the same kv_id (consecutive) read the same gathered K/V
+    masked: torch.Tensor  # (1, B, chunks from mask_from // KEY_CHUNK, Mp, KEY_CHUNK) bool, True = not attended
     keys: int  # L: keys attended (a multiple of KEY_CHUNK)
-    mask_from: int  # keys below this are visible to every row of the group, so only the rest is masked
+    mask_from: int  # keys below this are visible to every row (row t*G + g: token t, head g); masked: the rest
     shared: int = 0  # S: leading keys (whole chunks) every sequence of the group reads from the same blocks
     shared_table: torch.Tensor | None = None  # (1, blocks) long: the blocks holding keys [0, S)
     key_offset: int = 0  # where key S sits in the gather of `tables` (which starts at block S // block_size)
@@ -79,13 +78,8 @@ def build_group(
     block_size: int,
     group_size: int,
     device: torch.device,
-    kv_id: int,
-    gather_len: int = 0,
 ) -> AttentionGroup:
-    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table.
-
-    gather_len: keys to gather for all groups sharing kv_id (at least this group's own).
-    """
+    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table."""
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
     M = n * group_size
@@ -93,19 +87,19 @@ def build_group(
     q_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(group_size, dim=1)  # (B, M)
     mask_from = min(p[0] for p in positions) + 1
     q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M), value=mask_from - 1)  # padded rows: discarded
-    masked = torch.arange(mask_from, L)[None, None, :] > q_pos[:, :, None]
+    first = mask_from // KEY_CHUNK * KEY_CHUNK  # the first chunk with a key some row may not attend
+    keys = torch.arange(first, L).view(1, -1, KEY_CHUNK)  # (1, chunks, KEY_CHUNK)
+    masked = keys[:, :, None, :] > q_pos[:, None, :, None]  # (B, chunks, Mp, KEY_CHUNK)
     S = _shared_keys(tables, block_size, mask_from) if B > 1 else 0
     skip = S // block_size  # whole blocks of the shared keys: the per-sequence gather starts after them
-    width = -(-max(L, padded_keys(gather_len)) // block_size) - skip  # a block may hold more than L keys
+    width = -(-L // block_size) - skip
     padded = [t[skip : skip + width] + [0] * (width - len(t[skip : skip + width])) for t in tables]
     shared_table = None
     if S:
         shared_table = torch.tensor([tables[0][: -(-S // block_size)]], dtype=torch.long, device=device)
     tables_t = torch.tensor(padded, dtype=torch.long, device=device)
-    masked = masked[None].to(device)
-    return AttentionGroup(
-        row_start, B, n, tables_t, masked, kv_id, L, mask_from, S, shared_table, S - skip * block_size
-    )
+    offset = S - skip * block_size
+    return AttentionGroup(row_start, B, n, tables_t, masked[None].to(device), L, mask_from, S, shared_table, offset)
 
 
 def _shared_keys(tables: list[list[int]], block_size: int, mask_from: int) -> int:
@@ -149,44 +143,52 @@ def _attend_group(
     kvh = kv.shape[1]
     G = H // kvh
     S, L = g.shared, g.keys
-    keys = kv[0, :, :, g.key_offset : g.key_offset + L - S]  # (kvh, B, L - S, hd)
-    values = kv[1, :, :, g.key_offset : g.key_offset + L - S]
+    C = (L - S) // KEY_CHUNK
+    # (kvh, B, C, KEY_CHUNK, hd): this group's keys [S, L) cut into chunks (a view of the gather)
+    keys = kv[0, :, :, g.key_offset : g.key_offset + L - S].view(kvh, B, C, KEY_CHUNK, hd)
+    values = kv[1, :, :, g.key_offset : g.key_offset + L - S].view(kvh, B, C, KEY_CHUNK, hd)
     # (B, n, kvh, G, hd) -> (kvh, B, n*G, hd): row t*G + g is token t, query head kv_head * G + g
     qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(2, 0, 1, 3, 4).reshape(kvh, B, n * G, hd)
-    M, Mp = n * G, g.masked.shape[2]
+    M, Mp = n * G, g.masked.shape[-2]
     if Mp != M:
         qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
-    scores = torch.matmul(qg, keys.transpose(2, 3))  # (kvh, B, Mp, L - S)
-    scores[..., g.mask_from - S :].masked_fill_(g.masked, float("-inf"))  # a prefill tile masks only its diagonal
-    row_max = scores.amax(-1, keepdim=True)
-    if S:  # rows of every sequence against the shared keys: (kvh, B * Mp, hd) @ (kvh, hd, S)
-        shared_scores = torch.matmul(qg.reshape(kvh, B * Mp, hd), shared_kv[0].transpose(1, 2))
-        shared_scores = shared_scores.view(kvh, B, Mp, S)
-        row_max = torch.maximum(row_max, shared_scores.amax(-1, keepdim=True))
-    C = (L - S) // KEY_CHUNK
-    weights = scores.sub_(row_max).exp_().view(kvh, B, Mp, C, KEY_CHUNK)
-    sums = weights.sum(-1)  # (kvh, B, Mp, C)
-    outs = torch.matmul(weights.transpose(2, 3), values.view(kvh, B, C, KEY_CHUNK, hd))  # (kvh, B, C, Mp, hd)
-    if S:
+    scores = torch.matmul(qg[:, :, None], keys.transpose(3, 4))  # (kvh, B, C, Mp, KEY_CHUNK)
+    first = (g.mask_from // KEY_CHUNK * KEY_CHUNK - S) // KEY_CHUNK
+    scores[:, :, first:].masked_fill_(g.masked, float("-inf"))  # only the chunks on a tile's diagonal
+    row_max = scores.amax(dim=(2, 4), keepdim=True)  # (kvh, B, 1, Mp, 1)
+    if S:  # the rows of every sequence against the shared chunks, one GEMM per chunk for the whole batch
         Cs = S // KEY_CHUNK
-        shared_w = shared_scores.sub_(row_max).exp_().view(kvh, B * Mp, Cs, KEY_CHUNK)
-        shared_outs = torch.matmul(shared_w.transpose(1, 2), shared_kv[1].reshape(kvh, Cs, KEY_CHUNK, hd))
+        shared_k = shared_kv[0].view(kvh, Cs, KEY_CHUNK, hd)
+        shared_v = shared_kv[1].view(kvh, Cs, KEY_CHUNK, hd)
+        shared = torch.matmul(qg.reshape(kvh, 1, B * Mp, hd), shared_k.transpose(2, 3))  # (kvh, Cs, B*Mp, KC)
+        shared = shared.view(kvh, Cs, B, Mp, KEY_CHUNK)
+        shared_max = shared.amax(dim=(1, 4)).view(kvh, B, 1, Mp, 1)
+        row_max = torch.maximum(row_max, shared_max)
+        shared_w = shared.sub_(row_max.view(kvh, 1, B, Mp, 1)).exp_()
+        shared_sums = shared_w.sum(-1).transpose(1, 2)  # (kvh, B, Cs, Mp)
+        shared_outs = torch.matmul(shared_w.view(kvh, Cs, B * Mp, KEY_CHUNK), shared_v)  # (kvh, Cs, B*Mp, hd)
         shared_outs = shared_outs.view(kvh, Cs, B, Mp, hd).transpose(1, 2)  # (kvh, B, Cs, Mp, hd)
-        sums = torch.cat([shared_w.sum(-1).view(kvh, B, Mp, Cs), sums], dim=-1)
+    weights = scores.sub_(row_max).exp_()
+    sums = weights.sum(-1)  # (kvh, B, C, Mp)
+    outs = torch.matmul(weights, values)  # (kvh, B, C, Mp, hd)
+    if S:
+        sums = torch.cat([shared_sums, sums], dim=2)
         outs = torch.cat([shared_outs, outs], dim=2)
-    # Chunk totals added in chunk order (cumsum runs sequentially, accumulating in float64): chunks past a
-    # row's position add exact zeros, so the number of chunks in the group does not matter.
-    out = outs.cumsum(2)[:, :, -1] / sums.cumsum(-1)[..., -1:]  # (kvh, B, Mp, hd)
+    # Chunk totals added in chunk order: chunks past a row's position add exact zeros, so the number of
+    # chunks in the group does not change a row's bits.
+    num, den = outs[:, :, 0].clone(), sums[:, :, 0].clone()
+    for c in range(1, outs.shape[2]):
+        num += outs[:, :, c]
+        den += sums[:, :, c]
+    out = num / den[..., None]  # (kvh, B, Mp, hd)
     return out[:, :, :M].view(kvh, B, n, G, hd).permute(1, 2, 0, 3, 4).reshape(B * n, H, hd)
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written)."""
     out = torch.empty_like(q)
-    kv, kv_id = None, None
     for g in meta.groups:
-        if g.kv_id != kv_id:
-            kv, kv_id = _gather(kv_layer, g.tables), g.kv_id
+        kv = _gather(kv_layer, g.tables)
         shared_kv = _gather(kv_layer, g.shared_table)[:, :, 0, : g.shared] if g.shared_table is not None else None
         rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
         out[rows] = _attend_group(q[rows], kv, g, scale, shared_kv).to(q.dtype)

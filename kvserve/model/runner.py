@@ -91,17 +91,17 @@ class ModelRunner:
         group = self.model.config.num_attention_heads // kvh
         groups = []
         row = 0
-        for i, cluster in enumerate(clusters):
+        for cluster in clusters:
             positions_d = [[s.start] for s in cluster]
             tables = [s.block_ids for s in cluster]
-            groups.append(build_group(row, positions_d, tables, bs, group, dev, kv_id=-1 - i))
+            groups.append(build_group(row, positions_d, tables, bs, group, dev))
             row += len(cluster)
         logits_rows = list(range(len(decodes)))
         for s in prefills:
             for t0 in range(s.start, s.end, QUERY_TILE):
                 tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
                 r = row + t0 - s.start
-                groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev, kv_id=row, gather_len=s.end))
+                groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev))
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)

@@ -54,6 +54,7 @@ class EngineSnapshot:
     prefix_hits: int = 0
     num_preemptions: int = 0
     num_evictions: int = 0
+    num_failed_batches: int = 0
     kv_cache_usage: float = 0.0
     num_used_blocks: int = 0
     num_running: int = 0
@@ -72,6 +73,7 @@ class EngineSnapshot:
             prefix_hits=engine.kv.prefix_hits,
             num_preemptions=engine.scheduler.num_preemptions,
             num_evictions=engine.pool.num_evictions,
+            num_failed_batches=engine.stats.num_failed_batches,
             kv_cache_usage=engine.pool.usage,
             num_used_blocks=engine.pool.num_used_blocks,
             num_running=len(engine.scheduler.running),
@@ -128,6 +130,7 @@ class _SnapshotCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hits),
             ("num_preemptions", "Requests preempted for want of KV blocks.", s.num_preemptions),
             ("kv_blocks_evicted", "Cached KV blocks evicted to make room.", s.num_evictions),
+            ("batch_retries", "Steps whose batch failed and was retried one request at a time.", s.num_failed_batches),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"kvserve:{name}", doc, value=value)

@@ -69,6 +69,7 @@ def test_greedy_matches_transformers_one_at_a_time_and_batched(ours, hf_referenc
     assert _tokens(single) == reference
     assert _tokens(batched) == reference
     assert _logprobs(batched) == _logprobs(single)  # bitwise: batching changes nothing
+    assert llm.engine.stats.num_failed_batches == 0  # ... and it ran as a batch, not retried one by one
     assert llm.engine.pool.num_used_blocks == 0
 
 
@@ -118,11 +119,11 @@ def test_chunked_prefill_and_batching_are_bitwise_invariant(ours, dtype):
     prompts = [DOC + f"\nQ: Say something about block {i}.\nA:" for i in range(3)] + PROMPTS[:3]
     lone = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False, num_kv_blocks=256)
     reference = [lone.generate(p, GREEDY)[0] for p in prompts]
-    chunked = LLM(
-        loaded=ours, dtype=dtype, enable_prefix_caching=True, max_num_batched_tokens=37, num_kv_blocks=256
-    ).generate(prompts, GREEDY)
+    llm = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=True, max_num_batched_tokens=37, num_kv_blocks=256)
+    chunked = llm.generate(prompts, GREEDY)
     assert _tokens(chunked) == _tokens(reference)
     assert _logprobs(chunked) == _logprobs(reference)
+    assert llm.engine.stats.num_failed_batches == 0
 
 
 def test_preemption_outputs_equal_unconstrained_run(ours):
@@ -132,6 +133,7 @@ def test_preemption_outputs_equal_unconstrained_run(ours):
     small = LLM(loaded=ours, dtype="float32", num_kv_blocks=14)  # 224 tokens for ~6 x 70
     outs = small.generate(prompts, params)
     assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.stats.num_failed_batches == 0
     assert _tokens(outs) == _tokens(reference)
     assert _logprobs(outs) == _logprobs(reference)
     small.engine.kv.check_invariants()
@@ -237,4 +239,5 @@ def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, 
     assert set(lengths) <= set(shared_seen)  # each family's decodes read its whole cached prefix as shared
     assert _tokens(outs) == _tokens(reference)
     assert _logprobs(outs) == _logprobs(reference)
+    assert llm.engine.stats.num_failed_batches == 0  # no batch fell back to one request at a time
     assert llm.engine.pool.num_used_blocks == 0

@@ -115,8 +115,9 @@ def _llm(path: Path, **kwargs) -> LLM:
     return LLM(model=str(path), loaded=_LOADED[path], **args)
 
 
-def _released(llm: LLM) -> None:
+def _released(llm: LLM, batch_retries: int = 0) -> None:
     engine = llm.engine
+    assert engine.stats.num_failed_batches == batch_retries  # no batch fell back to one request at a time
     assert engine.pool.num_used_blocks == 0
     pool = engine.runner.recurrent.pool
     pool.check_invariants()
@@ -265,7 +266,7 @@ def test_failed_batch_is_retried_from_unchanged_states(bamba, monkeypatch):
     assert state["failures"] == 2
     assert [o.error for o in outs] == [None] * len(PROMPTS)
     assert _tokens(outs) == reference
-    _released(llm)
+    _released(llm, batch_retries=2)
 
 
 def test_resume_with_kv_blocks_loaded_from_the_host_tier(bamba):

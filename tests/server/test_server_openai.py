@@ -199,6 +199,7 @@ def test_models_health_version_metrics(client, server):
     assert m['kvserve:request_success_total{finished_reason="length"}'] > 0
     for name in ("kvserve:num_preemptions_total", "kvserve:kv_blocks_evicted_total"):
         assert name in m
+    assert m["kvserve:batch_retries_total"] == 0  # every step so far ran as one batch
 
 
 def test_served_model_name(server_factory):
