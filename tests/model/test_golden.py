@@ -210,8 +210,8 @@ def test_block_size_changes_nothing(ours):
     assert _logprobs(runs[0]) == _logprobs(runs[1]) == _logprobs(runs[2])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "block_size"), [("float32", 16), ("bfloat16", 16), ("bfloat16", 256)])
+def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, block_size, monkeypatch):
     """Sequences decoding over the same cached blocks read those keys once, in one GEMM for all of them
     (attention's shared-chunk path, one group per prefix); each row must get the bits it gets alone."""
     import kvserve.model.attention as attention
@@ -231,11 +231,11 @@ def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, 
     alone = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False, num_kv_blocks=256)
     reference = [alone.generate(p, params)[0] for p in prompts]
     assert max(shared_seen) == 0  # one sequence at a time: nothing to share
-    llm = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=True, num_kv_blocks=256)
+    llm = LLM(loaded=ours, dtype=dtype, block_size=block_size, num_kv_blocks=4096 // block_size)
     llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1))  # both prefixes' blocks now cached
     shared_seen.clear()
     outs = llm.generate(prompts, params)
-    lengths = [len(ours.tokenizer.encode(p)) // 128 * 128 for p in prefixes]
+    lengths = [len(ours.tokenizer.encode(p)) // block_size * block_size // 128 * 128 for p in prefixes]
     assert set(lengths) <= set(shared_seen)  # each family's decodes read its whole cached prefix as shared
     assert _tokens(outs) == _tokens(reference)
     assert _logprobs(outs) == _logprobs(reference)
