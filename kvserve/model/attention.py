@@ -93,7 +93,7 @@ def build_group(
     S = _shared_keys(tables, block_size, mask_from) if B > 1 else 0
     skip = S // block_size  # whole blocks of the shared keys: the per-sequence gather starts after them
     width = -(-L // block_size) - skip
-    padded = [t[skip : skip + width] + [0] * (width - len(t[skip : skip + width])) for t in tables]
+    padded = [(t[skip : skip + width] + [0] * width)[:width] for t in tables]  # padding: block 0, masked
     shared_table = None
     if S:
         shared_table = torch.tensor([tables[0][: -(-S // block_size)]], dtype=torch.long, device=device)
@@ -162,18 +162,14 @@ def _attend_group(
         shared_v = shared_kv[1].view(kvh, Cs, KEY_CHUNK, hd)
         shared = torch.matmul(qg.reshape(kvh, 1, B * Mp, hd), shared_k.transpose(2, 3))  # (kvh, Cs, B*Mp, KC)
         shared = shared.view(kvh, Cs, B, Mp, KEY_CHUNK)
-        shared_max = shared.amax(dim=(1, 4)).view(kvh, B, 1, Mp, 1)
-        row_max = torch.maximum(row_max, shared_max)
-        shared_w = shared.sub_(row_max.view(kvh, 1, B, Mp, 1)).exp_()
-        shared_sums = shared_w.sum(-1).transpose(1, 2)  # (kvh, B, Cs, Mp)
-        shared_outs = torch.matmul(shared_w.view(kvh, Cs, B * Mp, KEY_CHUNK), shared_v)  # (kvh, Cs, B*Mp, hd)
-        shared_outs = shared_outs.view(kvh, Cs, B, Mp, hd).transpose(1, 2)  # (kvh, B, Cs, Mp, hd)
-    weights = scores.sub_(row_max).exp_()
-    sums = weights.sum(-1)  # (kvh, B, C, Mp)
-    outs = torch.matmul(weights, values)  # (kvh, B, C, Mp, hd)
-    if S:
-        sums = torch.cat([shared_sums, sums], dim=2)
-        outs = torch.cat([shared_outs, outs], dim=2)
+        row_max = torch.maximum(row_max, shared.amax(dim=(1, 4)).view(kvh, B, 1, Mp, 1))
+        shared_sums, shared_outs = _exp_chunks(
+            shared.view(kvh, Cs, B * Mp, KEY_CHUNK), row_max.view(kvh, 1, B * Mp, 1), shared_v
+        )
+    sums, outs = _exp_chunks(scores, row_max, values)  # (kvh, B, C, Mp), (kvh, B, C, Mp, hd)
+    if S:  # shared chunks first: they hold the lowest keys
+        sums = torch.cat([shared_sums.view(kvh, Cs, B, Mp).transpose(1, 2), sums], dim=2)
+        outs = torch.cat([shared_outs.view(kvh, Cs, B, Mp, hd).transpose(1, 2), outs], dim=2)
     # Chunk totals added in chunk order: chunks past a row's position add exact zeros, so the number of
     # chunks in the group does not change a row's bits.
     num, den = outs[:, :, 0].clone(), sums[:, :, 0].clone()
@@ -182,6 +178,12 @@ def _attend_group(
         den += sums[:, :, c]
     out = num / den[..., None]  # (kvh, B, Mp, hd)
     return out[:, :, :M].view(kvh, B, n, G, hd).permute(1, 2, 0, 3, 4).reshape(B * n, H, hd)
+
+
+def _exp_chunks(scores: torch.Tensor, row_max: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (..., rows, KEY_CHUNK) -> per chunk and row: sum of exp(score - max), and exp-weighted values."""
+    weights = scores.sub_(row_max).exp_()  # in place: the scores are not needed again
+    return weights.sum(-1), torch.matmul(weights, values)
 
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

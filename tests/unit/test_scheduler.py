@@ -134,14 +134,14 @@ def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_pa
             assert gate.wait(10)
             return super().get_prefix(keys)
 
-    kv_tensor = torch.zeros(1, 2, 32, BS, 1, 2)  # (layers, K/V, blocks, block_size, kv_heads, head_dim)
+    kv_tensor = torch.zeros(1, 2, 1, 32, BS, 2)  # (layers, K/V, kv_heads, blocks, block_size, head_dim)
     tiers = TieredCache(kv_tensor, "test", store=SlowDisk(tmp_path))
     sched, kv = make()
     kv.tiers = tiers
     prompt = list(range(100, 111))  # two full blocks can hit, the last token is recomputed
     stored = []
     for i, h in enumerate(hash_block_chain(prompt, BS)):
-        block = torch.full((1, 2, BS, 1, 2), float(i + 1))
+        block = torch.full((1, 2, 1, BS, 2), float(i + 1))
         tiers.store.put(tiers.key(h), encode_block(prompt[i * BS : (i + 1) * BS], block))
         stored.append(block)
     a, b = req("a", range(3)), req("b", prompt)  # a is shorter than a block: no lookup of its own
@@ -158,5 +158,5 @@ def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_pa
     assert b.num_cached_tokens == 2 * BS
     table = kv.block_ids(b)
     for i, block in enumerate(stored):
-        assert torch.equal(kv_tensor[:, :, table[i]], block)  # loaded into the pool before b's prefill
+        assert torch.equal(kv_tensor[:, :, :, table[i]], block)  # loaded into the pool before b's prefill
     tiers.close()

@@ -12,7 +12,7 @@ from kvserve.kv.tiers import DiskStore, HostTier, RedisStore, open_store
 from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry
 
-SHAPE = (2, 2, 4, 1, 8)  # layers, K/V, block_size, kv_heads, head_dim
+SHAPE = (2, 2, 1, 4, 8)  # layers, K/V, kv_heads, block_size, head_dim (one block)
 TOKENS = [5, 6, 7, 8]
 
 
