@@ -73,6 +73,7 @@ class ModelConfig:
     mamba: MambaConfig | None = None
     partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Bamba: 0.5)
     has_mlp: bool = True  # False for mamba2 (mixer only)
+    residual_in_fp32: bool = False  # mamba2: the residual stream is float32 whatever the model dtype
 
     @property
     def is_hybrid(self) -> bool:
@@ -320,6 +321,7 @@ def _hybrid_from_hf(architecture: str, config: dict[str, Any]) -> ModelConfig:
         layer_types=(MAMBA,) * num_layers,
         mamba=mamba,
         has_mlp=False,
+        residual_in_fp32=bool(config.get("residual_in_fp32", True)),
     )
 
 

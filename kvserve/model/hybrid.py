@@ -203,10 +203,12 @@ class HybridModel:
         if self.config.num_attention_layers and self.rotary_dim:
             rope = (self.cos[meta.positions].unsqueeze(1), self.sin[meta.positions].unsqueeze(1))  # (T, 1, rd)
         x = self.embed[input_ids]  # (T, D)
+        if self.config.residual_in_fp32:  # as transformers' Mamba2Block: norm and mixer in the model dtype
+            x = x.float()
         new_conv, new_ssm = [], []
         attn_i = rec_i = 0
         for layer in self.layers:
-            h = self._norm(x, layer.input_norm)
+            h = self._norm(x.to(self.dtype), layer.input_norm)
             if layer.mixer is not None:
                 states = MixerStates(rec.conv[rec_i, rec.slots], rec.ssm[rec_i, rec.slots])
                 out, after = mamba_mixer(h, layer.mixer, self.config.mamba, rec.num_decodes, rec.prefills, states)
@@ -221,5 +223,5 @@ class HybridModel:
                 h = self._norm(x, layer.post_norm)
                 gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
                 x = x + linear(F.silu(gate) * up, layer.down)
-        h = self._norm(x[logits_rows], self.final_norm)
+        h = self._norm(x[logits_rows], self.final_norm.to(x.dtype)).to(self.dtype)
         return linear(h, self.lm_head).float(), torch.stack(new_conv), torch.stack(new_ssm)

@@ -352,3 +352,33 @@ def test_a_changed_placement_drops_the_snapshots_it_gave_up(bamba):
     assert {rec.store.depth_of(k) for k in rec.store.lru_order()} == {6}
     rec.store.check_invariants()
     _released(llm)
+
+
+def test_mamba2_bfloat16_keeps_the_residual_in_float32_like_transformers(mamba2, hf_tokenizer_dir, tmp_path):
+    """transformers' Mamba2Block keeps the residual stream in float32 (residual_in_fp32, on by default) while
+    norms and mixers run in bf16. kvserve reads the flag and does the same: its bf16 logprobs are then closer
+    to transformers' (default) bf16 ones than with a bf16 residual."""
+    import copy
+
+    model, _ = mamba2
+    assert model.config.residual_in_fp32
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    top5 = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+
+    def distance(flag: bool) -> float:
+        variant = copy.deepcopy(model)
+        variant.config.residual_in_fp32 = flag
+        path = save_with_tokenizer(variant, hf_tokenizer_dir, tmp_path / str(flag))
+        llm = LLM(model=str(path), dtype="bfloat16", enable_prefix_caching=False, block_size=BS, num_kv_blocks=64)
+        assert llm.engine.model_config.residual_in_fp32 is flag
+        gaps = []
+        for prompt in PROMPTS:
+            out = llm.generate(prompt, top5)[0].outputs[0]
+            with torch.inference_mode():
+                ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, -1].float(), -1)
+            gaps += [abs(lp - ref[tok].item()) for tok, lp in out.top_logprobs[0].items()]
+        return sum(gaps) / len(gaps)
+
+    fp32_residual, bf16_residual = distance(True), distance(False)
+    assert fp32_residual < 0.02
+    assert fp32_residual < bf16_residual
