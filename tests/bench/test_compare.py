@@ -11,16 +11,21 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.fixture(scope="module")
-def compare():
+def _load_script(name: str):
+    """A bench/ script as a module (its sibling imports resolved from bench/)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_compare", BENCH / "compare.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _load_script("compare")
 
 
 def _summary(p99: float, tput: float, hit: float | None) -> dict:
@@ -53,14 +58,7 @@ def test_peers_know_every_compared_system(compare):
 
 
 def test_cache_overhead_alternates_on_and_off_so_drift_hits_both():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_cache_overhead", BENCH / "cache_overhead.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    runs = module.order(4)
+    runs = _load_script("cache_overhead").order(4)
     assert [s for _, s in runs] == ["kvserve", "kvserve-nocache", "kvserve-nocache", "kvserve"] * 2
     assert sorted({r for r, _ in runs}) == [0, 1, 2, 3]
     for r in range(4):  # each round measures both systems once
