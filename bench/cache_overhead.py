@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -51,14 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="no-sharing", choices=sorted(WORKLOADS))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--port", type=int, default=8100)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    compare.add_run_args(p, num_requests=32)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")

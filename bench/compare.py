@@ -185,11 +185,9 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} vCPUs, {amx}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    p.add_argument("--num-requests", type=int, default=64)
+def add_run_args(p: argparse.ArgumentParser, num_requests: int) -> None:
+    """The flags measure() reads (every script that calls it takes the same ones)."""
+    p.add_argument("--num-requests", type=int, default=num_requests)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -203,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         help="compute threads of every system (llama.cpp -t, OMP_NUM_THREADS for torch); 1 is steadier on a "
         "machine shared with other work, where llama.cpp's spinning threads stall whenever one is descheduled",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    add_run_args(p, num_requests=64)
     p.add_argument("--replot", action="store_true", help="no runs: tables and plots from the saved JSON")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
