@@ -1,24 +1,32 @@
-"""Row-count rules that keep GEMM results per row independent of how many rows share the call.
+"""GEMMs whose result for a row does not depend on how many rows share the call.
 
-Measured on this project's CPU build of torch (MKL sgemm, oneDNN bf16), see tests/model/test_invariance.py:
-  float32   x[rows] @ W^T gives bit-identical rows for any row count >= 12 and for any multiple of 4, but a
-            different (small-M) kernel with another summation order for M in {1,2,3,5,6,7,9,10,11};
-  bfloat16  identical rows for every row count except 1: a single row takes a GEMV path (seen with the
-            real down_proj weights, K = 1536) whose sums differ from the GEMM's.
-So float32 GEMMs with a row count in that set are padded with zero rows to the next multiple of 4, and
-one-row bfloat16 GEMMs to two rows. With
-weights streaming from RAM the padded call costs about the same as the unpadded one (memory bound).
-On CUDA, cuBLAS picks split-K by shape; exactness there is not claimed (documented in the README).
+Linear layers on CPU run on oneDNN's inner-product kernels (`torch.ops.mkldnn._linear_pointwise`, the op
+torch's own inductor emits for CPU linears), not on F.linear. Measured on this project's torch 2.13 CPU build
+(tests/unit/test_invariant_gemm.py checks it on every run):
+  * rows are bit-identical for every row count M >= 2 (M up to 4,200 and row offsets tried); one row takes a
+    GEMV kernel that sums in another order (in bfloat16 that shows only where an output rounds the other way:
+    seen with the real down_proj weights, K = 1,536), so a one-row call is padded to two rows;
+  * on this project's AMD EPYC machines it is 2.2x faster than F.linear in float32 (F.linear calls MKL's
+    sgemm, which takes a slow path on non-Intel CPUs): the model's linear layers at 2,048 rows 0.94 s vs
+    2.10 s, and a batch-1 decode step's weights 22 ms vs 52 ms (bench/gemm_backends.py). bfloat16 is the
+    same speed either way (F.linear already calls oneDNN there).
+float16 (no oneDNN fp16 kernel on CPUs without AVX512-FP16) and non-CPU devices keep F.linear. Under MKL a
+float32 row count below 12 that is not a multiple of 4 takes a small-M kernel with another summation order,
+and a one-row bfloat16 GEMM a GEMV path; `invariant_rows` pads those. The attention's batched matmuls
+(torch.matmul, MKL) use the same rule. On CUDA, cuBLAS picks split-K by shape; exactness there is not claimed
+(documented in the README).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 
 def invariant_rows(m: int, dtype: torch.dtype) -> int:
-    """The row count to run a GEMM with so that each row's result is the same as in any larger batch."""
+    """Row count for an MKL GEMM (F.linear, torch.matmul on CPU) so that each row is the same as in any batch."""
     if dtype == torch.float32 and m < 12 and m % 4:
         return (m + 3) // 4 * 4
     if dtype in (torch.bfloat16, torch.float16) and m == 1:
@@ -26,10 +34,26 @@ def invariant_rows(m: int, dtype: torch.dtype) -> int:
     return m
 
 
+@functools.cache
+def uses_onednn(dtype: torch.dtype) -> bool:
+    """Whether CPU linear layers of this dtype run on oneDNN's inner product (else F.linear)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose rows do not depend on the number of rows in x (x: (M, in))."""
+    """F.linear whose rows do not depend on the number of rows in x (x: (M, in), contiguous rows)."""
     m = x.shape[0]
-    mp = invariant_rows(m, x.dtype) if x.device.type == "cpu" else m
+    if x.device.type != "cpu" or m == 0:
+        return F.linear(x, weight, bias)
+    if uses_onednn(x.dtype):
+        if m == 1:  # oneDNN's one-row kernels (a GEMV) sum in another order
+            return torch.ops.mkldnn._linear_pointwise(F.pad(x, (0, 0, 0, 1)), weight, bias, "none", [], "")[:1]
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    mp = invariant_rows(m, x.dtype)
     if mp == m:
         return F.linear(x, weight, bias)
     return F.linear(F.pad(x, (0, 0, 0, mp - m)), weight, bias)[:m]

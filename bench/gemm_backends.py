@@ -1,0 +1,75 @@
+"""The bundled model's linear layers on F.linear (MKL / oneDNN as torch picks) vs oneDNN's inner product.
+
+    .venv/bin/python bench/gemm_backends.py [--rows 1 2 4 32 512 2048] [--out bench/results/gemm_backends.json]
+
+For each dtype and row count: the time of all 30 layers' fused weights (qkv, o_proj, gate_up, down) and,
+up to 32 rows, the tied lm_head, best of several runs, and the weight bytes read per second. Weights are
+random with the model's shapes (speed does not depend on the values). This is what chose kvserve's CPU
+linear backend (kvserve/model/invariant.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kvserve.model.loader import load_model
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 32, 512, 2048])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--out", default="bench/results/gemm_backends.json")
+    args = ap.parse_args()
+    cfg = load_model("smollm2-135m").config
+    D, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = [((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, D), (D, D), (2 * I, D), (D, I)]
+    results = []
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        layers = [[torch.randn(o, i).to(dtype) for o, i in shapes] for _ in range(cfg.num_hidden_layers)]
+        head = torch.randn(cfg.vocab_size, D).to(dtype)
+        for m in tqdm(args.rows, desc=name):
+            xs = {D: torch.randn(m, D).to(dtype), I: torch.randn(m, I).to(dtype)}
+            with_head = m <= 32
+            nbytes = sum(w.numel() for ws in layers for w in ws) + (head.numel() if with_head else 0)
+            nbytes *= head.element_size()
+            row = {"dtype": name, "rows": m, "lm_head": with_head, "weight_bytes": nbytes}
+            for label, fn in (("f_linear", F.linear), ("onednn", onednn)):
+
+                def run() -> float:
+                    t0 = time.perf_counter()
+                    for ws in layers:
+                        for w in ws:
+                            fn(xs[w.shape[1]], w)
+                    if with_head:
+                        fn(xs[D], head)
+                    return time.perf_counter() - t0
+
+                run()
+                best = min(run() for _ in range(3 if m >= 512 else 7))
+                row[f"{label}_ms"] = best * 1e3
+                row[f"{label}_gbs"] = nbytes / best / 1e9
+            row["speedup"] = row["f_linear_ms"] / row["onednn_ms"]
+            results.append(row)
+            print(
+                f"{name:9s} rows {m:5d}: F.linear {row['f_linear_ms']:8.2f} ms  oneDNN {row['onednn_ms']:8.2f} ms"
+                f"  ({row['speedup']:.2f}x)"
+            )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
