@@ -26,6 +26,17 @@ def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
+def timed_pass(fn, layers: list[list[torch.Tensor]], head: torch.Tensor | None, xs: dict[int, torch.Tensor]) -> float:
+    """Seconds for one pass of fn over every layer weight (and the lm_head when given)."""
+    t0 = time.perf_counter()
+    for ws in layers:
+        for w in ws:
+            fn(xs[w.shape[1]], w)
+    if head is not None:
+        fn(xs[head.shape[1]], head)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 32, 512, 2048])
@@ -33,32 +44,23 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/gemm_backends.json")
     args = ap.parse_args()
     cfg = load_model("smollm2-135m").config
-    D, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = [((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, D), (D, D), (2 * I, D), (D, I)]
+    D, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = [((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, D), (D, D), (2 * inter, D), (D, inter)]
     results = []
     for name in args.dtypes:
         dtype = getattr(torch, name)
         layers = [[torch.randn(o, i).to(dtype) for o, i in shapes] for _ in range(cfg.num_hidden_layers)]
         head = torch.randn(cfg.vocab_size, D).to(dtype)
         for m in tqdm(args.rows, desc=name):
-            xs = {D: torch.randn(m, D).to(dtype), I: torch.randn(m, I).to(dtype)}
+            xs = {D: torch.randn(m, D).to(dtype), inter: torch.randn(m, inter).to(dtype)}
             with_head = m <= 32
             nbytes = sum(w.numel() for ws in layers for w in ws) + (head.numel() if with_head else 0)
             nbytes *= head.element_size()
             row = {"dtype": name, "rows": m, "lm_head": with_head, "weight_bytes": nbytes}
             for label, fn in (("f_linear", F.linear), ("onednn", onednn)):
-
-                def run() -> float:
-                    t0 = time.perf_counter()
-                    for ws in layers:
-                        for w in ws:
-                            fn(xs[w.shape[1]], w)
-                    if with_head:
-                        fn(xs[D], head)
-                    return time.perf_counter() - t0
-
-                run()
-                best = min(run() for _ in range(3 if m >= 512 else 7))
+                args_ = (fn, layers, head if with_head else None, xs)
+                timed_pass(*args_)
+                best = min(timed_pass(*args_) for _ in range(3 if m >= 512 else 7))
                 row[f"{label}_ms"] = best * 1e3
                 row[f"{label}_gbs"] = nbytes / best / 1e9
             row["speedup"] = row["f_linear_ms"] / row["onednn_ms"]
