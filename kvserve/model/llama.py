@@ -9,13 +9,14 @@ Logits are computed only for the rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import ModelConfig
+from kvserve.model.device import pack_on_huge_pages
 from kvserve.model.invariant import linear
 from kvserve.model.rope import apply_rope, rope_tables
 
@@ -53,6 +54,8 @@ class LlamaModel:
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
+        if device.type == "cpu":
+            self._pack_weights()
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
         self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
         self.sin = sin.to(device=device, dtype=dtype)
@@ -75,6 +78,16 @@ class LlamaModel:
             gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
             down=w(p + "mlp.down_proj.weight"),
         )
+
+    def _pack_weights(self) -> None:
+        """Move every weight into one buffer on transparent huge pages (decode streams them all every step)."""
+        owners = [(self, name) for name in ("embed", "lm_head", "final_norm")]
+        owners += [(layer, f.name) for layer in self.layers for f in fields(layer)]
+        owners = [(o, n) for o, n in owners if getattr(o, n) is not None]
+        unique = list({id(getattr(o, n)): getattr(o, n) for o, n in owners}.values())  # lm_head may be embed
+        packed = dict(zip(map(id, unique), pack_on_huge_pages(unique)))
+        for o, n in owners:
+            setattr(o, n, packed[id(getattr(o, n))])
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op (row-wise, so batch-invariant); torch computes it in float32 internally.

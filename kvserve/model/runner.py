@@ -6,11 +6,14 @@ decode in one padded call. Sampled results come back in the scheduler's order.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
 from kvserve.model.attention import KEY_CHUNK, QUERY_TILE, AttentionMetadata, build_group
 from kvserve.model.config import ModelConfig
+from kvserve.model.device import huge_page_buffer
 from kvserve.model.llama import LlamaModel
 from kvserve.model.sampler import SampleResult, sample
 
@@ -48,16 +51,13 @@ class ModelRunner:
         self.device = model.device
         # (attention layers, 2, kv_heads, blocks, block_size, head_dim); zeros so padded (masked) reads stay
         # finite. Layout: kvserve/model/attention.py.
-        self.kv_cache = torch.zeros(
-            cfg.num_attention_layers,
-            2,
-            cfg.num_key_value_heads,
-            num_blocks,
-            block_size,
-            cfg.head_dim,
-            dtype=model.dtype,
-            device=self.device,
-        )
+        shape = (cfg.num_attention_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
+        if self.device.type == "cpu":  # block gathers jump across the whole pool: huge pages spare the TLB
+            elem = torch.empty((), dtype=model.dtype).element_size()
+            buf = huge_page_buffer(math.prod(shape) * elem)
+            self.kv_cache = buf.view(model.dtype).view(shape).zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self._generators: dict[str, torch.Generator] = {}
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
 
