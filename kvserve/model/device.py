@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import mmap
 
 import torch
 
@@ -68,32 +69,28 @@ def keep_freed_memory_mapped() -> bool:
 
 
 HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
-_MADV_HUGEPAGE = 14
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
-    """An untouched CPU uint8 buffer of nbytes, 2 MiB-aligned, that the kernel backs with transparent huge pages.
+    """A zeroed CPU uint8 buffer of nbytes, 2 MiB-aligned, that the kernel backs with transparent huge pages.
 
     With THP in `madvise` mode (the common default) anonymous memory gets 4 KiB pages unless asked. Weights
-    stream from RAM every decode step; on 4 KiB pages the bundled model's float32 linears at one row took
-    26.6 ms against 19.9 ms on huge pages (the same weights, kernels and machine; bench/gemm_backends.py
-    gets the latter with THP_MEM_ALLOC_ENABLE=1, torch's own switch for this, which must be set before torch
-    allocates anything and so cannot be set from a library). The advice is best effort: where madvise is
-    missing or THP is off, this is an ordinary buffer.
+    and KV blocks stream from RAM every decode step; on 4 KiB pages the bundled model's float32 linears at one
+    row took 26.6 ms against 19.9 ms on huge pages (same weights, kernels and machine; torch's own switch,
+    THP_MEM_ALLOC_ENABLE=1, must be set before torch allocates anything, so a library cannot use it). The
+    buffer is its own anonymous mapping, so its pages are fresh (malloc could hand back heap memory faulted in
+    long ago, which the advice no longer changes). Best effort: where THP is off this is an ordinary buffer.
     """
-    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    start = -buf.data_ptr() % HUGE_PAGE
-    view = buf[start : start + nbytes]  # keeps buf alive
-    length = nbytes // HUGE_PAGE * HUGE_PAGE  # whole huge pages inside the view; the tail keeps small pages
-    if length:
+    size = nbytes + HUGE_PAGE
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            if libc.madvise(view.data_ptr(), length, _MADV_HUGEPAGE) != 0:
-                logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-        except (OSError, AttributeError):
-            pass
-    return view
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as e:
+            logger.debug("madvise(MADV_HUGEPAGE) failed: %s", e)
+    buf = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to the mapping
+    start = -buf.data_ptr() % HUGE_PAGE
+    return buf[start : start + nbytes]
 
 
 def pack_on_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvserve.model.invariant import invariant_rows, linear, uses_onednn
+from kvserve.model.invariant import invariant_rows, linear, prepack_linear_weight, uses_onednn
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down of SmolLM2-135M
 ROW_COUNTS = [1, 2, 3, 4, 5, 7, 9, 11, 12, 13, 16, 31, 33, 64, 127, 129, 300, 513]
@@ -42,6 +42,26 @@ def test_float32_and_bfloat16_linears_use_onednn_here():
     """The speed the README reports assumes oneDNN; a torch build without it falls back to F.linear + padding."""
     assert uses_onednn(torch.float32) == torch.backends.mkldnn.is_available()
     assert not uses_onednn(torch.float16) or torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_give_the_plain_weights_bits_at_every_row_count(dtype):
+    if not uses_onednn(dtype):
+        pytest.skip(f"no oneDNN {dtype} linear on this build")
+    gen = torch.Generator().manual_seed(2)
+    for out_f, in_f in SHAPES + [(4096, 576)]:
+        w = (torch.randn(out_f, in_f, generator=gen) * 0.05).to(dtype)
+        bias = torch.randn(out_f, generator=gen).to(dtype)
+        packed = prepack_linear_weight(w)
+        assert packed.is_mkldnn and packed.shape == w.shape
+        x = torch.randn(600, in_f, generator=gen).to(dtype)
+        for b in (None, bias):
+            ref = linear(x, w, b)
+            assert torch.equal(linear(x, packed, b), ref)
+            for m in (1, 2, 3, 7, 16, 33):
+                for start in range(0, 600 - m, 7 if m <= 3 else 61):
+                    assert torch.equal(linear(x[start : start + m], packed, b), ref[start : start + m]), (m, start)
+        assert linear(x[:0], packed).shape == (0, out_f)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 11, 12, 13, 40])
