@@ -55,8 +55,8 @@ def best_of(fn, repeats: int) -> float:
 
 
 def bench_prefill(llm: LLM, hf, n: int, repeats: int) -> dict:
+    """Best of `repeats` for each engine, the two alternating (the machine's speed drifts over minutes)."""
     ids = prompt_ids(llm, n)
-    ours = best_of(lambda: timed_first_token(llm, ids), repeats)
     x = torch.tensor([ids])
 
     def hf_run() -> float:
@@ -65,7 +65,11 @@ def bench_prefill(llm: LLM, hf, n: int, repeats: int) -> dict:
             hf(x, use_cache=False, logits_to_keep=1)
         return time.perf_counter() - t0
 
-    ref = best_of(hf_run, repeats)
+    ours_times, ref_times = [], []
+    for _ in range(repeats):
+        ours_times.append(timed_first_token(llm, ids))
+        ref_times.append(hf_run())
+    ours, ref = min(ours_times), min(ref_times)
     return {"tokens": n, "kvserve_tok_s": n / ours, "transformers_tok_s": n / ref, "speedup": ref / ours}
 
 
@@ -82,6 +86,20 @@ def bench_decode(llm: LLM, batch: int, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     return {"batch": batch, "step_ms": step * 1e3, "tok_s": batch / step}
+
+
+def bench_decode_rounds(llm: LLM, batches: list[int], steps: int, rounds: int) -> tuple[list[dict], list[list[dict]]]:
+    """Each batch size once per round, rounds back to back; per batch the round with the median step.
+
+    This machine's speed drifts by tens of percent over minutes (shared host): measuring batch 1 and batch
+    32 in alternation keeps their ratio from being an accident of when each ran.
+    """
+    per_round = [[bench_decode(llm, b, steps) for b in batches] for _ in tqdm(range(rounds), desc="decode rounds")]
+    medians = []
+    for i in range(len(batches)):
+        runs = sorted((rnd[i] for rnd in per_round), key=lambda d: d["step_ms"])
+        medians.append(runs[len(runs) // 2])
+    return medians, per_round
 
 
 def bench_ttft(llm: LLM, repeats: int) -> dict:
@@ -162,6 +180,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--decode-rounds", type=int, default=3, help="alternating batch-1 / batch-32 rounds")
     ap.add_argument("--out", default="bench/results/offline.json")
     args = ap.parse_args()
     if len(args.dtypes) > 1:  # one fresh process per dtype: measured, the second dtype in one process ran
@@ -182,7 +201,7 @@ def main() -> None:
         hf = hf_model(llm.engine.dtype)
         r: dict = {"prefill": [bench_prefill(llm, hf, n, args.repeats) for n in tqdm([512, 2048], desc="prefill")]}
         del hf
-        r["decode"] = [bench_decode(llm, b, args.decode_steps) for b in tqdm([1, 32], desc="decode")]
+        r["decode"], r["decode_rounds"] = bench_decode_rounds(llm, [1, 32], args.decode_steps, args.decode_rounds)
         r["decode_32_over_1"] = r["decode"][1]["tok_s"] / r["decode"][0]["tok_s"]
         cached = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, enable_prefix_caching=True)
         r["ttft"] = bench_ttft(cached, args.repeats)
@@ -215,7 +234,8 @@ def _one_process_per_dtype(args: argparse.Namespace) -> None:
         for dtype in args.dtypes:
             out = Path(tmp) / f"{dtype}.json"
             cmd = [sys.executable, __file__, "--dtypes", dtype, "--repeats", str(args.repeats)]
-            cmd += ["--decode-steps", str(args.decode_steps), "--out", str(out)]
+            cmd += ["--decode-steps", str(args.decode_steps), "--decode-rounds", str(args.decode_rounds)]
+            cmd += ["--out", str(out)]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             one = json.loads(out.read_text())
             merged.setdefault("machine", one["machine"])
