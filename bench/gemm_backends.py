@@ -1,5 +1,8 @@
 """The bundled model's linear layers on F.linear (MKL / oneDNN as torch picks) vs oneDNN's inner product.
 
+Three columns: F.linear on plain weights, oneDNN's inner product on plain weights, and oneDNN on weights
+prepacked in its blocked layout (what kvserve runs, kvserve/model/invariant.py).
+
     .venv/bin/python bench/gemm_backends.py [--rows 1 2 4 32 512 2048] [--out bench/results/gemm_backends.json]
 
 For each dtype and row count: the time of all 30 layers' fused weights (qkv, o_proj, gate_up, down) and,
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kvserve.model.invariant import prepack_linear_weight
 from kvserve.model.loader import load_model
 
 
@@ -31,7 +35,7 @@ def timed_pass(fn, layers: list[list[torch.Tensor]], head: torch.Tensor | None, 
     t0 = time.perf_counter()
     for ws in layers:
         for w in ws:
-            fn(xs[w.shape[1]], w)
+            fn(xs[w.shape[1]], w)  # a prepacked weight reports its plain (out, in) shape
     if head is not None:
         fn(xs[head.shape[1]], head)
     return time.perf_counter() - t0
@@ -51,23 +55,28 @@ def main() -> None:
         dtype = getattr(torch, name)
         layers = [[torch.randn(o, i).to(dtype) for o, i in shapes] for _ in range(cfg.num_hidden_layers)]
         head = torch.randn(cfg.vocab_size, D).to(dtype)
+        packed_layers = [[prepack_linear_weight(w) for w in ws] for ws in layers]
+        packed_head = prepack_linear_weight(head)
         for m in tqdm(args.rows, desc=name):
             xs = {D: torch.randn(m, D).to(dtype), inter: torch.randn(m, inter).to(dtype)}
             with_head = m <= 32
             nbytes = sum(w.numel() for ws in layers for w in ws) + (head.numel() if with_head else 0)
             nbytes *= head.element_size()
             row = {"dtype": name, "rows": m, "lm_head": with_head, "weight_bytes": nbytes}
-            for label, fn in (("f_linear", F.linear), ("onednn", onednn)):
-                args_ = (fn, layers, head if with_head else None, xs)
+            runs = (("f_linear", F.linear, layers, head), ("onednn", onednn, layers, head))
+            runs += (("prepacked", onednn, packed_layers, packed_head),)
+            for label, fn, ws_, head_ in runs:
+                args_ = (fn, ws_, head_ if with_head else None, xs)
                 timed_pass(*args_)
                 best = min(timed_pass(*args_) for _ in range(3 if m >= 512 else 7))
                 row[f"{label}_ms"] = best * 1e3
                 row[f"{label}_gbs"] = nbytes / best / 1e9
             row["speedup"] = row["f_linear_ms"] / row["onednn_ms"]
+            row["speedup_prepacked"] = row["f_linear_ms"] / row["prepacked_ms"]
             results.append(row)
             print(
                 f"{name:9s} rows {m:5d}: F.linear {row['f_linear_ms']:8.2f} ms  oneDNN {row['onednn_ms']:8.2f} ms"
-                f"  ({row['speedup']:.2f}x)"
+                f"  prepacked {row['prepacked_ms']:8.2f} ms ({row['speedup_prepacked']:.2f}x F.linear)"
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
