@@ -75,9 +75,9 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A zeroed CPU uint8 buffer of nbytes, 2 MiB-aligned, that the kernel backs with transparent huge pages.
 
     With THP in `madvise` mode (the common default) anonymous memory gets 4 KiB pages unless asked. Weights
-    and KV blocks stream from RAM every decode step; on 4 KiB pages the bundled model's float32 linears at one
-    row took 26.6 ms against 19.9 ms on huge pages (same weights, kernels and machine; torch's own switch,
-    THP_MEM_ALLOC_ENABLE=1, must be set before torch allocates anything, so a library cannot use it). The
+    and KV blocks stream from RAM every decode step, and on 4 KiB pages plain float32 weights streamed
+    visibly slower in a one-row GEMM pass (torch's own switch, THP_MEM_ALLOC_ENABLE=1, must be set before
+    torch allocates anything, so a library cannot use it). The
     buffer is its own anonymous mapping, so its pages are fresh (malloc could hand back heap memory faulted in
     long ago, which the advice no longer changes). Best effort: where THP is off this is an ordinary buffer.
     """

@@ -6,10 +6,11 @@ torch's own inductor emits for CPU linears), not on F.linear. Measured on this p
   * rows are bit-identical for every row count M >= 2 (M up to 4,200 and row offsets tried); one row takes a
     GEMV kernel that sums in another order (in bfloat16 that shows only where an output rounds the other way:
     seen with the real down_proj weights, K = 1,536), so a one-row call is padded to two rows;
-  * on this project's AMD EPYC machines it is 2.2x faster than F.linear in float32 (F.linear calls MKL's
-    sgemm, which takes a slow path on non-Intel CPUs): the model's linear layers at 2,048 rows 0.94 s vs
-    2.10 s, and a batch-1 decode step's weights 22 ms vs 52 ms (bench/gemm_backends.py). bfloat16 is the
-    same speed either way (F.linear already calls oneDNN there).
+  * on this project's AMD EPYC machines it is about 2.2x faster than F.linear in float32 (F.linear calls
+    MKL's sgemm, which takes a slow path on non-Intel CPUs): the model's linear layers at 2,048 rows 1.06 s
+    vs 2.20 s, a batch-1 decode step's weights 20.9 ms at two rows vs 52.2 ms at MKL's four
+    (bench/gemm_backends.py). bfloat16 is the same speed either way (F.linear already calls oneDNN there);
+    prepack_linear_weight gains more in both dtypes.
 float16 (no oneDNN fp16 kernel on CPUs without AVX512-FP16) and non-CPU devices keep F.linear. Under MKL a
 float32 row count below 12 that is not a multiple of 4 takes a small-M kernel with another summation order,
 and a one-row bfloat16 GEMM a GEMV path; `invariant_rows` pads those. The attention's batched matmuls
@@ -47,9 +48,9 @@ def uses_onednn(dtype: torch.dtype) -> bool:
 def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight (out, in) in oneDNN's blocked layout for `linear` (an opaque mkldnn tensor; CPU, uses_onednn dtypes).
 
-    Same bits as the plain weight for every row count (tests/unit/test_invariant_gemm.py), and much faster
-    where weights stream from RAM: the bundled model's linears at two rows 6.9 vs 14.4 ms in bfloat16 and
-    11.9 vs 21.3 ms in float32, at 2,048 rows 475 vs 558 ms and 957 vs 1,023 ms (bench/gemm_backends.py).
+    Same bits as the plain weight for every row count (tests/unit/test_invariant_gemm.py), and faster where
+    weights stream from RAM: the bundled model's linears at two rows 7.9 vs 16.4 ms in bfloat16 and 16.1 vs
+    20.9 ms in float32, at 2,048 rows 503 vs 590 ms and 975 vs 1,059 ms (bench/gemm_backends.py).
     The layout is chosen for a two-row call (a padded decode step) and measured as fast at every row count.
     """
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 2)
