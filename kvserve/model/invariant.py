@@ -56,6 +56,14 @@ def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 2)
 
 
+def prepack_linears(owner: object, names: tuple[str, ...]) -> None:
+    """Replace owner's named weight attributes (None ones skipped) with prepack_linear_weight copies."""
+    for name in names:
+        weight = getattr(owner, name)
+        if weight is not None:
+            setattr(owner, name, prepack_linear_weight(weight))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear whose rows do not depend on the number of rows in x (x: (M, in), contiguous rows).
 

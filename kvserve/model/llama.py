@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import ModelConfig
 from kvserve.model.device import pack_on_huge_pages
-from kvserve.model.invariant import linear, prepack_linear_weight, uses_onednn
+from kvserve.model.invariant import linear, prepack_linears, uses_onednn
 from kvserve.model.rope import apply_rope, rope_tables
 
 
@@ -89,9 +89,8 @@ class LlamaModel:
         """
         if uses_onednn(self.dtype):
             for layer in self.layers:
-                for name in ("qkv", "o_proj", "gate_up", "down"):
-                    setattr(layer, name, prepack_linear_weight(getattr(layer, name)))
-            self.lm_head = prepack_linear_weight(self.lm_head)
+                prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"))
+            prepack_linears(self, ("lm_head",))
             return
         owners = [(self, name) for name in ("embed", "lm_head", "final_norm")]
         owners += [(layer, f.name) for layer in self.layers for f in fields(layer)]
