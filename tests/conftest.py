@@ -132,3 +132,22 @@ def redis_server(tmp_path):
     server = RedisServer(binary, tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def attention_path(monkeypatch):
+    """Call with "native" (the fused CPU kernel) or "torch" to pick the attention path for LLMs made afterwards.
+
+    Skips the test when the kernel was asked for but cannot be built here. Returns the monkeypatch fixture.
+    """
+    from kvserve.model import native
+
+    def use(path: str):
+        monkeypatch.setenv("KVSERVE_ATTENTION", path)
+        native.load.cache_clear()
+        if path == "native" and native.load() is None:
+            pytest.skip("the attention kernel does not build on this machine")
+        return monkeypatch
+
+    yield use
+    native.load.cache_clear()  # the next test sees the default again (monkeypatch restores the variable)

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.model import native
 from kvserve.model.invariant import invariant_rows
+from kvserve.model.native import NativeMeta
 
 KEY_CHUNK = 128  # keys per P @ V GEMM: smaller pads short contexts less, larger means fewer GEMMs
 QUERY_TILE = 128  # prefill tokens per tile: each tile reads keys only up to its last position (causal skip)
@@ -64,6 +66,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) long: cache slot of each token in the flat batch
     positions: torch.Tensor  # (T,) long
     groups: list[AttentionGroup]
+    native: NativeMeta | None = None  # set when the fused CPU kernel runs attention (kvserve/model/native.py)
 
 
 def padded_keys(n: int) -> int:
@@ -188,6 +191,8 @@ def _exp_chunks(scores: torch.Tensor, row_max: torch.Tensor, values: torch.Tenso
 
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written)."""
+    if meta.native is not None:
+        return native.paged_attention(q, kv_layer, meta.native, scale)
     out = torch.empty_like(q)
     for g in meta.groups:
         kv = _gather(kv_layer, g.tables)

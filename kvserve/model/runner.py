@@ -11,6 +11,7 @@ import math
 import torch
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
+from kvserve.model import native
 from kvserve.model.attention import KEY_CHUNK, QUERY_TILE, AttentionMetadata, build_group
 from kvserve.model.config import ModelConfig
 from kvserve.model.device import huge_page_buffer
@@ -58,6 +59,8 @@ class ModelRunner:
             self.kv_cache = buf.view(model.dtype).view(shape).zero_()
         else:
             self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        # The fused CPU kernel where it builds; else the torch path (never both: they round differently).
+        self.native = native.enabled(self.device, model.dtype)
         self._generators: dict[str, torch.Generator] = {}
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -80,7 +83,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampleResult]:
         """Run one step; returns the sampled token of every request whose chunk reached its end."""
         is_decode = [s.num_new_tokens == 1 and s.samples for s in sched.scheduled]
-        clusters = _by_first_chunk([s for s, d in zip(sched.scheduled, is_decode) if d], self.block_size)
+        decodes_in_order = [s for s, d in zip(sched.scheduled, is_decode) if d]
+        # the kernel reads each sequence's blocks in place: no grouping by shared prefix needed
+        clusters = [decodes_in_order] if self.native else _by_first_chunk(decodes_in_order, self.block_size)
+        clusters = [c for c in clusters if c]
         decodes = [s for cluster in clusters for s in cluster]  # each cluster's rows contiguous
         prefills = [s for s, d in zip(sched.scheduled, is_decode) if not d]
         bs = self.block_size
@@ -97,24 +103,33 @@ class ModelRunner:
         group = self.model.config.num_attention_heads // kvh
         groups = []
         row = 0
-        for cluster in clusters:
+        for cluster in [] if self.native else clusters:
             positions_d = [[s.start] for s in cluster]
             tables = [s.block_ids for s in cluster]
             groups.append(build_group(row, positions_d, tables, bs, group, dev))
             row += len(cluster)
         logits_rows = list(range(len(decodes)))
+        if self.native:
+            row = len(decodes)
         for s in prefills:
-            for t0 in range(s.start, s.end, QUERY_TILE):
-                tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
-                r = row + t0 - s.start
-                groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev))
+            if not self.native:
+                for t0 in range(s.start, s.end, QUERY_TILE):
+                    tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
+                    r = row + t0 - s.start
+                    groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev))
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        native_meta = None
+        if self.native:
+            seqs = decodes + prefills
+            native_meta = native.build_meta([s.block_ids for s in seqs], [s.num_new_tokens for s in seqs], positions_t, dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            positions=positions_t,
             groups=groups,
+            native=native_meta,
         )
         sampling = [s for s in decodes + prefills if s.samples]
         logits = self._forward(
