@@ -14,6 +14,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,6 +59,119 @@ typedef struct {
     int32_t kv_head;
 } Item;
 
+/* K block b (16 keys) of one head transposed into kt[d * 16 + j], or V block b row-major into vb[j * hd + d];
+ * keys past maxpos are zeros. */
+static void load_block(float *dst, int transposed, const void *kv, int is_bf16, int64_t ofs, const int32_t *table,
+                       int bs, int hd, int b, int64_t maxpos) {
+    for (int j = 0; j < KB; ++j) {
+        int64_t k = (int64_t)b * KB + j;
+        if (k > maxpos) {
+            for (int d = 0; d < hd; ++d) dst[transposed ? d * KB + j : j * hd + d] = 0.0f;
+            continue;
+        }
+        int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
+        if (is_bf16) {
+            const uint16_t *src = (const uint16_t *)kv + ofs + slot * hd;
+            if (transposed)
+                for (int d = 0; d < hd; ++d) dst[d * KB + j] = bf16_to_f32(src[d]);
+            else
+                for (int d = 0; d < hd; ++d) dst[j * hd + d] = bf16_to_f32(src[d]);
+        } else {
+            const float *src = (const float *)kv + ofs + slot * hd;
+            if (transposed)
+                for (int d = 0; d < hd; ++d) dst[d * KB + j] = src[d];
+            else
+                memcpy(dst + j * hd, src, sizeof(float) * hd);
+        }
+    }
+}
+
+/* sc[i * 16 + j] = sum_d q_i[d] * kt[d * 16 + j], fused multiply-adds in d order, for rows i < nr. */
+static void qk_block(const float *const *qrow, int nr, const float *kt, int hd, float *sc) {
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 8 <= nr; i += 8) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        const float *q0 = qrow[i], *q1 = qrow[i + 1], *q2 = qrow[i + 2], *q3 = qrow[i + 3];
+        const float *q4 = qrow[i + 4], *q5 = qrow[i + 5], *q6 = qrow[i + 6], *q7 = qrow[i + 7];
+        for (int d = 0; d < hd; ++d) {
+            __m512 k = _mm512_loadu_ps(kt + d * KB);
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k, a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k, a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k, a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k, a3);
+            a4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), k, a4);
+            a5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), k, a5);
+            a6 = _mm512_fmadd_ps(_mm512_set1_ps(q6[d]), k, a6);
+            a7 = _mm512_fmadd_ps(_mm512_set1_ps(q7[d]), k, a7);
+        }
+        _mm512_storeu_ps(sc + (i + 0) * KB, a0);
+        _mm512_storeu_ps(sc + (i + 1) * KB, a1);
+        _mm512_storeu_ps(sc + (i + 2) * KB, a2);
+        _mm512_storeu_ps(sc + (i + 3) * KB, a3);
+        _mm512_storeu_ps(sc + (i + 4) * KB, a4);
+        _mm512_storeu_ps(sc + (i + 5) * KB, a5);
+        _mm512_storeu_ps(sc + (i + 6) * KB, a6);
+        _mm512_storeu_ps(sc + (i + 7) * KB, a7);
+    }
+#endif
+    for (; i < nr; ++i) { /* the same fused multiply-adds in the same order: the same bits */
+        float a[KB] = {0};
+        const float *qi = qrow[i];
+        for (int d = 0; d < hd; ++d)
+            for (int j = 0; j < KB; ++j) a[j] = fmaf(qi[d], kt[d * KB + j], a[j]);
+        memcpy(sc + i * KB, a, sizeof a);
+    }
+}
+
+/* o_i[d] += sum_j e_i[j] * vb[j * hd + d], fused multiply-adds in j order, for rows i < nr. */
+static void pv_block(float *const *e, float *const *o, int nr, const float *vb, int hd) {
+    int i = 0;
+#ifdef __AVX512F__
+    if (hd % 64 == 0) {
+        for (; i + 2 <= nr; i += 2) {
+            const float *e0 = e[i], *e1 = e[i + 1];
+            for (int c = 0; c < hd; c += 64) {
+                float *o0 = o[i] + c, *o1 = o[i + 1] + c;
+                __m512 x0 = _mm512_loadu_ps(o0), x1 = _mm512_loadu_ps(o0 + 16), x2 = _mm512_loadu_ps(o0 + 32),
+                       x3 = _mm512_loadu_ps(o0 + 48);
+                __m512 y0 = _mm512_loadu_ps(o1), y1 = _mm512_loadu_ps(o1 + 16), y2 = _mm512_loadu_ps(o1 + 32),
+                       y3 = _mm512_loadu_ps(o1 + 48);
+                for (int j = 0; j < KB; ++j) {
+                    const float *v = vb + j * hd + c;
+                    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                           v3 = _mm512_loadu_ps(v + 48);
+                    __m512 w0 = _mm512_set1_ps(e0[j]), w1 = _mm512_set1_ps(e1[j]);
+                    x0 = _mm512_fmadd_ps(w0, v0, x0);
+                    x1 = _mm512_fmadd_ps(w0, v1, x1);
+                    x2 = _mm512_fmadd_ps(w0, v2, x2);
+                    x3 = _mm512_fmadd_ps(w0, v3, x3);
+                    y0 = _mm512_fmadd_ps(w1, v0, y0);
+                    y1 = _mm512_fmadd_ps(w1, v1, y1);
+                    y2 = _mm512_fmadd_ps(w1, v2, y2);
+                    y3 = _mm512_fmadd_ps(w1, v3, y3);
+                }
+                _mm512_storeu_ps(o0, x0);
+                _mm512_storeu_ps(o0 + 16, x1);
+                _mm512_storeu_ps(o0 + 32, x2);
+                _mm512_storeu_ps(o0 + 48, x3);
+                _mm512_storeu_ps(o1, y0);
+                _mm512_storeu_ps(o1 + 16, y1);
+                _mm512_storeu_ps(o1 + 32, y2);
+                _mm512_storeu_ps(o1 + 48, y3);
+            }
+        }
+    }
+#endif
+    for (; i < nr; ++i) { /* the same fused multiply-adds in the same order: the same bits */
+        float *oi = o[i];
+        for (int j = 0; j < KB; ++j) {
+            const float w = e[i][j];
+            for (int d = 0; d < hd; ++d) oi[d] = fmaf(w, vb[j * hd + d], oi[d]);
+        }
+    }
+}
+
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
 static void attend_item(const Item *it, const float *q, const void *kv, int is_bf16, const int32_t *tables,
                         int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH, int64_t nb, int bs,
@@ -64,124 +180,69 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
     const int64_t maxpos = pos[it->row_start + it->ntok - 1];
     const int nblk = (int)(maxpos / KB) + 1;
     const int width = nblk * KB;
-    float *scores = buf;                       /* nrows * width */
+    float *scores = buf;                        /* nrows * width */
     float *kt = scores + (size_t)nrows * width; /* hd * KB */
-    float *vb = kt + (size_t)hd * KB;          /* KB * hd */
-    float *acc = vb + (size_t)KB * hd;         /* nrows * hd */
-    float *lanes = acc + (size_t)nrows * hd;   /* nrows * KB */
-    float *rmax = lanes + (size_t)nrows * KB;  /* nrows */
+    float *vb = kt + (size_t)hd * KB;           /* KB * hd */
+    float *acc = vb + (size_t)KB * hd;          /* nrows * hd */
+    float *lanes = acc + (size_t)nrows * hd;    /* nrows * KB: exp sums, then (pass 1) lane maxima */
+    float *sc = lanes + (size_t)nrows * KB;     /* nrows * KB */
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
-    const float *qrow[nrows > 0 ? nrows : 1];
-    int last[nrows > 0 ? nrows : 1];
+    const float *qrow[nrows];
+    float *erow[nrows], *orow[nrows];
+    int64_t rpos[nrows];
     for (int r = 0; r < nrows; ++r) {
         int t = r / G, g = r % G;
         qrow[r] = q + ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
-        last[r] = (int)(pos[it->row_start + t] / KB);
-        rmax[r] = -INFINITY;
+        rpos[r] = pos[it->row_start + t];
+        orow[r] = acc + (size_t)r * hd;
+        for (int j = 0; j < KB; ++j) lanes[r * KB + j] = -INFINITY;
     }
-    /* pass 1: scores and row max */
+    /* pass 1: scores, masked past each row's position, and lane maxima. Rows are in position order, so the
+     * rows that still need block b are a prefix... of the rows whose position reaches it: skip the others. */
     for (int b = 0; b < nblk; ++b) {
-        for (int j = 0; j < KB; ++j) {
-            int64_t k = (int64_t)b * KB + j;
-            if (k <= maxpos) {
-                int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
-                if (is_bf16) {
-                    const uint16_t *src = (const uint16_t *)kv + kofs + slot * hd;
-                    for (int d = 0; d < hd; ++d) kt[d * KB + j] = bf16_to_f32(src[d]);
-                } else {
-                    const float *src = (const float *)kv + kofs + slot * hd;
-                    for (int d = 0; d < hd; ++d) kt[d * KB + j] = src[d];
-                }
-            } else {
-                for (int d = 0; d < hd; ++d) kt[d * KB + j] = 0.0f;
-            }
-        }
-        int r = 0;
-        for (; r + 4 <= nrows; r += 4) {
-            float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};
-            const float *q0 = qrow[r], *q1 = qrow[r + 1], *q2 = qrow[r + 2], *q3 = qrow[r + 3];
-            for (int d = 0; d < hd; ++d) {
-                const float *kd = kt + d * KB;
-                for (int j = 0; j < KB; ++j) {
-                    a0[j] = fmaf(q0[d], kd[j], a0[j]);
-                    a1[j] = fmaf(q1[d], kd[j], a1[j]);
-                    a2[j] = fmaf(q2[d], kd[j], a2[j]);
-                    a3[j] = fmaf(q3[d], kd[j], a3[j]);
-                }
-            }
-            float *as[4] = {a0, a1, a2, a3};
-            for (int i = 0; i < 4; ++i) {
-                if (b > last[r + i]) continue;
-                int64_t p = pos[it->row_start + (r + i) / G];
-                float *s = scores + (size_t)(r + i) * width + b * KB;
-                for (int j = 0; j < KB; ++j) {
-                    float v = ((int64_t)b * KB + j <= p) ? as[i][j] : -INFINITY;
-                    s[j] = v;
-                    rmax[r + i] = v > rmax[r + i] ? v : rmax[r + i];
-                }
-            }
-        }
-        for (; r < nrows; ++r) {
-            float a0[KB] = {0};
-            const float *q0 = qrow[r];
-            for (int d = 0; d < hd; ++d) {
-                const float *kd = kt + d * KB;
-                for (int j = 0; j < KB; ++j) a0[j] = fmaf(q0[d], kd[j], a0[j]);
-            }
-            if (b > last[r]) continue;
-            int64_t p = pos[it->row_start + r / G];
+        load_block(kt, 1, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
+        int first = 0; /* rows before `first` end before block b (positions grow with the row's token) */
+        while (first < nrows && rpos[first] / KB < b) ++first;
+        qk_block(qrow + first, nrows - first, kt, hd, sc + (size_t)first * KB);
+        for (int r = first; r < nrows; ++r) {
+            const int64_t lim = rpos[r] - (int64_t)b * KB; /* lanes j <= lim are visible */
             float *s = scores + (size_t)r * width + b * KB;
+            float *m = lanes + r * KB;
+            const float *a = sc + (size_t)r * KB;
             for (int j = 0; j < KB; ++j) {
-                float v = ((int64_t)b * KB + j <= p) ? a0[j] : -INFINITY;
+                float v = j <= lim ? a[j] : -INFINITY;
                 s[j] = v;
-                rmax[r] = v > rmax[r] ? v : rmax[r];
+                m[j] = v > m[j] ? v : m[j];
             }
         }
     }
-    /* pass 2: exp, lane sums, P.V */
+    /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V */
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
-    memset(lanes, 0, sizeof(float) * (size_t)nrows * KB);
     for (int r = 0; r < nrows; ++r) {
+        float mx = -INFINITY;
+        for (int j = 0; j < KB; ++j) mx = lanes[r * KB + j] > mx ? lanes[r * KB + j] : mx;
         float *s = scores + (size_t)r * width;
-        exp_shifted(s, (last[r] + 1) * KB, rmax[r]);
-        for (int b = 0; b <= last[r]; ++b) {
-            for (int j = 0; j < KB; ++j) lanes[r * KB + j] += s[b * KB + j];
-        }
+        const int nb_r = (int)(rpos[r] / KB) + 1;
+        exp_shifted(s, nb_r * KB, mx);
+        float *l = lanes + r * KB;
+        for (int j = 0; j < KB; ++j) l[j] = 0.0f;
+        for (int b = 0; b < nb_r; ++b)
+            for (int j = 0; j < KB; ++j) l[j] += s[b * KB + j];
     }
     for (int b = 0; b < nblk; ++b) {
-        for (int j = 0; j < KB; ++j) {
-            int64_t k = (int64_t)b * KB + j;
-            if (k <= maxpos) {
-                int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
-                if (is_bf16) {
-                    const uint16_t *src = (const uint16_t *)kv + vofs + slot * hd;
-                    for (int d = 0; d < hd; ++d) vb[j * hd + d] = bf16_to_f32(src[d]);
-                } else {
-                    memcpy(vb + j * hd, (const float *)kv + vofs + slot * hd, sizeof(float) * hd);
-                }
-            } else {
-                memset(vb + j * hd, 0, sizeof(float) * hd);
-            }
-        }
-        for (int r = 0; r < nrows; ++r) {
-            if (b > last[r]) continue;
-            const float *e = scores + (size_t)r * width + b * KB;
-            float *o = acc + (size_t)r * hd;
-            for (int j = 0; j < KB; ++j) {
-                const float w = e[j];
-                const float *v = vb + j * hd;
-                for (int d = 0; d < hd; ++d) o[d] = fmaf(w, v[d], o[d]);
-            }
-        }
+        load_block(vb, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
+        int first = 0;
+        while (first < nrows && rpos[first] / KB < b) ++first;
+        for (int r = first; r < nrows; ++r) erow[r] = scores + (size_t)r * width + b * KB;
+        pv_block(erow + first, orow + first, nrows - first, vb, hd);
     }
     for (int r = 0; r < nrows; ++r) {
         float den = 0.0f;
         for (int j = 0; j < KB; ++j) den += lanes[r * KB + j];
-        int t = r / G, g = r % G;
-        float *dst = out + ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
+        float *dst = out + ((int64_t)(it->row_start + r / G) * H + (int64_t)it->kv_head * G + r % G) * hd;
         for (int d = 0; d < hd; ++d) dst[d] = acc[(size_t)r * hd + d] / den;
     }
 }
@@ -208,7 +269,7 @@ int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const i
         }
     }
     const int64_t rows = (int64_t)tile * G;
-    const size_t scratch = (size_t)(rows * max_width + 2 * (int64_t)hd * KB + rows * hd + rows * KB + rows);
+    const size_t scratch = (size_t)(rows * max_width + 2 * (int64_t)hd * KB + rows * hd + 2 * rows * KB);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
