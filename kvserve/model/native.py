@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-TILE = 16  # prefill tokens per work item: the rows of a tile share every key and value they load
+TILE = 64  # prefill tokens per work item: the rows of a tile share every key and value block they load
 
 
 @dataclass

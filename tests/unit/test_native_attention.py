@@ -7,12 +7,22 @@ how its sequence's tokens are split into calls (chunked prefill, decode), or wit
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from kvserve.model import native
 
-pytestmark = pytest.mark.skipif(native.load() is None, reason="the attention kernel does not build here")
+
+def test_kernel_builds_where_a_c_compiler_is_installed():
+    """A build failure falls back to the slower torch path with a warning; here (CI) it must not happen."""
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert native.load() is not None
+
+
+needs_kernel = pytest.mark.skipif(native.load() is None, reason="the attention kernel does not build here")
 
 
 def _cache(kvh: int, nb: int, bs: int, hd: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,6 +53,7 @@ def _brute(q, kv, table, start, n, scale):
     return out
 
 
+@needs_kernel
 @pytest.mark.parametrize(
     ("dtype", "kvh", "G", "hd", "bs"),
     [
@@ -72,6 +83,7 @@ def test_matches_brute_force(dtype, kvh, G, hd, bs):
         row += n
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_do_not_depend_on_batch_chunking_or_block_placement(dtype):
     kvh, G, hd, bs, nb = 3, 3, 64, 16, 96

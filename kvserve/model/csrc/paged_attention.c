@@ -59,68 +59,89 @@ typedef struct {
     int32_t kv_head;
 } Item;
 
-/* K block b (16 keys) of one head transposed into kt[d * 16 + j], or V block b row-major into vb[j * hd + d];
- * keys past maxpos are zeros. */
-static void load_block(float *dst, int transposed, const void *kv, int is_bf16, int64_t ofs, const int32_t *table,
-                       int bs, int hd, int b, int64_t maxpos) {
+/* K block b (16 keys) of one head transposed into dst[d * ld + j], or V block b row-major into
+ * dst[j * hd + d]; keys past maxpos are zeros. */
+static void load_block(float *dst, int transposed, int ld, const void *kv, int is_bf16, int64_t ofs,
+                       const int32_t *table, int bs, int hd, int b, int64_t maxpos) {
     for (int j = 0; j < KB; ++j) {
         int64_t k = (int64_t)b * KB + j;
         if (k > maxpos) {
-            for (int d = 0; d < hd; ++d) dst[transposed ? d * KB + j : j * hd + d] = 0.0f;
+            for (int d = 0; d < hd; ++d) dst[transposed ? d * ld + j : j * hd + d] = 0.0f;
             continue;
         }
         int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
         if (is_bf16) {
             const uint16_t *src = (const uint16_t *)kv + ofs + slot * hd;
             if (transposed)
-                for (int d = 0; d < hd; ++d) dst[d * KB + j] = bf16_to_f32(src[d]);
+                for (int d = 0; d < hd; ++d) dst[d * ld + j] = bf16_to_f32(src[d]);
             else
                 for (int d = 0; d < hd; ++d) dst[j * hd + d] = bf16_to_f32(src[d]);
         } else {
             const float *src = (const float *)kv + ofs + slot * hd;
             if (transposed)
-                for (int d = 0; d < hd; ++d) dst[d * KB + j] = src[d];
+                for (int d = 0; d < hd; ++d) dst[d * ld + j] = src[d];
             else
                 memcpy(dst + j * hd, src, sizeof(float) * hd);
         }
     }
 }
 
-/* sc[i * 16 + j] = sum_d q_i[d] * kt[d * 16 + j], fused multiply-adds in d order, for rows i < nr. */
-static void qk_block(const float *const *qrow, int nr, const float *kt, int hd, float *sc) {
+/* Masked store of one row's 16 lanes of one block, and its lane maxima: lanes j <= lim are visible. */
+static inline void store_lanes(const float *a, int64_t lim, float *s, float *m) {
+    for (int j = 0; j < KB; ++j) {
+        float v = j <= lim ? a[j] : -INFINITY;
+        s[j] = v;
+        m[j] = v > m[j] ? v : m[j];
+    }
+}
+
+/* Scores of rows i < nr against two key blocks (kt: d * 32 + j, j < 16 the first block, the rest the second):
+ * a lane is sum_d q_i[d] * k[d] in fused multiply-adds in d order, or -inf past the row's last visible key
+ * (lim[i]: first-block lanes j <= lim[i] are visible, second-block lanes j <= lim[i] - 16). A row's second
+ * block is stored only when it reaches it (lim[i] >= 16); s1 may be NULL-free garbage otherwise. */
+static void qk_pair(const float *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
+                    const int64_t *lim, int nr, const float *kt, int hd) {
     int i = 0;
 #ifdef __AVX512F__
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (; i + 8 <= nr; i += 8) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        const float *q0 = qrow[i], *q1 = qrow[i + 1], *q2 = qrow[i + 2], *q3 = qrow[i + 3];
-        const float *q4 = qrow[i + 4], *q5 = qrow[i + 5], *q6 = qrow[i + 6], *q7 = qrow[i + 7];
+        __m512 a[8][2];
+        for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
         for (int d = 0; d < hd; ++d) {
-            __m512 k = _mm512_loadu_ps(kt + d * KB);
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k, a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k, a1);
-            a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k, a2);
-            a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k, a3);
-            a4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), k, a4);
-            a5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), k, a5);
-            a6 = _mm512_fmadd_ps(_mm512_set1_ps(q6[d]), k, a6);
-            a7 = _mm512_fmadd_ps(_mm512_set1_ps(q7[d]), k, a7);
+            __m512 k0 = _mm512_loadu_ps(kt + d * 2 * KB), k1 = _mm512_loadu_ps(kt + d * 2 * KB + KB);
+            for (int u = 0; u < 8; ++u) {
+                __m512 w = _mm512_set1_ps(qrow[i + u][d]);
+                a[u][0] = _mm512_fmadd_ps(w, k0, a[u][0]);
+                a[u][1] = _mm512_fmadd_ps(w, k1, a[u][1]);
+            }
         }
-        _mm512_storeu_ps(sc + (i + 0) * KB, a0);
-        _mm512_storeu_ps(sc + (i + 1) * KB, a1);
-        _mm512_storeu_ps(sc + (i + 2) * KB, a2);
-        _mm512_storeu_ps(sc + (i + 3) * KB, a3);
-        _mm512_storeu_ps(sc + (i + 4) * KB, a4);
-        _mm512_storeu_ps(sc + (i + 5) * KB, a5);
-        _mm512_storeu_ps(sc + (i + 6) * KB, a6);
-        _mm512_storeu_ps(sc + (i + 7) * KB, a7);
+        for (int u = 0; u < 8; ++u) {
+            const int64_t l = lim[i + u];
+            __m512 m = _mm512_loadu_ps(mrow[i + u]);
+            __mmask16 vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l < KB ? l : KB)));
+            __m512 v = _mm512_mask_blend_ps(vis, ninf, a[u][0]);
+            _mm512_storeu_ps(s0[i + u], v);
+            m = _mm512_max_ps(m, v);
+            if (l >= KB) {
+                vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l - KB < KB ? l - KB : KB)));
+                v = _mm512_mask_blend_ps(vis, ninf, a[u][1]);
+                _mm512_storeu_ps(s1[i + u], v);
+                m = _mm512_max_ps(m, v);
+            }
+            _mm512_storeu_ps(mrow[i + u], m);
+        }
     }
 #endif
     for (; i < nr; ++i) { /* the same fused multiply-adds in the same order: the same bits */
-        float a[KB] = {0};
+        float a0[KB] = {0}, a1[KB] = {0};
         const float *qi = qrow[i];
-        for (int d = 0; d < hd; ++d)
-            for (int j = 0; j < KB; ++j) a[j] = fmaf(qi[d], kt[d * KB + j], a[j]);
-        memcpy(sc + i * KB, a, sizeof a);
+        for (int d = 0; d < hd; ++d) {
+            for (int j = 0; j < KB; ++j) a0[j] = fmaf(qi[d], kt[d * 2 * KB + j], a0[j]);
+            for (int j = 0; j < KB; ++j) a1[j] = fmaf(qi[d], kt[d * 2 * KB + KB + j], a1[j]);
+        }
+        store_lanes(a0, lim[i], s0[i], mrow[i]);
+        if (lim[i] >= KB) store_lanes(a1, lim[i] - KB, s1[i], mrow[i]);
     }
 }
 
@@ -128,37 +149,31 @@ static void qk_block(const float *const *qrow, int nr, const float *kt, int hd, 
 static void pv_block(float *const *e, float *const *o, int nr, const float *vb, int hd) {
     int i = 0;
 #ifdef __AVX512F__
-    if (hd % 64 == 0) {
-        for (; i + 2 <= nr; i += 2) {
-            const float *e0 = e[i], *e1 = e[i + 1];
-            for (int c = 0; c < hd; c += 64) {
-                float *o0 = o[i] + c, *o1 = o[i + 1] + c;
-                __m512 x0 = _mm512_loadu_ps(o0), x1 = _mm512_loadu_ps(o0 + 16), x2 = _mm512_loadu_ps(o0 + 32),
-                       x3 = _mm512_loadu_ps(o0 + 48);
-                __m512 y0 = _mm512_loadu_ps(o1), y1 = _mm512_loadu_ps(o1 + 16), y2 = _mm512_loadu_ps(o1 + 32),
-                       y3 = _mm512_loadu_ps(o1 + 48);
-                for (int j = 0; j < KB; ++j) {
-                    const float *v = vb + j * hd + c;
-                    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                           v3 = _mm512_loadu_ps(v + 48);
-                    __m512 w0 = _mm512_set1_ps(e0[j]), w1 = _mm512_set1_ps(e1[j]);
-                    x0 = _mm512_fmadd_ps(w0, v0, x0);
-                    x1 = _mm512_fmadd_ps(w0, v1, x1);
-                    x2 = _mm512_fmadd_ps(w0, v2, x2);
-                    x3 = _mm512_fmadd_ps(w0, v3, x3);
-                    y0 = _mm512_fmadd_ps(w1, v0, y0);
-                    y1 = _mm512_fmadd_ps(w1, v1, y1);
-                    y2 = _mm512_fmadd_ps(w1, v2, y2);
-                    y3 = _mm512_fmadd_ps(w1, v3, y3);
+    for (; i + 4 <= nr; i += 4) {
+        int c = 0;
+        for (; c + 64 <= hd; c += 64) { /* 4 rows x 64 dims: 16 accumulators */
+            __m512 x[4][4];
+            for (int u = 0; u < 4; ++u)
+                for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[i + u] + c + 16 * h);
+            for (int j = 0; j < KB; ++j) {
+                const float *v = vb + j * hd + c;
+                __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                       v3 = _mm512_loadu_ps(v + 48);
+                for (int u = 0; u < 4; ++u) {
+                    __m512 w = _mm512_set1_ps(e[i + u][j]);
+                    x[u][0] = _mm512_fmadd_ps(w, v0, x[u][0]);
+                    x[u][1] = _mm512_fmadd_ps(w, v1, x[u][1]);
+                    x[u][2] = _mm512_fmadd_ps(w, v2, x[u][2]);
+                    x[u][3] = _mm512_fmadd_ps(w, v3, x[u][3]);
                 }
-                _mm512_storeu_ps(o0, x0);
-                _mm512_storeu_ps(o0 + 16, x1);
-                _mm512_storeu_ps(o0 + 32, x2);
-                _mm512_storeu_ps(o0 + 48, x3);
-                _mm512_storeu_ps(o1, y0);
-                _mm512_storeu_ps(o1 + 16, y1);
-                _mm512_storeu_ps(o1 + 32, y2);
-                _mm512_storeu_ps(o1 + 48, y3);
+            }
+            for (int u = 0; u < 4; ++u)
+                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[i + u] + c + 16 * h, x[u][h]);
+        }
+        for (int u = 0; u < 4; ++u) { /* dims past the last multiple of 64 */
+            for (int j = 0; j < KB; ++j) {
+                const float w = e[i + u][j];
+                for (int d = c; d < hd; ++d) o[i + u][d] = fmaf(w, vb[j * hd + d], o[i + u][d]);
             }
         }
     }
@@ -181,18 +196,17 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
     const int nblk = (int)(maxpos / KB) + 1;
     const int width = nblk * KB;
     float *scores = buf;                        /* nrows * width */
-    float *kt = scores + (size_t)nrows * width; /* hd * KB */
-    float *vb = kt + (size_t)hd * KB;           /* KB * hd */
+    float *kt = scores + (size_t)nrows * width; /* hd * 2 KB: two key blocks, transposed */
+    float *vb = kt + (size_t)hd * 2 * KB;       /* KB * hd */
     float *acc = vb + (size_t)KB * hd;          /* nrows * hd */
-    float *lanes = acc + (size_t)nrows * hd;    /* nrows * KB: exp sums, then (pass 1) lane maxima */
-    float *sc = lanes + (size_t)nrows * KB;     /* nrows * KB */
+    float *lanes = acc + (size_t)nrows * hd;    /* nrows * KB: lane maxima (pass 1), then exp sums */
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
     const float *qrow[nrows];
-    float *erow[nrows], *orow[nrows];
-    int64_t rpos[nrows];
+    float *erow[nrows], *orow[nrows], *mrow[nrows], *srow1[nrows];
+    int64_t rpos[nrows], lim[nrows];
     for (int r = 0; r < nrows; ++r) {
         int t = r / G, g = r % G;
         qrow[r] = q + ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
@@ -200,24 +214,20 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
         orow[r] = acc + (size_t)r * hd;
         for (int j = 0; j < KB; ++j) lanes[r * KB + j] = -INFINITY;
     }
-    /* pass 1: scores, masked past each row's position, and lane maxima. Rows are in position order, so the
-     * rows that still need block b are a prefix... of the rows whose position reaches it: skip the others. */
-    for (int b = 0; b < nblk; ++b) {
-        load_block(kt, 1, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
-        int first = 0; /* rows before `first` end before block b (positions grow with the row's token) */
+    /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time. Rows are in
+     * position order, so the rows whose last block comes before block b are a prefix of them: skipped. */
+    for (int b = 0; b < nblk; b += 2) {
+        load_block(kt, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
+        load_block(kt + KB, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b + 1, maxpos); /* zeros past the end */
+        int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
-        qk_block(qrow + first, nrows - first, kt, hd, sc + (size_t)first * KB);
         for (int r = first; r < nrows; ++r) {
-            const int64_t lim = rpos[r] - (int64_t)b * KB; /* lanes j <= lim are visible */
-            float *s = scores + (size_t)r * width + b * KB;
-            float *m = lanes + r * KB;
-            const float *a = sc + (size_t)r * KB;
-            for (int j = 0; j < KB; ++j) {
-                float v = j <= lim ? a[j] : -INFINITY;
-                s[j] = v;
-                m[j] = v > m[j] ? v : m[j];
-            }
+            erow[r] = scores + (size_t)r * width + b * KB;
+            srow1[r] = erow[r] + KB; /* written only when the row reaches block b + 1 (inside width) */
+            mrow[r] = lanes + r * KB;
+            lim[r] = rpos[r] - (int64_t)b * KB;
         }
+        qk_pair(qrow + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first, kt, hd);
     }
     /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V */
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
@@ -233,7 +243,7 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
             for (int j = 0; j < KB; ++j) l[j] += s[b * KB + j];
     }
     for (int b = 0; b < nblk; ++b) {
-        load_block(vb, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
+        load_block(vb, 0, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
         for (int r = first; r < nrows; ++r) erow[r] = scores + (size_t)r * width + b * KB;
@@ -269,7 +279,7 @@ int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const i
         }
     }
     const int64_t rows = (int64_t)tile * G;
-    const size_t scratch = (size_t)(rows * max_width + 2 * (int64_t)hd * KB + rows * hd + 2 * rows * KB);
+    const size_t scratch = (size_t)(rows * max_width + 3 * (int64_t)hd * KB + rows * hd + rows * KB);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -279,7 +289,7 @@ int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const i
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < nitems; ++i) {
+        for (int i = nitems - 1; i >= 0; --i) { /* later tiles of a prompt read more keys: start with them */
             if (buf) attend_item(&items[i], q, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs, hd, buf);
         }
         free(buf);
