@@ -92,9 +92,7 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and load() is not None
 
 
-def build_meta(
-    tables: list[list[int]], counts: list[int], positions: torch.Tensor, device: torch.device
-) -> NativeMeta:
+def build_meta(tables: list[list[int]], counts: list[int], positions: torch.Tensor, device: torch.device) -> NativeMeta:
     """tables[s], counts[s]: block table and new-token count of the s-th sequence, in flat-batch row order."""
     width = max((len(t) for t in tables), default=1) or 1
     padded = [t + [0] * (width - len(t)) for t in tables]

@@ -124,7 +124,9 @@ class ModelRunner:
         native_meta = None
         if self.native:
             seqs = decodes + prefills
-            native_meta = native.build_meta([s.block_ids for s in seqs], [s.num_new_tokens for s in seqs], positions_t, dev)
+            native_meta = native.build_meta(
+                [s.block_ids for s in seqs], [s.num_new_tokens for s in seqs], positions_t, dev
+            )
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             positions=positions_t,
