@@ -82,7 +82,7 @@ def load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.kvserve_paged_attention
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, i32, ptr, i32, ptr, i32, ptr, ptr, i32, i32, i64, i32, i32, i32, i32]
+    fn.argtypes = [ptr, ctypes.c_float, ptr, i32, ptr, i32, ptr, i32, ptr, ptr, i32, i32, i64, i32, i32, i32, i32]
     fn.restype = i32
     return lib
 
@@ -113,10 +113,11 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: NativeMeta, s
     assert lib is not None
     T, H, hd = q.shape
     _, kvh, nb, bs, _ = kv_layer.shape
-    qf = (q.float() * scale).contiguous()
+    q = q.to(kv_layer.dtype).contiguous()  # the kernel scales it (float32 math) or, bf16 on AVX512-BF16, the dot
     out = torch.empty((T, H, hd), dtype=torch.float32, device=q.device)
     rc = lib.kvserve_paged_attention(
-        qf.data_ptr(),
+        q.data_ptr(),
+        scale,
         kv_layer.data_ptr(),
         int(kv_layer.dtype == torch.bfloat16),
         meta.tables.data_ptr(),

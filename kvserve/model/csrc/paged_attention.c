@@ -187,10 +187,75 @@ static void pv_block(float *const *e, float *const *o, int nr, const float *vb, 
     }
 }
 
+#ifdef __AVX512BF16__
+/* bfloat16 caches on CPUs with AVX512-BF16: q.k with VDPBF16PS, which multiplies bf16 pairs exactly and adds
+ * them to float32 lanes. K block b's 32-bit (d, d+1) pairs transposed into dst[p * 32 + col0 + j]. */
+static void load_kpairs(uint32_t *dst, int col0, const void *kv, int64_t ofs, const int32_t *table, int bs, int hd,
+                        int b, int64_t maxpos) {
+    const int hp = hd / 2;
+    for (int j = 0; j < KB; ++j) {
+        int64_t k = (int64_t)b * KB + j;
+        if (k > maxpos) {
+            for (int p = 0; p < hp; ++p) dst[p * 2 * KB + col0 + j] = 0;
+            continue;
+        }
+        int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
+        const uint32_t *src = (const uint32_t *)((const uint16_t *)kv + ofs + slot * hd);
+        for (int p = 0; p < hp; ++p) dst[p * 2 * KB + col0 + j] = src[p];
+    }
+}
+
+static inline void store_scaled(__m512 a, float scale, int64_t lim, float *s, float *m) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(lim < KB ? lim : KB)));
+    __m512 v = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(a, _mm512_set1_ps(scale)));
+    _mm512_storeu_ps(s, v);
+    _mm512_storeu_ps(m, _mm512_max_ps(_mm512_loadu_ps(m), v));
+}
+
+/* As qk_pair, from bf16 queries (qrow: 32-bit pairs) and ktp from load_kpairs; scores = (q . k) * scale. Every
+ * row, in a group of 8 or alone, takes the same instruction sequence, so the same bits. */
+static void qk_pair_bf16(const uint32_t *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
+                         const int64_t *lim, int nr, const uint32_t *ktp, int hd, float scale) {
+    const int hp = hd / 2;
+    int i = 0;
+    for (; i + 8 <= nr; i += 8) {
+        __m512 a[8][2];
+        for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
+        for (int p = 0; p < hp; ++p) {
+            __m512bh k0 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB);
+            __m512bh k1 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB);
+            for (int u = 0; u < 8; ++u) {
+                __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)qrow[i + u][p]);
+                a[u][0] = _mm512_dpbf16_ps(a[u][0], w, k0);
+                a[u][1] = _mm512_dpbf16_ps(a[u][1], w, k1);
+            }
+        }
+        for (int u = 0; u < 8; ++u) {
+            store_scaled(a[u][0], scale, lim[i + u], s0[i + u], mrow[i + u]);
+            if (lim[i + u] >= KB) store_scaled(a[u][1], scale, lim[i + u] - KB, s1[i + u], mrow[i + u]);
+        }
+    }
+    for (; i < nr; ++i) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int p = 0; p < hp; ++p) {
+            __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)qrow[i][p]);
+            a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB));
+            a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB));
+        }
+        store_scaled(a0, scale, lim[i], s0[i], mrow[i]);
+        if (lim[i] >= KB) store_scaled(a1, scale, lim[i] - KB, s1[i], mrow[i]);
+    }
+}
+#define KVSERVE_DPBF16 1
+#else
+#define KVSERVE_DPBF16 0
+#endif
+
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
-static void attend_item(const Item *it, const float *q, const void *kv, int is_bf16, const int32_t *tables,
-                        int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH, int64_t nb, int bs,
-                        int hd, float *buf) {
+static void attend_item(const Item *it, const void *q, float scale, const void *kv, int is_bf16,
+                        const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH,
+                        int64_t nb, int bs, int hd, float *buf) {
     const int nrows = it->ntok * G;
     const int64_t maxpos = pos[it->row_start + it->ntok - 1];
     const int nblk = (int)(maxpos / KB) + 1;
@@ -200,16 +265,27 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
     float *vb = kt + (size_t)hd * 2 * KB;       /* KB * hd */
     float *acc = vb + (size_t)KB * hd;          /* nrows * hd */
     float *lanes = acc + (size_t)nrows * hd;    /* nrows * KB: lane maxima (pass 1), then exp sums */
+    float *qs = lanes + (size_t)nrows * KB;     /* nrows * hd: float32 queries times scale */
+    const int pairs = KVSERVE_DPBF16 && is_bf16 && hd % 2 == 0;
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
     const float *qrow[nrows];
+    const uint32_t *qpair[nrows];
     float *erow[nrows], *orow[nrows], *mrow[nrows], *srow1[nrows];
     int64_t rpos[nrows], lim[nrows];
     for (int r = 0; r < nrows; ++r) {
         int t = r / G, g = r % G;
-        qrow[r] = q + ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
+        const int64_t qofs = ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
+        float *qr = qs + (size_t)r * hd;
+        if (is_bf16) {
+            qpair[r] = (const uint32_t *)((const uint16_t *)q + qofs);
+            for (int d = 0; d < hd; ++d) qr[d] = bf16_to_f32(((const uint16_t *)q)[qofs + d]) * scale;
+        } else {
+            for (int d = 0; d < hd; ++d) qr[d] = ((const float *)q)[qofs + d] * scale;
+        }
+        qrow[r] = qr;
         rpos[r] = pos[it->row_start + t];
         orow[r] = acc + (size_t)r * hd;
         for (int j = 0; j < KB; ++j) lanes[r * KB + j] = -INFINITY;
@@ -217,8 +293,15 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
     /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time. Rows are in
      * position order, so the rows whose last block comes before block b are a prefix of them: skipped. */
     for (int b = 0; b < nblk; b += 2) {
-        load_block(kt, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
-        load_block(kt + KB, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b + 1, maxpos); /* zeros past the end */
+        if (pairs) {
+#if KVSERVE_DPBF16
+            load_kpairs((uint32_t *)kt, 0, kv, kofs, table, bs, hd, b, maxpos);
+            load_kpairs((uint32_t *)kt, KB, kv, kofs, table, bs, hd, b + 1, maxpos);
+#endif
+        } else {
+            load_block(kt, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
+            load_block(kt + KB, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b + 1, maxpos); /* zeros past the end */
+        }
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
         for (int r = first; r < nrows; ++r) {
@@ -227,7 +310,14 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
             mrow[r] = lanes + r * KB;
             lim[r] = rpos[r] - (int64_t)b * KB;
         }
-        qk_pair(qrow + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first, kt, hd);
+        if (pairs) {
+#if KVSERVE_DPBF16
+            qk_pair_bf16(qpair + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first,
+                         (const uint32_t *)kt, hd, scale);
+#endif
+        } else {
+            qk_pair(qrow + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first, kt, hd);
+        }
     }
     /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V */
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
@@ -257,10 +347,12 @@ static void attend_item(const Item *it, const float *q, const void *kv, int is_b
     }
 }
 
-/* q, out: (T, H, hd) float32; kv: (2, KVH, nb, bs, hd) float32 or bfloat16; tables: (S, max_blocks) int32;
+/* q: (T, H, hd) in the cache's dtype, unscaled; out: (T, H, hd) float32; kv: (2, KVH, nb, bs, hd) float32 or
+ * bfloat16; tables: (S, max_blocks) int32;
  * segs: (S, 2) int32 = (first row, tokens) per sequence, its block table is tables[s]; pos: (T,) int64.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const int32_t *tables, int max_blocks,
+int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_bf16, const int32_t *tables,
+                            int max_blocks,
                             const int32_t *segs, int num_segs, const int64_t *pos, float *out, int H, int KVH,
                             int64_t nb, int bs, int hd, int tile, int nthreads) {
     const int G = H / KVH;
@@ -279,7 +371,7 @@ int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const i
         }
     }
     const int64_t rows = (int64_t)tile * G;
-    const size_t scratch = (size_t)(rows * max_width + 3 * (int64_t)hd * KB + rows * hd + rows * KB);
+    const size_t scratch = (size_t)(rows * max_width + 3 * (int64_t)hd * KB + 2 * rows * hd + rows * KB);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -290,7 +382,8 @@ int kvserve_paged_attention(const float *q, const void *kv, int is_bf16, const i
         }
 #pragma omp for schedule(dynamic, 1)
         for (int i = nitems - 1; i >= 0; --i) { /* later tiles of a prompt read more keys: start with them */
-            if (buf) attend_item(&items[i], q, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs, hd, buf);
+            if (buf)
+                attend_item(&items[i], q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs, hd, buf);
         }
         free(buf);
     }
