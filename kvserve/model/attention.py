@@ -1,5 +1,10 @@
 """Paged attention in plain torch, written so that a token's result never depends on its batch.
 
+On CPU, where kvserve's fused C kernel builds (kvserve/model/native.py, the default there), the kernel runs
+attention instead and this module's groups are not built; this path serves CUDA, float16, and CPUs without
+a C compiler (or KVSERVE_ATTENTION=torch). Both paths keep every row batch-invariant; they round
+differently, so a process uses one of them.
+
 The KV cache of one layer is a view of the engine's single preallocated tensor:
     kv_layer: (2, num_kv_heads, num_blocks, block_size, head_dim)      [0] = keys, [1] = values
 A token at absolute position p of a sequence with block table bt lives in slot bt[p // bs] * bs + p % bs of
