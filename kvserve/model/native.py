@@ -66,19 +66,38 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler found: attention runs on the slower torch path")
         return None
+    try:
+        return _build_and_load(cc)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("the attention kernel is unavailable (%s): attention runs on the slower torch path", e)
+        return None
+
+
+def _build_and_load(cc: str) -> ctypes.CDLL | None:
     src = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(src + " ".join(CFLAGS + [cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"kvserve_attention_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            proc = subprocess.run([cc, *CFLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+    name = f"kvserve_attention_{key}.so"
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"kvserve-{os.getuid()}"):
+        target = directory / name
+        if target.exists():
+            break
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue  # an unwritable home: try the temp directory
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            built = Path(tmp) / name
+            cmd = [cc, *CFLAGS, "-o", str(built), str(SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 logger.warning("building the attention kernel failed, using the torch path:\n%s", proc.stderr)
                 return None
             os.replace(built, target)  # atomic: concurrent builders each publish a complete file
+        break
+    else:
+        logger.warning("no writable directory for the attention kernel: attention runs on the torch path")
+        return None
     lib = ctypes.CDLL(str(target))
     fn = lib.kvserve_paged_attention
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64

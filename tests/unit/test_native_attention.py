@@ -112,3 +112,17 @@ def test_rows_do_not_depend_on_batch_chunking_or_block_placement(dtype):
     new_table = list(range(95, 75, -1))
     moved[:, :, new_table] = kv[:, :, table]
     assert torch.equal(_call(q, moved, [(new_table, 0, n)], scale), whole)
+
+
+def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))  # nothing cached there
+    monkeypatch.delenv("KVSERVE_ATTENTION", raising=False)
+    native.load.cache_clear()
+    try:
+        assert native.load() is None
+        assert not native.enabled(torch.device("cpu"), torch.float32)
+        assert "torch path" in caplog.text
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native.load.cache_clear()
