@@ -1,4 +1,4 @@
-/* Paged attention for CPUs, fused: reads K/V straight from the paged cache, float32 math, one fixed order.
+/* Paged attention for CPUs, fused: reads K/V straight from the paged cache through the block tables.
  *
  * Every query row (token t, query head) is computed from its own inputs only: its query, its position p
  * and the keys/values at positions 0..p of its sequence, taken in 16-key blocks 0..p/16 in order. Scores
@@ -7,10 +7,16 @@
  * lane order at the end; P.V is a fused multiply-add per key, in key order. Keys past p inside the row's last
  * block add exact zeros. Nothing depends on the other rows in the call, on how tokens are tiled, on the
  * thread that runs them, or on where the blocks live, so a row gets the same bits in any batch, chunking or
- * cache state (tests/model/test_golden.py checks this end to end).
+ * cache state (tests/unit/test_native_attention.py, tests/model/test_golden.py).
+ *
+ * float32 caches (and bf16 caches on CPUs without AVX512-BF16) convert K/V to float32 and use float32
+ * fused multiply-adds. bf16 caches on AVX512-BF16 CPUs use VDPBF16PS: q.k from the bf16 query and keys
+ * (exact products, float32 sums, times the scale), and P.V from the weights rounded to bf16 (the exp sums
+ * stay float32), as torch's own bf16 flash-attention kernel does; every row, alone or in a group, runs the
+ * same instruction sequence.
  *
  * Built at first use by kvserve/model/native.py (gcc -O3 -march=native -ffp-contract=off): with contraction
- * off, every fused multiply-add is an explicit fmaf, so vectorised and scalar code give the same bits.
+ * off, every fused multiply-add is explicit (fmaf or an intrinsic), so vector and scalar code agree.
  */
 #include <math.h>
 #include <stdint.h>
@@ -247,6 +253,58 @@ static void qk_pair_bf16(const uint32_t *const *qrow, float *const *s0, float *c
         if (lim[i] >= KB) store_scaled(a1, scale, lim[i] - KB, s1[i], mrow[i]);
     }
 }
+/* V block b as (key pair, dim) 32-bit words: dst[p * hd + d] = (v[2p][d], v[2p + 1][d]) in bf16; zeros past
+ * maxpos. hd % 16 == 0. */
+static void load_vpairs(uint32_t *dst, const void *kv, int64_t ofs, const int32_t *table, int bs, int hd, int b,
+                        int64_t maxpos) {
+    for (int p = 0; p < KB / 2; ++p) {
+        const uint16_t *src[2];
+        for (int h = 0; h < 2; ++h) {
+            int64_t k = (int64_t)b * KB + 2 * p + h;
+            src[h] = k > maxpos ? NULL : (const uint16_t *)kv + ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd;
+        }
+        for (int d = 0; d < hd; d += 16) {
+            __m512i lo = src[0] ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src[0] + d)))
+                                : _mm512_setzero_si512();
+            __m512i hi = src[1] ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src[1] + d)))
+                                : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + p * hd + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+/* o_i[d] += sum over key pairs of (e_i pair) . (v pair)[d] with VDPBF16PS; ep: each row's 8 weight pairs of this
+ * block (bf16, from the float32 weights rounded to nearest even). Every row takes the same instructions. */
+static void pv_block_bf16(const uint32_t *const *ep, float *const *o, int nr, const uint32_t *vp, int hd) {
+    int i = 0;
+    if (hd == 64) {
+        for (; i + 4 <= nr; i += 4) {
+            __m512 x[4][4];
+            for (int u = 0; u < 4; ++u)
+                for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[i + u] + 16 * h);
+            for (int p = 0; p < KB / 2; ++p) {
+                __m512bh v[4];
+                for (int h = 0; h < 4; ++h) v[h] = (__m512bh)_mm512_loadu_si512(vp + p * 64 + 16 * h);
+                for (int u = 0; u < 4; ++u) {
+                    __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)ep[i + u][p]);
+                    for (int h = 0; h < 4; ++h) x[u][h] = _mm512_dpbf16_ps(x[u][h], w, v[h]);
+                }
+            }
+            for (int u = 0; u < 4; ++u)
+                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[i + u] + 16 * h, x[u][h]);
+        }
+    }
+    for (; i < nr; ++i) {
+        for (int c = 0; c < hd; c += 16) {
+            __m512 x = _mm512_loadu_ps(o[i] + c);
+            for (int p = 0; p < KB / 2; ++p)
+                x = _mm512_dpbf16_ps(x, (__m512bh)_mm512_set1_epi32((int32_t)ep[i][p]),
+                                     (__m512bh)_mm512_loadu_si512(vp + p * hd + c));
+            _mm512_storeu_ps(o[i] + c, x);
+        }
+    }
+}
+
 #define KVSERVE_DPBF16 1
 #else
 #define KVSERVE_DPBF16 0
@@ -267,12 +325,13 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
     float *lanes = acc + (size_t)nrows * hd;    /* nrows * KB: lane maxima (pass 1), then exp sums */
     float *qs = lanes + (size_t)nrows * KB;     /* nrows * hd: float32 queries times scale */
     const int pairs = KVSERVE_DPBF16 && is_bf16 && hd % 2 == 0;
+    const int vpairs = pairs && hd % 16 == 0; /* P.V from bf16 weights too, as torch's bf16 flash kernel does */
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
     const float *qrow[nrows];
-    const uint32_t *qpair[nrows];
+    const uint32_t *qpair[nrows], *epair[nrows];
     float *erow[nrows], *orow[nrows], *mrow[nrows], *srow1[nrows];
     int64_t rpos[nrows], lim[nrows];
     for (int r = 0; r < nrows; ++r) {
@@ -331,13 +390,27 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
         for (int j = 0; j < KB; ++j) l[j] = 0.0f;
         for (int b = 0; b < nb_r; ++b)
             for (int j = 0; j < KB; ++j) l[j] += s[b * KB + j];
+#if KVSERVE_DPBF16
+        if (vpairs) /* the weights as bf16 pairs, in place: block b's 8 words land below its 16 floats */
+            for (int b = 0; b < nb_r; ++b)
+                _mm256_storeu_si256((__m256i *)((uint32_t *)s + b * (KB / 2)),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + b * KB)));
+#endif
     }
     for (int b = 0; b < nblk; ++b) {
-        load_block(vb, 0, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
-        for (int r = first; r < nrows; ++r) erow[r] = scores + (size_t)r * width + b * KB;
-        pv_block(erow + first, orow + first, nrows - first, vb, hd);
+        if (vpairs) {
+#if KVSERVE_DPBF16
+            load_vpairs((uint32_t *)vb, kv, vofs, table, bs, hd, b, maxpos);
+            for (int r = first; r < nrows; ++r) epair[r] = (const uint32_t *)(scores + (size_t)r * width) + b * (KB / 2);
+            pv_block_bf16(epair + first, orow + first, nrows - first, (const uint32_t *)vb, hd);
+#endif
+        } else {
+            load_block(vb, 0, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
+            for (int r = first; r < nrows; ++r) erow[r] = scores + (size_t)r * width + b * KB;
+            pv_block(erow + first, orow + first, nrows - first, vb, hd);
+        }
     }
     for (int r = 0; r < nrows; ++r) {
         float den = 0.0f;
