@@ -20,6 +20,7 @@ from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.cache_manager import KVCacheManager
 from kvserve.kv.eviction import make_policy, recompute_cost
 from kvserve.kv.tiers import TieredCache, model_fingerprint, open_store
+from kvserve.model import native
 from kvserve.model.device import keep_freed_memory_mapped, resolve_device, resolve_dtype
 from kvserve.model.hybrid import HybridModel
 from kvserve.model.hybrid_runner import make_hybrid_runner
@@ -127,7 +128,8 @@ class LLMEngine:
             return None
         store = open_store(cfg.kv_store) if cfg.kv_store else None
         fingerprint = model_fingerprint(self.model_config, self.loaded.weights)
-        namespace = f"{fingerprint}-b{cfg.block_size}-{str(self.dtype).removeprefix('torch.')}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        namespace = f"{fingerprint}-b{cfg.block_size}-{dtype}-{native.arithmetic_tag(self.device, self.dtype)}"
         tiers = TieredCache(self.runner.kv_cache, namespace, int(cfg.cpu_offload_gb * (1 << 30)), store)
         self.pool.on_evict = tiers.on_evict
         self.kv.tiers = tiers

@@ -30,6 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+ARITHMETIC = 1  # bump when the kernel's numbers change: cached KV from another version must not be read
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 TILE = 64  # prefill tokens per work item: the rows of a tile share every key and value block they load
 
@@ -103,7 +104,21 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fn.argtypes = [ptr, ctypes.c_float, ptr, i32, ptr, i32, ptr, i32, ptr, ptr, i32, i32, i64, i32, i32, i32, i32]
     fn.restype = i32
+    lib.kvserve_attention_features.restype = i32
     return lib
+
+
+def arithmetic_tag(device: torch.device, dtype: torch.dtype) -> str:
+    """Names the attention arithmetic KV blocks are computed with, for keys shared across processes.
+
+    KV at layer > 0 depends on the attention of the layers below, and the two paths (and the kernel's bf16
+    variants) round differently: replicas sharing a KV store must only exchange blocks made the same way.
+    """
+    if not enabled(device, dtype):
+        return f"torch-{device.type}"
+    lib = load()
+    dp = dtype == torch.bfloat16 and lib is not None and lib.kvserve_attention_features() & 1
+    return f"k{ARITHMETIC}" + ("-dpbf16" if dp else "")
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:

@@ -93,6 +93,24 @@ def test_store_keys_separate_models_dtypes_and_tenants(ours, reference, tmp_path
     assert tenant.num_cached_tokens == 0
 
 
+def test_store_keys_separate_attention_arithmetic(ours, tmp_path, attention_path):
+    """KV above layer 0 depends on the attention path (kernel or torch), which round differently: a replica on
+    the other path must not read these blocks, one on the same path must."""
+    attention_path("native")
+    llm = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+    _warm_then_evict(llm)
+    llm.engine.shutdown()
+    attention_path("torch")
+    other = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+    assert not other.engine.runner.native
+    assert other.generate(DOC + QUESTIONS[1], GREEDY)[0].num_cached_tokens == 0
+    assert other.engine.tiers.stats["disk"].hits == 0
+    attention_path("native")
+    same = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+    assert same.generate(DOC + QUESTIONS[1], GREEDY)[0].num_cached_tokens > 0
+    assert same.engine.tiers.stats["disk"].hits > 0
+
+
 def test_redis_store_loads_back_exactly_and_is_shared_by_replicas(ours, reference, redis_server):
     a = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=redis_server.url)
     _warm_then_evict(a)

@@ -420,6 +420,9 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
     }
 }
 
+/* Bit 0: bf16 caches take the VDPBF16PS path (their numbers differ from the float32-conversion path's). */
+int kvserve_attention_features(void) { return KVSERVE_DPBF16; }
+
 /* q: (T, H, hd) in the cache's dtype, unscaled; out: (T, H, hd) float32; kv: (2, KVH, nb, bs, hd) float32 or
  * bfloat16; tables: (S, max_blocks) int32;
  * segs: (S, 2) int32 = (first row, tokens) per sequence, its block table is tables[s]; pos: (T,) int64.
