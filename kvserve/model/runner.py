@@ -83,12 +83,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampleResult]:
         """Run one step; returns the sampled token of every request whose chunk reached its end."""
         is_decode = [s.num_new_tokens == 1 and s.samples for s in sched.scheduled]
-        decodes_in_order = [s for s, d in zip(sched.scheduled, is_decode) if d]
-        # the kernel reads each sequence's blocks in place: no grouping by shared prefix needed
-        clusters = [decodes_in_order] if self.native else _by_first_chunk(decodes_in_order, self.block_size)
-        clusters = [c for c in clusters if c]
-        decodes = [s for cluster in clusters for s in cluster]  # each cluster's rows contiguous
+        decodes = [s for s, d in zip(sched.scheduled, is_decode) if d]
         prefills = [s for s, d in zip(sched.scheduled, is_decode) if not d]
+        # The torch path groups decodes by shared prefix (each cluster's rows contiguous); the kernel reads
+        # every sequence's blocks in place and needs no grouping.
+        clusters = [] if self.native else _by_first_chunk(decodes, self.block_size)
+        if clusters:
+            decodes = [s for cluster in clusters for s in cluster]
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -98,42 +99,27 @@ class ModelRunner:
             for pos in range(s.start, s.end):
                 positions.append(pos)
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
-        dev = self.device
-        kvh = self.model.config.num_key_value_heads
-        group = self.model.config.num_attention_heads // kvh
-        groups = []
-        row = 0
-        for cluster in [] if self.native else clusters:
-            positions_d = [[s.start] for s in cluster]
-            tables = [s.block_ids for s in cluster]
-            groups.append(build_group(row, positions_d, tables, bs, group, dev))
-            row += len(cluster)
         logits_rows = list(range(len(decodes)))
-        if self.native:
-            row = len(decodes)
+        row = len(decodes)
         for s in prefills:
-            if not self.native:
-                for t0 in range(s.start, s.end, QUERY_TILE):
-                    tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
-                    r = row + t0 - s.start
-                    groups.append(build_group(r, [tile], [s.block_ids], bs, group, dev))
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)
+        dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        native_meta = None
+        seqs = decodes + prefills
+        kernel_meta = None
         if self.native:
-            seqs = decodes + prefills
-            native_meta = native.build_meta(
+            kernel_meta = native.build_meta(
                 [s.block_ids for s in seqs], [s.num_new_tokens for s in seqs], positions_t, dev
             )
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             positions=positions_t,
-            groups=groups,
-            native=native_meta,
+            groups=[] if self.native else self._groups(clusters, prefills),
+            native=kernel_meta,
         )
-        sampling = [s for s in decodes + prefills if s.samples]
+        sampling = [s for s in seqs if s.samples]
         logits = self._forward(
             torch.tensor(token_ids, device=dev),
             meta,
@@ -146,6 +132,23 @@ class ModelRunner:
         params = [s.request.sampling_params for s in sampling]
         results = sample(logits, params, [self._generator(s) for s in sampling])
         return {s.request.request_id: r for s, r in zip(sampling, results)}
+
+    def _groups(self, clusters: list[list[ScheduledRequest]], prefills: list[ScheduledRequest]) -> list:
+        """The torch path's attention groups: one per decode cluster, one per QUERY_TILE of each prefill chunk."""
+        bs, dev = self.block_size, self.device
+        group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
+        groups, row = [], 0
+        for cluster in clusters:
+            groups.append(
+                build_group(row, [[s.start] for s in cluster], [s.block_ids for s in cluster], bs, group, dev)
+            )
+            row += len(cluster)
+        for s in prefills:
+            for t0 in range(s.start, s.end, QUERY_TILE):
+                tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
+                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev))
+            row += s.num_new_tokens
+        return groups
 
     def _forward(
         self,
