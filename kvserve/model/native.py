@@ -145,6 +145,8 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: NativeMeta, s
     """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype; K/V already written to kv_layer."""
     lib = load()
     assert lib is not None
+    # the kernel indexes raw memory: the layouts it assumes, checked (cheap) rather than trusted
+    assert kv_layer.is_contiguous() and meta.positions.dtype == torch.int64 and meta.positions.is_contiguous()
     T, H, hd = q.shape
     _, kvh, nb, bs, _ = kv_layer.shape
     q = q.to(kv_layer.dtype).contiguous()  # the kernel scales it (float32 math) or, bf16 on AVX512-BF16, the dot
