@@ -28,6 +28,13 @@
 
 #define KB 16
 
+/* A 32-bit word (a pair of bf16 values) from memory of another declared type, without aliasing trouble. */
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -206,8 +213,8 @@ static void load_kpairs(uint32_t *dst, int col0, const void *kv, int64_t ofs, co
             continue;
         }
         int64_t slot = (int64_t)table[k / bs] * bs + k % bs;
-        const uint32_t *src = (const uint32_t *)((const uint16_t *)kv + ofs + slot * hd);
-        for (int p = 0; p < hp; ++p) dst[p * 2 * KB + col0 + j] = src[p];
+        const uint16_t *src = (const uint16_t *)kv + ofs + slot * hd;
+        for (int p = 0; p < hp; ++p) dst[p * 2 * KB + col0 + j] = (uint32_t)ld32(src + 2 * p);
     }
 }
 
@@ -221,7 +228,7 @@ static inline void store_scaled(__m512 a, float scale, int64_t lim, float *s, fl
 
 /* As qk_pair, from bf16 queries (qrow: 32-bit pairs) and ktp from load_kpairs; scores = (q . k) * scale. Every
  * row, in a group of 8 or alone, takes the same instruction sequence, so the same bits. */
-static void qk_pair_bf16(const uint32_t *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
+static void qk_pair_bf16(const uint16_t *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
                          const int64_t *lim, int nr, const uint32_t *ktp, int hd, float scale) {
     const int hp = hd / 2;
     int i = 0;
@@ -232,7 +239,7 @@ static void qk_pair_bf16(const uint32_t *const *qrow, float *const *s0, float *c
             __m512bh k0 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB);
             __m512bh k1 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB);
             for (int u = 0; u < 8; ++u) {
-                __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)qrow[i + u][p]);
+                __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(qrow[i + u] + 2 * p));
                 a[u][0] = _mm512_dpbf16_ps(a[u][0], w, k0);
                 a[u][1] = _mm512_dpbf16_ps(a[u][1], w, k1);
             }
@@ -245,7 +252,7 @@ static void qk_pair_bf16(const uint32_t *const *qrow, float *const *s0, float *c
     for (; i < nr; ++i) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int p = 0; p < hp; ++p) {
-            __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)qrow[i][p]);
+            __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(qrow[i] + 2 * p));
             a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB));
             a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB));
         }
@@ -275,7 +282,7 @@ static void load_vpairs(uint32_t *dst, const void *kv, int64_t ofs, const int32_
 
 /* o_i[d] += sum over key pairs of (e_i pair) . (v pair)[d] with VDPBF16PS; ep: each row's 8 weight pairs of this
  * block (bf16, from the float32 weights rounded to nearest even). Every row takes the same instructions. */
-static void pv_block_bf16(const uint32_t *const *ep, float *const *o, int nr, const uint32_t *vp, int hd) {
+static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const uint32_t *vp, int hd) {
     int i = 0;
     if (hd == 64) {
         for (; i + 4 <= nr; i += 4) {
@@ -286,7 +293,7 @@ static void pv_block_bf16(const uint32_t *const *ep, float *const *o, int nr, co
                 __m512bh v[4];
                 for (int h = 0; h < 4; ++h) v[h] = (__m512bh)_mm512_loadu_si512(vp + p * 64 + 16 * h);
                 for (int u = 0; u < 4; ++u) {
-                    __m512bh w = (__m512bh)_mm512_set1_epi32((int32_t)ep[i + u][p]);
+                    __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(ep[i + u] + p));
                     for (int h = 0; h < 4; ++h) x[u][h] = _mm512_dpbf16_ps(x[u][h], w, v[h]);
                 }
             }
@@ -298,7 +305,7 @@ static void pv_block_bf16(const uint32_t *const *ep, float *const *o, int nr, co
         for (int c = 0; c < hd; c += 16) {
             __m512 x = _mm512_loadu_ps(o[i] + c);
             for (int p = 0; p < KB / 2; ++p)
-                x = _mm512_dpbf16_ps(x, (__m512bh)_mm512_set1_epi32((int32_t)ep[i][p]),
+                x = _mm512_dpbf16_ps(x, (__m512bh)_mm512_set1_epi32(ld32(ep[i] + p)),
                                      (__m512bh)_mm512_loadu_si512(vp + p * hd + c));
             _mm512_storeu_ps(o[i] + c, x);
         }
@@ -331,7 +338,8 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
     const float *qrow[nrows];
-    const uint32_t *qpair[nrows], *epair[nrows];
+    const uint16_t *qpair[nrows];
+    const float *epair[nrows]; /* a row's bf16 weight pairs, one 32-bit word per float slot's worth */
     float *erow[nrows], *orow[nrows], *mrow[nrows], *srow1[nrows];
     int64_t rpos[nrows], lim[nrows];
     for (int r = 0; r < nrows; ++r) {
@@ -339,7 +347,7 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
         const int64_t qofs = ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
         float *qr = qs + (size_t)r * hd;
         if (is_bf16) {
-            qpair[r] = (const uint32_t *)((const uint16_t *)q + qofs);
+            qpair[r] = (const uint16_t *)q + qofs;
             for (int d = 0; d < hd; ++d) qr[d] = bf16_to_f32(((const uint16_t *)q)[qofs + d]) * scale;
         } else {
             for (int d = 0; d < hd; ++d) qr[d] = ((const float *)q)[qofs + d] * scale;
@@ -403,7 +411,7 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
         if (vpairs) {
 #if KVSERVE_DPBF16
             load_vpairs((uint32_t *)vb, kv, vofs, table, bs, hd, b, maxpos);
-            for (int r = first; r < nrows; ++r) epair[r] = (const uint32_t *)(scores + (size_t)r * width) + b * (KB / 2);
+            for (int r = first; r < nrows; ++r) epair[r] = scores + (size_t)r * width + b * (KB / 2);
             pv_block_bf16(epair + first, orow + first, nrows - first, (const uint32_t *)vb, hd);
 #endif
         } else {
