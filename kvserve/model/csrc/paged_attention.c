@@ -441,7 +441,13 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
                             int64_t nb, int bs, int hd, int tile, int nthreads) {
     const int G = H / KVH;
     int nitems = 0;
-    for (int s = 0; s < num_segs; ++s) nitems += ((segs[2 * s + 1] + tile - 1) / tile) * KVH;
+    for (;;) { /* smaller tiles when there are too few items to keep every thread busy (a short suffix over a
+                * long cached prefix); a tile only groups rows, it never changes a row's bits */
+        nitems = 0;
+        for (int s = 0; s < num_segs; ++s) nitems += ((segs[2 * s + 1] + tile - 1) / tile) * KVH;
+        if (tile <= 8 || nitems >= 4 * nthreads) break;
+        tile /= 2;
+    }
     Item *items = (Item *)malloc(sizeof(Item) * (nitems > 0 ? nitems : 1));
     if (!items) return -1;
     int n = 0;
