@@ -74,10 +74,9 @@ HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A zeroed CPU uint8 buffer of nbytes, 2 MiB-aligned, that the kernel backs with transparent huge pages.
 
-    With THP in `madvise` mode (the common default) anonymous memory gets 4 KiB pages unless asked. Weights
-    and KV blocks stream from RAM every decode step, and on 4 KiB pages plain float32 weights streamed
-    visibly slower in a one-row GEMM pass (torch's own switch, THP_MEM_ALLOC_ENABLE=1, must be set before
-    torch allocates anything, so a library cannot use it). The
+    With THP in `madvise` mode (the common default) anonymous memory gets 4 KiB pages unless asked. The KV
+    pool is read block by block from all over a multi-GB buffer every step (torch's own switch,
+    THP_MEM_ALLOC_ENABLE=1, must be set before torch allocates anything, so a library cannot use it). The
     buffer is its own anonymous mapping, so its pages are fresh (malloc could hand back heap memory faulted in
     long ago, which the advice no longer changes). Best effort: where THP is off this is an ordinary buffer.
     """
@@ -91,19 +90,3 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     buf = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to the mapping
     start = -buf.data_ptr() % HUGE_PAGE
     return buf[start : start + nbytes]
-
-
-def pack_on_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous copies of CPU tensors, laid out in one huge-page buffer (each start 64-byte aligned)."""
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // 64) * 64
-    buf = huge_page_buffer(max(total, 1))
-    out = []
-    for t, off in zip(tensors, offsets):
-        n = t.numel() * t.element_size()
-        dst = buf[off : off + n].view(t.dtype).view(t.shape)
-        dst.copy_(t)
-        out.append(dst)
-    return out

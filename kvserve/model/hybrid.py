@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import MAMBA, ModelConfig
-from kvserve.model.invariant import linear, prepack_linears, uses_onednn
+from kvserve.model.invariant import linear, prepack_model_linears, uses_onednn
 from kvserve.model.mamba2 import MixerStates, MixerWeights, mamba_mixer
 from kvserve.model.rope import apply_rope, rope_tables
 
@@ -124,11 +124,7 @@ class HybridModel:
         self.layers = [self._layer(i) for i in range(config.num_hidden_layers)]
         del self._w  # drop the reference to the float32 source weights
         if device.type == "cpu" and uses_onednn(dtype):  # oneDNN's blocked layout: same bits, faster
-            for layer in self.layers:
-                prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"))
-                if layer.mixer is not None:
-                    prepack_linears(layer.mixer, ("in_proj", "out_proj"))
-            prepack_linears(self, ("lm_head",))  # a copy even when tied: the embedding lookup needs the table
+            prepack_model_linears(self)
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         self.cos = self.sin = torch.empty(0)
         if config.num_attention_layers and self.rotary_dim:

@@ -13,8 +13,8 @@ torch's own inductor emits for CPU linears), not on F.linear. Measured on this p
     prepack_linear_weight gains more in both dtypes.
 float16 (no oneDNN fp16 kernel on CPUs without AVX512-FP16) and non-CPU devices keep F.linear. Under MKL a
 float32 row count below 12 that is not a multiple of 4 takes a small-M kernel with another summation order,
-and a one-row bfloat16 GEMM a GEMV path; `invariant_rows` pads those. The attention's batched matmuls
-(torch.matmul, MKL) use the same rule. On CUDA, cuBLAS picks split-K by shape; exactness there is not claimed
+and a one-row bfloat16 GEMM a GEMV path; `invariant_rows` pads those. The torch attention path's batched
+matmuls (torch.matmul, MKL) use the same rule. On CUDA, cuBLAS picks split-K by shape; exactness there is not claimed
 (documented in the README).
 """
 
@@ -62,6 +62,17 @@ def prepack_linears(owner: object, names: tuple[str, ...]) -> None:
         weight = getattr(owner, name)
         if weight is not None:
             setattr(owner, name, prepack_linear_weight(weight))
+
+
+def prepack_model_linears(model: object) -> None:
+    """Every linear weight of a Llama or hybrid model (its `layers`, their Mamba-2 mixers, its `lm_head`)
+    prepacked. The lm_head gets its own packed copy even when tied: the embedding lookup needs the table."""
+    for layer in model.layers:
+        prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"))
+        mixer = getattr(layer, "mixer", None)
+        if mixer is not None:
+            prepack_linears(mixer, ("in_proj", "out_proj"))
+    prepack_linears(model, ("lm_head",))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,15 +9,14 @@ Logits are computed only for the rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import ModelConfig
-from kvserve.model.device import pack_on_huge_pages
-from kvserve.model.invariant import linear, prepack_linears, uses_onednn
+from kvserve.model.invariant import linear, prepack_model_linears, uses_onednn
 from kvserve.model.rope import apply_rope, rope_tables
 
 
@@ -54,8 +53,8 @@ class LlamaModel:
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
-        if device.type == "cpu":
-            self._place_weights()
+        if device.type == "cpu" and uses_onednn(dtype):  # oneDNN's blocked layout: same bits, 2x faster at batch 1
+            prepack_model_linears(self)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
         self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
         self.sin = sin.to(device=device, dtype=dtype)
@@ -78,27 +77,6 @@ class LlamaModel:
             gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
             down=w(p + "mlp.down_proj.weight"),
         )
-
-    def _place_weights(self) -> None:
-        """Lay the weights out for streaming from RAM: every decode step reads them all.
-
-        Where linears run on oneDNN, its matrices are prepacked into oneDNN's blocked layout (2x faster at
-        batch 1, the same bits; kvserve/model/invariant.py); the lm_head gets its own packed copy even when
-        tied, since the embedding lookup needs the plain table. Otherwise every weight moves into one buffer
-        on transparent huge pages.
-        """
-        if uses_onednn(self.dtype):
-            for layer in self.layers:
-                prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"))
-            prepack_linears(self, ("lm_head",))
-            return
-        owners = [(self, name) for name in ("embed", "lm_head", "final_norm")]
-        owners += [(layer, f.name) for layer in self.layers for f in fields(layer)]
-        owners = [(o, n) for o, n in owners if getattr(o, n) is not None]
-        unique = list({id(getattr(o, n)): getattr(o, n) for o, n in owners}.values())  # lm_head may be embed
-        packed = dict(zip(map(id, unique), pack_on_huge_pages(unique)))
-        for o, n in owners:
-            setattr(o, n, packed[id(getattr(o, n))])
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op (row-wise, so batch-invariant); torch computes it in float32 internally.
