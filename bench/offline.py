@@ -57,12 +57,14 @@ def best_of(fn, repeats: int) -> float:
 def bench_prefill(llm: LLM, hf, n: int, repeats: int) -> dict:
     """Best of `repeats` for each engine, the two alternating (the machine's speed drifts over minutes)."""
     ids = prompt_ids(llm, n)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
 
     def hf_run() -> float:
+        _sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
             hf(x, use_cache=False, logits_to_keep=1)
+        _sync()
         return time.perf_counter() - t0
 
     ours_times, ref_times = [], []
@@ -121,9 +123,9 @@ def bench_ttft(llm: LLM, repeats: int) -> dict:
     }
 
 
-def bandwidth_gbs() -> tuple[float, float]:
-    """(copy GB/s counting read + write, read-only GB/s of a reduction) over a 1 GiB tensor."""
-    src = torch.empty(1 << 28, dtype=torch.float32).fill_(1.0)
+def bandwidth_gbs(device: str = "cpu") -> tuple[float, float]:
+    """(copy GB/s counting read + write, read-only GB/s of a reduction) over a 1 GiB tensor on device."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)
     copy = best_of(lambda: _timed(lambda: dst.copy_(src)), 5)
@@ -133,9 +135,16 @@ def bandwidth_gbs() -> tuple[float, float]:
 
 
 def _timed(fn) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def weight_bytes_per_step(llm: LLM) -> int:
@@ -165,14 +174,12 @@ def forward_share(llm: LLM, steps: int = 20) -> dict:
     return {"step_ms": r["step_ms"], "forward_ms": fwd * 1e3, "outside_forward_ms": r["step_ms"] - fwd * 1e3}
 
 
-def hf_model(dtype: torch.dtype):
+def hf_model(model: str, dtype: torch.dtype, device: torch.device):
     import transformers
 
-    path = resolve_model_path("smollm2-135m")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model.to(dtype).eval()
+    path = resolve_model_path(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return hf.to(device=device, dtype=dtype).eval()
 
 
 def main() -> None:
@@ -182,14 +189,17 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--decode-rounds", type=int, default=3, help="alternating batch-1 / batch-32 rounds")
     ap.add_argument("--out", default="bench/results/offline.json")
+    ap.add_argument("--model", default="smollm2-135m", help="bundled alias or a .gguf file")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the CPU numbers are the issue's)")
     args = ap.parse_args()
     if len(args.dtypes) > 1:  # one fresh process per dtype: measured, the second dtype in one process ran
         return _one_process_per_dtype(args)  # decode up to 30% slower (allocator and oneDNN state left over)
-    loaded = load_model("smollm2-135m")
-    copy_bw, bw = bandwidth_gbs()  # the floor uses the read bandwidth: a decode step only reads weights
+    loaded = load_model(args.model)
+    copy_bw, bw = bandwidth_gbs(args.device)  # the floor uses the read bandwidth: a decode step only reads weights
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "threads": torch.get_num_threads(),
             "copy_bandwidth_gbs": copy_bw,
             "read_bandwidth_gbs": bw,
@@ -197,17 +207,18 @@ def main() -> None:
         "dtypes": {},
     }
     for dtype in tqdm(args.dtypes, desc="dtypes"):
-        llm = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, max_num_seqs=64, enable_prefix_caching=False)
-        hf = hf_model(llm.engine.dtype)
+        kw = dict(loaded=loaded, dtype=dtype, device=args.device, max_num_batched_tokens=4096)
+        llm = LLM(**kw, max_num_seqs=64, enable_prefix_caching=False)
+        hf = hf_model(args.model, llm.engine.dtype, llm.engine.device)
         r: dict = {"prefill": [bench_prefill(llm, hf, n, args.repeats) for n in tqdm([512, 2048], desc="prefill")]}
         del hf
         r["decode"], r["decode_rounds"] = bench_decode_rounds(llm, [1, 32], args.decode_steps, args.decode_rounds)
         r["decode_32_over_1"] = r["decode"][1]["tok_s"] / r["decode"][0]["tok_s"]
-        cached = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, enable_prefix_caching=True)
+        cached = LLM(**kw, enable_prefix_caching=True)
         r["ttft"] = bench_ttft(cached, args.repeats)
         # Bandwidth varies between processes on this shared machine (one run read 42 and 28 GB/s in two
         # processes a minute apart): measured again next to the step, and the higher (stricter) read is used.
-        read_bw = max(bw, bandwidth_gbs()[1])
+        read_bw = max(bw, bandwidth_gbs(args.device)[1])
         floor_ms = weight_bytes_per_step(llm) / (read_bw * 1e9) * 1e3
         share = forward_share(llm)
         r["floor"] = {
@@ -235,7 +246,7 @@ def _one_process_per_dtype(args: argparse.Namespace) -> None:
             out = Path(tmp) / f"{dtype}.json"
             cmd = [sys.executable, __file__, "--dtypes", dtype, "--repeats", str(args.repeats)]
             cmd += ["--decode-steps", str(args.decode_steps), "--decode-rounds", str(args.decode_rounds)]
-            cmd += ["--out", str(out)]
+            cmd += ["--out", str(out), "--model", args.model, "--device", args.device]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             one = json.loads(out.read_text())
             merged.setdefault("machine", one["machine"])
