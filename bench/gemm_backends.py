@@ -1,7 +1,8 @@
 """The bundled model's linear layers on F.linear (MKL / oneDNN as torch picks) vs oneDNN's inner product.
 
-Three columns: F.linear on plain weights, oneDNN's inner product on plain weights, and oneDNN on weights
-prepacked in its blocked layout (what kvserve runs, kvserve/model/invariant.py).
+Four columns: F.linear on plain weights, oneDNN's inner product on plain weights, oneDNN on weights
+prepacked in its blocked layout (kvserve's fallback), and kvserve's own kernel on its packed panels
+(kvserve/model/csrc/linear.c; what kvserve runs where it builds, kvserve/model/invariant.py).
 
     .venv/bin/python bench/gemm_backends.py [--rows 1 2 4 32 512 2048] [--out bench/results/gemm_backends.json]
 
@@ -22,12 +23,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kvserve.model import native
 from kvserve.model.invariant import prepack_linear_weight
 from kvserve.model.loader import load_model
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def kernel(x: torch.Tensor, w: native.PackedLinear) -> torch.Tensor:
+    return w(x)
 
 
 def timed_pass(fn, layers: list[list[torch.Tensor]], head: torch.Tensor | None, xs: dict[int, torch.Tensor]) -> float:
@@ -57,6 +63,10 @@ def main() -> None:
         head = torch.randn(cfg.vocab_size, D).to(dtype)
         packed_layers = [[prepack_linear_weight(w) for w in ws] for ws in layers]
         packed_head = prepack_linear_weight(head)
+        use_kernel = native.linear_enabled(torch.device("cpu"), dtype)
+        if use_kernel:
+            kernel_layers = [[native.PackedLinear(w) for w in ws] for ws in layers]
+            kernel_head = native.PackedLinear(head)
         for m in tqdm(args.rows, desc=name):
             xs = {D: torch.randn(m, D).to(dtype), inter: torch.randn(m, inter).to(dtype)}
             with_head = m <= 32
@@ -65,6 +75,8 @@ def main() -> None:
             row = {"dtype": name, "rows": m, "lm_head": with_head, "weight_bytes": nbytes}
             runs = (("f_linear", F.linear, layers, head), ("onednn", onednn, layers, head))
             runs += (("prepacked", onednn, packed_layers, packed_head),)
+            if use_kernel:
+                runs += (("kernel", kernel, kernel_layers, kernel_head),)
             for label, fn, ws_, head_ in runs:
                 args_ = (fn, ws_, head_ if with_head else None, xs)
                 timed_pass(*args_)
@@ -77,6 +89,7 @@ def main() -> None:
             print(
                 f"{name:9s} rows {m:5d}: F.linear {row['f_linear_ms']:8.2f} ms  oneDNN {row['onednn_ms']:8.2f} ms"
                 f"  prepacked {row['prepacked_ms']:8.2f} ms ({row['speedup_prepacked']:.2f}x F.linear)"
+                + (f"  kernel {row['kernel_ms']:8.2f} ms ({row['kernel_gbs']:.1f} GB/s)" if use_kernel else "")
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import MAMBA, ModelConfig
-from kvserve.model.invariant import linear, prepack_model_linears, uses_onednn
+from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
 from kvserve.model.mamba2 import MixerStates, MixerWeights, mamba_mixer
 from kvserve.model.rope import apply_rope, rope_tables
 
@@ -123,7 +123,7 @@ class HybridModel:
         self.final_norm = w(self.names["final_norm"])
         self.layers = [self._layer(i) for i in range(config.num_hidden_layers)]
         del self._w  # drop the reference to the float32 source weights
-        if device.type == "cpu" and uses_onednn(dtype):  # oneDNN's blocked layout: same bits, faster
+        if packs_linears(device, dtype):  # the kernel's panels (else oneDNN's blocked layout): faster
             prepack_model_linears(self)
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         self.cos = self.sin = torch.empty(0)

@@ -1,6 +1,9 @@
 """GEMMs whose result for a row does not depend on how many rows share the call.
 
-Linear layers on CPU run on oneDNN's inner-product kernels (`torch.ops.mkldnn._linear_pointwise`, the op
+Linear layers on CPU run on kvserve's own kernel (kvserve/model/csrc/linear.c, via native.PackedLinear) where
+it builds: one fixed chain of fused multiply-adds per output, so invariant by construction, with no padding
+row; as fast as oneDNN at 32 rows and up and up to 2x faster at 1-2 rows (bench/gemm_backends.py). Elsewhere
+(no compiler, no AVX-512, or KVSERVE_LINEAR=onednn) they run on oneDNN's inner-product kernels (`torch.ops.mkldnn._linear_pointwise`, the op
 torch's own inductor emits for CPU linears), not on F.linear. Measured on this project's torch 2.13 CPU build
 (tests/unit/test_invariant_gemm.py checks it on every run):
   * rows are bit-identical for every row count M >= 2 (M up to 4,200 and row offsets tried); one row takes a
@@ -25,6 +28,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from kvserve.model import native
+
 
 def invariant_rows(m: int, dtype: torch.dtype) -> int:
     """Row count for an MKL GEMM (F.linear, torch.matmul on CPU) so that each row is the same as in any batch."""
@@ -45,6 +50,18 @@ def uses_onednn(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model of this device and dtype packs its linear weights (for the kernel or for oneDNN)."""
+    return device.type == "cpu" and (native.linear_enabled(device, dtype) or uses_onednn(dtype))
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | native.PackedLinear:
+    """weight in the layout `linear` runs fastest on: the kernel's panels, else oneDNN's blocked layout."""
+    if native.linear_enabled(weight.device, weight.dtype) and not (weight.dtype == torch.bfloat16 and weight.shape[1] % 2):
+        return native.PackedLinear(weight)
+    return prepack_linear_weight(weight)
+
+
 def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight (out, in) in oneDNN's blocked layout for `linear` (an opaque mkldnn tensor; CPU, uses_onednn dtypes).
 
@@ -57,11 +74,11 @@ def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepack_linears(owner: object, names: tuple[str, ...]) -> None:
-    """Replace owner's named weight attributes (None ones skipped) with prepack_linear_weight copies."""
+    """Replace owner's named weight attributes (None ones skipped) with pack_linear_weight copies."""
     for name in names:
         weight = getattr(owner, name)
         if weight is not None:
-            setattr(owner, name, prepack_linear_weight(weight))
+            setattr(owner, name, pack_linear_weight(weight))
 
 
 def prepack_model_linears(model: object) -> None:
@@ -75,11 +92,24 @@ def prepack_model_linears(model: object) -> None:
     prepack_linears(model, ("lm_head",))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose rows do not depend on the number of rows in x (x: (M, in), contiguous rows).
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | native.PackedLinear,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + F.linear(x, weight, bias), whose rows do not depend on the number of rows in x (x: (M, in)).
 
-    weight is a plain (out, in) tensor or one from prepack_linear_weight.
+    weight is a plain (out, in) tensor or one from pack_linear_weight / prepack_linear_weight. The kernel adds
+    the residual in its epilogue, with the roundings of the unfused expression.
     """
+    if isinstance(weight, native.PackedLinear):
+        return weight(x, bias, residual)
+    out = _linear(x, weight, bias)
+    return out if residual is None else residual + out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     if m == 0:
         return x.new_zeros((0, weight.shape[0]))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvserve.model import native
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.config import ModelConfig
-from kvserve.model.invariant import linear, prepack_model_linears, uses_onednn
+from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
 
 
@@ -53,7 +54,7 @@ class LlamaModel:
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
-        if device.type == "cpu" and uses_onednn(dtype):  # oneDNN's blocked layout: same bits, 2x faster at batch 1
+        if packs_linears(device, dtype):  # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
             prepack_model_linears(self)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
         self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
@@ -61,6 +62,12 @@ class LlamaModel:
         self.scale = config.head_dim**-0.5
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
+        # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
+        # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
+        names = ("qkv", "o_proj", "gate_up", "down")
+        self.fused = native.enabled(device, dtype) and all(
+            isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names
+        )
 
     def _layer(self, w, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -87,6 +94,8 @@ class LlamaModel:
         self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
     ) -> torch.Tensor:
         """input_ids: (T,); kv_cache: (layers, 2, kvh, blocks, bs, hd); -> logits (S, V) float32."""
+        if self.fused:
+            return self._forward_fused(input_ids, kv_cache, meta, logits_rows)
         cfg = self.config
         T = input_ids.shape[0]
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -101,9 +110,40 @@ class LlamaModel:
             q, k = qk[:, :H], qk[:, H:]
             write_kv(kv_layer, k, qkv[:, self.q_size + self.kv_size :].view(T, KVH, hd), meta.slot_mapping)
             attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
-            x = x + linear(attn.view(T, H * hd), layer.o_proj)
+            x = linear(attn.view(T, H * hd), layer.o_proj, residual=x)
             h = self._norm(x, layer.post_norm)
             gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.down)
+            x = linear(F.silu(gate) * up, layer.down, residual=x)
         h = self._norm(x[logits_rows], self.final_norm)
+        return linear(h, self.lm_head).float()
+
+    def _forward_fused(
+        self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """forward() with each layer one call of csrc/layer.c (same inputs and outputs)."""
+        cfg, lib, nm = self.config, native.load(), meta.native
+        assert lib is not None and nm is not None, "the fused layer needs the native attention metadata"
+        T, D, inter = input_ids.shape[0], cfg.hidden_size, cfg.intermediate_size
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bf = int(self.dtype == torch.bfloat16)
+        x = self.embed[input_ids]  # (T, D), a new tensor: the layers update it in place
+        work = torch.empty(lib.kvserve_llama_layer_scratch(T, D, H, KVH, hd, inter, bf), dtype=torch.uint8)
+        _, _, _, nb, bs, _ = kv_cache.shape
+        layer_bytes = kv_cache.stride(0) * kv_cache.element_size()
+        steps = (meta.positions.data_ptr(), meta.slot_mapping.data_ptr())
+        tables = (nm.tables.data_ptr(), nm.tables.shape[1], nm.segs.data_ptr(), nm.segs.shape[0])
+        dims = (H, KVH, nb, bs, hd, self.scale, native.TILE, torch.get_num_threads(), work.data_ptr())
+        eps = cfg.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()
+            weights = (layer.qkv.packed.data_ptr(), bias, layer.o_proj.packed.data_ptr())
+            weights += (layer.gate_up.packed.data_ptr(), inter, layer.down.packed.data_ptr())
+            rc = lib.kvserve_llama_layer(
+                x.data_ptr(), T, D, bf, layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), eps, *weights,
+                self.cos.data_ptr(), self.sin.data_ptr(), *steps, kv_cache.data_ptr() + i * layer_bytes, *tables,
+                *dims,
+            )  # fmt: skip
+            if rc != 0:
+                raise MemoryError("attention kernel could not allocate its scratch memory")
+        h = native.rmsnorm(x[logits_rows], self.final_norm, eps)
         return linear(h, self.lm_head).float()

@@ -1,4 +1,5 @@
-"""kvserve's fused CPU attention kernel (csrc/paged_attention.c), built with the system C compiler at first use.
+"""kvserve's CPU kernels, built with the system C compiler at first use: fused paged attention
+(csrc/paged_attention.c) and linear layers (csrc/linear.c).
 
 The kernel reads K/V straight from the paged cache through the block tables (no gathered copy, no float32
 copy of bf16 blocks) and computes every query row from its own inputs in one fixed order, so it is batch-
@@ -6,6 +7,11 @@ invariant by construction (see the C file). It is chosen once per process: on CP
 OpenMP is found and the cache is float32 or bfloat16, unless KVSERVE_ATTENTION=torch; everything else runs
 the torch path in kvserve/model/attention.py. The two paths round differently, so one process never mixes
 them (a cached block written under one is read under the same one).
+
+The linear kernel (csrc/linear.c) computes every output as one chain of fused multiply-adds over the input
+features in order, so its rows are batch-invariant too, with no padding row: a batch-1 decode step streams
+each weight once at the memory's speed. It needs AVX-512 (AVX512-BF16 for bfloat16); elsewhere, or with
+KVSERVE_LINEAR=onednn, linears run on oneDNN (kvserve/model/invariant.py). Its choice is per process as well.
 
 The shared object is cached under $KVSERVE_CACHE_DIR (default ~/.cache/kvserve), keyed by the source, the
 compiler flags and the compiler; `-march=native` makes it specific to the machine that built it, and the CPU
@@ -29,8 +35,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-ARITHMETIC = 1  # bump when the kernel's numbers change: cached KV from another version must not be read
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "linear.c", "layer.c"))
+HEADERS = (CSRC / "kvmath.h",)
+ARITHMETIC = 1  # bump when the attention kernel's numbers change: cached KV from another version must not be read
+LINEAR_ARITHMETIC = 1  # the same for the linear kernel
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 TILE = 64  # prefill tokens per work item: the rows of a tile share every key and value block they load
 
@@ -60,9 +69,7 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (not wanted, no compiler, or the build failed: logged once)."""
-    if os.environ.get("KVSERVE_ATTENTION", "native") == "torch":
-        return None
+    """The compiled kernels, or None (no compiler, or the build failed: logged once)."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         logger.warning("no C compiler found: attention runs on the slower torch path")
@@ -75,7 +82,7 @@ def load() -> ctypes.CDLL | None:
 
 
 def _build_and_load(cc: str) -> ctypes.CDLL | None:
-    src = SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(src + " ".join(CFLAGS + [cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
     name = f"kvserve_attention_{key}.so"
@@ -89,7 +96,7 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
             continue  # an unwritable home: try the temp directory
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             built = Path(tmp) / name
-            cmd = [cc, *CFLAGS, "-o", str(built), str(SOURCE)]
+            cmd = [cc, *CFLAGS, "-o", str(built), *map(str, SOURCES)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 logger.warning("building the attention kernel failed, using the torch path:\n%s", proc.stderr)
@@ -105,6 +112,19 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     fn.argtypes = [ptr, ctypes.c_float, ptr, i32, ptr, i32, ptr, i32, ptr, ptr, i32, i32, i64, i32, i32, i32, i32]
     fn.restype = i32
     lib.kvserve_attention_features.restype = i32
+    lib.kvserve_linear_features.restype = i32
+    for fn in (lib.kvserve_pack_f32, lib.kvserve_pack_bf16):
+        fn.argtypes, fn.restype = [ptr, i64, i64, ptr], None
+    for fn in (lib.kvserve_linear_f32, lib.kvserve_linear_bf16):
+        fn.argtypes, fn.restype = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i32], None
+    lib.kvserve_rmsnorm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
+    lib.kvserve_rmsnorm.restype = None
+    lib.kvserve_llama_layer_scratch.argtypes = [i64, i64, i32, i32, i32, i64, i32]
+    lib.kvserve_llama_layer_scratch.restype = i64
+    f = ctypes.c_float
+    lib.kvserve_llama_layer.argtypes = [ptr, i64, i64, i32, ptr, ptr, f, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.kvserve_llama_layer.argtypes += [ptr, ptr, ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
+    lib.kvserve_llama_layer.restype = i32
     return lib
 
 
@@ -114,16 +134,86 @@ def arithmetic_tag(device: torch.device, dtype: torch.dtype) -> str:
     KV at layer > 0 depends on the attention of the layers below, and the two paths (and the kernel's bf16
     variants) round differently: replicas sharing a KV store must only exchange blocks made the same way.
     """
+    lin = f"-lin{LINEAR_ARITHMETIC}" if linear_enabled(device, dtype) else ""
     if not enabled(device, dtype):
-        return f"torch-{device.type}"
+        return f"torch-{device.type}{lin}"
     lib = load()
     dp = dtype == torch.bfloat16 and lib is not None and lib.kvserve_attention_features() & 1
-    return f"k{ARITHMETIC}" + ("-dpbf16" if dp else "")
+    return f"k{ARITHMETIC}" + ("-dpbf16" if dp else "") + lin
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether attention for this device and cache dtype runs on the kernel (a per-process choice)."""
+    if os.environ.get("KVSERVE_ATTENTION", "native") == "torch":
+        return False
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and load() is not None
+
+
+def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether linear layers of this device and dtype run on the kernel (else oneDNN; a per-process choice)."""
+    if device.type != "cpu" or os.environ.get("KVSERVE_LINEAR", "native") == "onednn":
+        return False
+    bit = {torch.float32: 1, torch.bfloat16: 2}.get(dtype, 0)
+    lib = load()
+    return lib is not None and bool(lib.kvserve_linear_features() & bit)
+
+
+NR = 48  # output columns per packed panel (csrc/linear.c)
+
+
+class PackedLinear:
+    """A (out, in) weight in the linear kernel's panel layout (from pack_linear)."""
+
+    def __init__(self, weight: torch.Tensor):
+        lib = load()
+        assert lib is not None and weight.dim() == 2 and weight.device.type == "cpu"
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        n, k = self.shape
+        if self.dtype == torch.bfloat16 and k % 2:
+            raise ValueError("bfloat16 linears need an even number of input features")
+        weight = weight.contiguous()
+        self.packed = torch.empty((n + NR - 1) // NR * NR * k, dtype=weight.dtype)
+        pack = lib.kvserve_pack_f32 if self.dtype == torch.float32 else lib.kvserve_pack_bf16
+        pack(weight.data_ptr(), n, k, self.packed.data_ptr())
+        self._call = lib.kvserve_linear_f32 if self.dtype == torch.float32 else lib.kvserve_linear_bf16
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def element_size(self) -> int:
+        return self.packed.element_size()
+
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """residual + x @ weight.T + bias; x: (M, in) with unit column stride, in the weight's dtype."""
+        n, k = self.shape
+        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"linear of a {tuple(x.shape)} {x.dtype} input with a {self.shape} {self.dtype} weight")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty((m, n), dtype=x.dtype)
+        if bias is not None:
+            bias = bias.to(x.dtype).contiguous()
+        if residual is not None:
+            residual = residual.to(x.dtype).contiguous()
+            assert residual.shape == (m, n)
+        if m:
+            self._call(
+                x.data_ptr(),
+                x.stride(0),
+                m,
+                k,
+                self.packed.data_ptr(),
+                n,
+                None if bias is None else bias.data_ptr(),
+                None if residual is None else residual.data_ptr(),
+                y.data_ptr(),
+                torch.get_num_threads(),
+            )
+        return y
 
 
 def build_meta(tables: list[list[int]], counts: list[int], positions: torch.Tensor, device: torch.device) -> NativeMeta:
@@ -173,3 +263,15 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: NativeMeta, s
     if rc != 0:
         raise MemoryError("attention kernel could not allocate its scratch memory")
     return out.to(q.dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The fused layer's RMSNorm (csrc/layer.c) of x's rows: (T, D) -> (T, D), in x's dtype."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib = load()
+    assert lib is not None
+    T, D = x.shape
+    bf = int(x.dtype == torch.bfloat16)
+    lib.kvserve_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), T, D, eps, bf, torch.get_num_threads())
+    return out

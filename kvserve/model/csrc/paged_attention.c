@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvmath.h"
+
 #define KB 16
 
 /* A 32-bit word (a pair of bf16 values) from memory of another declared type, without aliasing trouble. */
@@ -35,34 +37,9 @@ static inline int32_t ld32(const void *p) {
     return v;
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* x[i] = exp(x[i] - m) for i < n (x[i] <= m), exactly 0 below -87 (and for -inf): Cephes' expf polynomial,
- * about 1 ulp. Straight-line lane code, so the compiler vectorises it. */
+/* x[i] = exp(x[i] - m) for i < n (x[i] <= m), exactly 0 below -87 (and for -inf): kvmath.h's polynomial. */
 static void exp_shifted(float *restrict x, int n, float m) {
-    for (int j = 0; j < n; ++j) {
-        float d = x[j] - m;
-        float v = d < -87.0f ? -87.0f : d; /* not fmaxf: GCC does not vectorise it */
-        float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-        float r = v - k * 0.693359375f;
-        r = r - k * -2.12194440e-4f;
-        float q = 1.9875691500e-4f;
-        q = q * r + 1.3981999507e-3f;
-        q = q * r + 8.3334519073e-3f;
-        q = q * r + 4.1665795894e-2f;
-        q = q * r + 1.6666665459e-1f;
-        q = q * r + 5.0000001201e-1f;
-        q = q * (r * r) + r + 1.0f;
-        int32_t bits = ((int32_t)k + 127) << 23;
-        float scale;
-        memcpy(&scale, &bits, sizeof scale);
-        x[j] = d < -87.0f ? 0.0f : q * scale;
-    }
+    for (int j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] - m);
 }
 
 typedef struct {

@@ -1,0 +1,41 @@
+/* Scalar helpers shared by kvserve's CPU kernels: bfloat16 conversions and a fixed exp polynomial.
+ * Straight-line code, so loops over them vectorise, with the same bits in vector and scalar code. */
+#ifndef KVSERVE_KVMATH_H
+#define KVSERVE_KVMATH_H
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(d) for d <= 0 (and -inf), exactly 0 below -87: Cephes' expf polynomial, about 1 ulp. */
+static inline float exp_nonpos(float d) {
+    float v = d < -87.0f ? -87.0f : d; /* not fmaxf: GCC does not vectorise it */
+    float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = v - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    q = q * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return d < -87.0f ? 0.0f : q * scale;
+}
+#endif

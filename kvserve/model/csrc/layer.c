@@ -1,0 +1,145 @@
+/* One Llama decoder layer for CPUs in one call: the whole layer for T rows, with no Python in between.
+ *
+ *   h = RMSNorm(x) ; qkv = h Wqkv^T (+ b) ; RoPE(q, k) ; K, V -> paged cache ; a = attention(q)
+ *   x = x + a Wo^T ; h = RMSNorm(x) ; [g u] = h Wgu^T ; x = x + (silu(g) * u) Wdown^T
+ *
+ * The linears and the attention are kvserve_linear_* (linear.c) and kvserve_paged_attention
+ * (paged_attention.c); the rest is row-wise: RMSNorm sums x^2 in 16 lanes (lane = feature mod 16) folded in
+ * lane order; RoPE and the SwiGLU product are element-wise; silu uses kvmath.h's exp. A row's bits depend on
+ * nothing but its own inputs, as in the two kernels, so the layer is batch-invariant as a whole.
+ * Roundings follow Hugging Face's modeling_llama in the model dtype: RMSNorm in float32, rounded before the
+ * weight is applied; q*cos + rotate_half(q)*sin with each product and the sum rounded; silu rounded, then the
+ * product with up rounded; the attention output rounded before o_proj. In float32 nothing rounds in between.
+ *
+ * Scratch: the caller passes `work` of kvserve_llama_layer_scratch(...) bytes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvmath.h"
+
+void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
+                        const float *bias, const float *res, float *y, int nthreads);
+void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                         const uint16_t *bias, const uint16_t *res, uint16_t *y, int nthreads);
+int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_bf16, const int32_t *tables,
+                            int max_blocks, const int32_t *segs, int num_segs, const int64_t *pos, float *out, int H,
+                            int KVH, int64_t nb, int bs, int hd, int tile, int nthreads);
+
+#define LANES 16
+#define PAR_ROWS 16 /* row-wise work runs on one thread below this many rows */
+
+static inline float ld(const void *p, int64_t i, int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline float rnd(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static inline void st(void *p, int64_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, int64_t N, const void *bias,
+                   const void *res, void *y, int nt) {
+    if (bf)
+        kvserve_linear_bf16(x, K, M, K, wp, N, bias, res, y, nt);
+    else
+        kvserve_linear_f32(x, K, M, K, wp, N, bias, res, y, nt);
+}
+
+/* out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), per row. */
+static void rmsnorm_row(const void *x, const void *w, void *out, int64_t t, int64_t D, float eps, int bf) {
+    float lanes[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            float v = ld(x, t * D + d + j, bf);
+            lanes[j] = lanes[j] + v * v;
+        }
+    for (int j = 0; d + j < D; ++j) {
+        float v = ld(x, t * D + d + j, bf);
+        lanes[j] = lanes[j] + v * v;
+    }
+    float ss = 0.0f;
+    for (int j = 0; j < LANES; ++j) ss += lanes[j];
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (d = 0; d < D; ++d) st(out, t * D + d, ld(w, d, bf) * rnd(ld(x, t * D + d, bf) * r, bf), bf);
+}
+
+void kvserve_rmsnorm(const void *x, const void *w, void *out, int64_t T, int64_t D, float eps, int bf, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
+    for (int64_t t = 0; t < T; ++t) rmsnorm_row(x, w, out, t, D, eps, bf);
+}
+
+/* src (hd) at position p -> dst: src*cos + rotate_half(src)*sin, rotate_half(s) = (-s[hd/2:], s[:hd/2]). */
+static inline void rope(const void *src, int64_t so, void *dst, int64_t dof, const void *cs, const void *sn,
+                        int64_t p, int hd, int bf) {
+    const int half = hd / 2;
+    for (int d = 0; d < hd; ++d) {
+        float v = ld(src, so + d, bf);
+        float rot = d < half ? -ld(src, so + d + half, bf) : ld(src, so + d - half, bf);
+        float a = rnd(v * ld(cs, p * hd + d, bf), bf), b = rnd(rot * ld(sn, p * hd + d, bf), bf);
+        st(dst, dof + d, a + b, bf);
+    }
+}
+
+int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf) {
+    const int64_t e = bf ? 2 : 4, qkv = (int64_t)(H + 2 * KVH) * hd;
+    return 64 + T * (D * e + qkv * e + (int64_t)H * hd * (e + 4) + 3 * inter * e);
+}
+
+/* x: (T, D) residual stream in the model dtype, updated in place; cos/sin: (max_len, hd); pos, slots: (T,);
+ * kv: this layer's (2, KVH, nb, bs, hd) cache; tables/segs as kvserve_paged_attention's. Returns 0, or -1
+ * when the attention's scratch memory could not be allocated. */
+int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_norm, const void *post_norm, float eps,
+                        const void *qkv_p, const void *qkv_bias, const void *o_p, const void *gu_p, int64_t inter,
+                        const void *down_p, const void *cs, const void *sn, const int64_t *pos, const int64_t *slots,
+                        void *kv, const int32_t *tables, int max_blocks, const int32_t *segs, int nseg, int H,
+                        int KVH, int64_t nb, int bs, int hd, float scale, int tile, int nt, void *work) {
+    const int64_t e = bf ? 2 : 4, nqkv = (int64_t)(H + 2 * KVH) * hd, qd = (int64_t)H * hd;
+    char *w = (char *)work;
+    void *h = w;
+    void *qkv = w + T * D * e;
+    void *q = (char *)qkv + T * nqkv * e;
+    float *att = (float *)((char *)q + T * qd * e);
+    void *gu = (char *)att + T * qd * 4;
+    void *act = (char *)gu + T * 2 * inter * e;
+
+    kvserve_rmsnorm(x, in_norm, h, T, D, eps, bf, nt);
+    linear(bf, h, T, D, qkv_p, nqkv, qkv_bias, NULL, qkv, nt);
+#pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = t * nqkv, p = pos[t], slot = slots[t];
+        for (int i = 0; i < H; ++i) rope(qkv, row + (int64_t)i * hd, q, t * qd + (int64_t)i * hd, cs, sn, p, hd, bf);
+        for (int g = 0; g < KVH; ++g) {
+            const int64_t kofs = ((int64_t)g * nb * bs + slot) * hd, vofs = kofs + (int64_t)KVH * nb * bs * hd;
+            rope(qkv, row + qd + (int64_t)g * hd, kv, kofs, cs, sn, p, hd, bf);
+            memcpy((char *)kv + vofs * e, (char *)qkv + (row + qd + (int64_t)(KVH + g) * hd) * e, (size_t)hd * e);
+        }
+    }
+    if (kvserve_paged_attention(q, scale, kv, bf, tables, max_blocks, segs, nseg, pos, att, H, KVH, nb, bs, hd, tile,
+                                nt))
+        return -1;
+    const void *a = att;
+    if (bf) { /* the attention output rounded to bf16, into q's buffer (q is no longer needed) */
+        for (int64_t i = 0; i < T * qd; ++i) ((uint16_t *)q)[i] = f32_to_bf16(att[i]);
+        a = q;
+    }
+    linear(bf, a, T, qd, o_p, D, NULL, x, x, nt);
+    kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
+    linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, gu, nt);
+#pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < inter; ++i) {
+            const float g = ld(gu, t * 2 * inter + i, bf), u = ld(gu, t * 2 * inter + inter + i, bf);
+            const float en = exp_nonpos(g < 0 ? g : -g); /* exp(-|g|) */
+            const float s = g >= 0 ? g / (1.0f + en) : g * en / (1.0f + en);
+            st(act, t * inter + i, rnd(s, bf) * u, bf);
+        }
+    linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
+    return 0;
+}

@@ -1,0 +1,229 @@
+/* Linear layers for CPUs: y = x W^T (+ bias) (+ residual), batch-invariant by construction.
+ *
+ * Every output element y[m, n] is one chain of fused multiply-adds over k = 0, 1, ..., K-1 in order
+ * (bfloat16: one VDPBF16PS step per pair of k, pairs in order), started from zero, then bias, then residual.
+ * No split of K, no tree, no dependence on M, on the tile a row falls in, or on the thread that runs it, so a
+ * row's bits are the same alone, padded or in any batch (tests/unit/test_native_linear.py). This is what
+ * lets a batch-1 decode step read the weights once, at the memory's speed, with no padding row and no
+ * separate GEMV kernel.
+ *
+ * Weights are packed once (kvserve_pack_*): panels of NR = 48 output columns, each panel holding, for every k,
+ * its 48 weights contiguously (bfloat16: for every pair of k, 48 interleaved pairs), so a panel streams
+ * sequentially. The micro-kernel keeps an (up to) 8-row x 48-column tile of accumulators in 24 registers;
+ * every weight vector it loads serves all the tile's rows.
+ *
+ * Built with kvserve/model/csrc/paged_attention.c's flags (-ffp-contract=off: every fused multiply-add is
+ * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "kvmath.h"
+
+#define NR 48
+#define MR 8
+#define MB 64 /* rows per block: a block's rows are read from cache once per panel */
+#define PANEL_MAJOR_BYTES (16LL << 20) /* larger weights: each panel serves every row block in turn */
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define KVSERVE_LINEAR_BF16 2
+#else
+#define KVSERVE_LINEAR_BF16 0
+#endif
+#ifdef __AVX512F__
+#define KVSERVE_LINEAR_F32 1
+#else
+#define KVSERVE_LINEAR_F32 0
+#endif
+
+/* Bit 0: float32 linears available; bit 1: bfloat16 ones (VDPBF16PS). */
+int kvserve_linear_features(void) { return KVSERVE_LINEAR_F32 | KVSERVE_LINEAR_BF16; }
+
+static inline int64_t panels(int64_t N) { return (N + NR - 1) / NR; }
+
+/* W: (N, K) float32 row-major -> out: panels(N) * K * NR floats (columns past N are zero). */
+void kvserve_pack_f32(const float *W, int64_t N, int64_t K, float *out) {
+    for (int64_t p = 0; p < panels(N); ++p)
+        for (int64_t k = 0; k < K; ++k)
+            for (int j = 0; j < NR; ++j) {
+                int64_t n = p * NR + j;
+                out[(p * K + k) * NR + j] = n < N ? W[n * K + k] : 0.0f;
+            }
+}
+
+/* W: (N, K) bfloat16, K even -> out: panels(N) * K * NR bf16, as [panel][k/2][column][k%2]. */
+void kvserve_pack_bf16(const uint16_t *W, int64_t N, int64_t K, uint16_t *out) {
+    for (int64_t p = 0; p < panels(N); ++p)
+        for (int64_t k = 0; k < K; ++k)
+            for (int j = 0; j < NR; ++j) {
+                int64_t n = p * NR + j;
+                out[((p * K + (k & ~1LL)) * NR) + 2 * j + (k & 1)] = n < N ? W[n * K + k] : 0;
+            }
+}
+
+#ifdef __AVX512F__
+/* Columns n0 .. n0+47 of rows 0..mr-1 (count columns valid): acc + bias + residual, stored float32. */
+static inline void store_f32(__m512 acc[MR][3], int mr, float *y, int64_t ldy, const float *bias,
+                             const float *res, int64_t ldr, int64_t n0, int64_t count) {
+    for (int v = 0; v < 3; ++v) {
+        int64_t c = count - 16 * v;
+        if (c <= 0) break;
+        __mmask16 mk = c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << c) - 1);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + n0 + 16 * v) : _mm512_setzero_ps();
+        for (int m = 0; m < mr; ++m) {
+            __m512 a = bias ? _mm512_add_ps(acc[m][v], b) : acc[m][v];
+            if (res) a = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, res + m * ldr + n0 + 16 * v), a);
+            _mm512_mask_storeu_ps(y + m * ldy + n0 + 16 * v, mk, a);
+        }
+    }
+}
+
+/* The float32 micro-kernel for MR_ rows (a compile-time constant at each call site, so the row loop unrolls). */
+static inline __attribute__((always_inline)) void tile_f32(const int MR_, const float *x, int64_t ldx, int64_t K,
+                                                            const float *wp, __m512 acc[MR][3]) {
+    for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const float *w = wp + k * NR;
+        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
+        for (int m = 0; m < MR_; ++m) {
+            __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
+            acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);
+        }
+    }
+}
+
+static void rows_f32(int mr, const float *x, int64_t ldx, int64_t K, const float *wp, __m512 acc[MR][3]) {
+    switch (mr) {
+    case 8: tile_f32(8, x, ldx, K, wp, acc); break;
+    case 7: tile_f32(7, x, ldx, K, wp, acc); break;
+    case 6: tile_f32(6, x, ldx, K, wp, acc); break;
+    case 5: tile_f32(5, x, ldx, K, wp, acc); break;
+    case 4: tile_f32(4, x, ldx, K, wp, acc); break;
+    case 3: tile_f32(3, x, ldx, K, wp, acc); break;
+    case 2: tile_f32(2, x, ldx, K, wp, acc); break;
+    default: tile_f32(1, x, ldx, K, wp, acc); break;
+    }
+}
+#endif
+
+/* x: (M, K) float32 with row stride ldx; wp: kvserve_pack_f32(W); bias: (N,) or NULL; res: (M, N) or NULL
+ * (may be y itself); y: (M, N) contiguous. */
+void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
+                        const float *bias, const float *res, float *y, int nthreads) {
+#ifdef __AVX512F__
+    const int64_t np = panels(N), nb = (M + MB - 1) / MB;
+    const int panel_major = np * K * NR * (int64_t)sizeof(*wp) > PANEL_MAJOR_BYTES; /* weights past the L3 */
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < nb; ++i)
+        for (int64_t j = 0; j < np; ++j) {
+            const int64_t b = panel_major ? (i * np + j) % nb : i, p = panel_major ? (i * np + j) / nb : j;
+            __m512 acc[MR][3];
+            const int64_t n0 = p * NR, count = N - n0 < NR ? N - n0 : NR;
+            const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
+            for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
+                int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR;
+                rows_f32(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, acc);
+                store_f32(acc, mr, y + m0 * N, N, bias, res ? res + m0 * N : NULL, N, n0, count);
+            }
+        }
+#else
+    (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)N, (void)bias, (void)res, (void)y, (void)nthreads;
+#endif
+}
+
+#if KVSERVE_LINEAR_BF16
+static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mk) {
+    __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Round to nearest even, as f32_to_bf16 (NaN stays NaN), lane by lane: the bf16 bits in each lane's low half. */
+static inline __m512i round_bf16_bits(__m512 a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+static inline __m512 round_bf16(__m512 a) { return _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16_bits(a), 16)); }
+
+/* acc + bias rounded to bf16 (the linear's own output, as oneDNN and F.linear round it); then + residual in
+ * float32, rounded: the same roundings as `x + F.linear(h, W, b)` in bfloat16. */
+static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ldy, const uint16_t *bias,
+                              const uint16_t *res, int64_t ldr, int64_t n0, int64_t count) {
+    for (int v = 0; v < 3; ++v) {
+        int64_t c = count - 16 * v;
+        if (c <= 0) break;
+        __mmask16 mk = c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << c) - 1);
+        __m512 b = bias ? bf16x16_to_f32(bias + n0 + 16 * v, mk) : _mm512_setzero_ps();
+        for (int m = 0; m < mr; ++m) {
+            __m512 a = round_bf16(bias ? _mm512_add_ps(acc[m][v], b) : acc[m][v]);
+            if (res) a = _mm512_add_ps(bf16x16_to_f32(res + m * ldr + n0 + 16 * v, mk), a);
+            __m256i out = _mm512_cvtepi32_epi16(round_bf16_bits(a));
+            _mm256_mask_storeu_epi16(y + m * ldy + n0 + 16 * v, mk, out);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_bf16(const int MR_, const uint16_t *x, int64_t ldx,
+                                                             int64_t K, const uint16_t *wp, __m512 acc[MR][3]) {
+    for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        const uint16_t *w = wp + k * NR;
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32),
+                 w2 = (__m512bh)_mm512_loadu_si512(w + 64);
+        for (int m = 0; m < MR_; ++m) {
+            int32_t pair;
+            memcpy(&pair, x + m * ldx + k, sizeof pair);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xb, w2);
+        }
+    }
+}
+
+static void rows_bf16(int mr, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *wp, __m512 acc[MR][3]) {
+    switch (mr) {
+    case 8: tile_bf16(8, x, ldx, K, wp, acc); break;
+    case 7: tile_bf16(7, x, ldx, K, wp, acc); break;
+    case 6: tile_bf16(6, x, ldx, K, wp, acc); break;
+    case 5: tile_bf16(5, x, ldx, K, wp, acc); break;
+    case 4: tile_bf16(4, x, ldx, K, wp, acc); break;
+    case 3: tile_bf16(3, x, ldx, K, wp, acc); break;
+    case 2: tile_bf16(2, x, ldx, K, wp, acc); break;
+    default: tile_bf16(1, x, ldx, K, wp, acc); break;
+    }
+}
+#endif
+
+/* As kvserve_linear_f32, in bfloat16 (float32 accumulation); K even. */
+void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                         const uint16_t *bias, const uint16_t *res, uint16_t *y, int nthreads) {
+#if KVSERVE_LINEAR_BF16
+    const int64_t np = panels(N), nb = (M + MB - 1) / MB;
+    const int panel_major = np * K * NR * (int64_t)sizeof(*wp) > PANEL_MAJOR_BYTES; /* weights past the L3 */
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < nb; ++i)
+        for (int64_t j = 0; j < np; ++j) {
+            const int64_t b = panel_major ? (i * np + j) % nb : i, p = panel_major ? (i * np + j) / nb : j;
+            __m512 acc[MR][3];
+            const int64_t n0 = p * NR, count = N - n0 < NR ? N - n0 : NR;
+            const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
+            for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
+                int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR;
+                rows_bf16(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, acc);
+                store_bf16(acc, mr, y + m0 * N, N, bias, res ? res + m0 * N : NULL, N, n0, count);
+            }
+        }
+#else
+    (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)N, (void)bias, (void)res, (void)y, (void)nthreads;
+#endif
+}
