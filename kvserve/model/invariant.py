@@ -2,9 +2,10 @@
 
 Linear layers on CPU run on kvserve's own kernel (kvserve/model/csrc/linear.c, via native.PackedLinear) where
 it builds: one fixed chain of fused multiply-adds per output, so invariant by construction, with no padding
-row; as fast as oneDNN at 32 rows and up and up to 2x faster at 1-2 rows (bench/gemm_backends.py). Elsewhere
-(no compiler, no AVX-512, or KVSERVE_LINEAR=onednn) they run on oneDNN's inner-product kernels (`torch.ops.mkldnn._linear_pointwise`, the op
-torch's own inductor emits for CPU linears), not on F.linear. Measured on this project's torch 2.13 CPU build
+row; as fast as oneDNN at 32 rows and up and up to 2x faster at 1-2 rows (bench/gemm_backends.py).
+Elsewhere (no compiler, no AVX-512, or KVSERVE_LINEAR=onednn) they run on oneDNN's inner-product kernels
+(`torch.ops.mkldnn._linear_pointwise`, the op torch's own inductor emits for CPU linears), not on F.linear.
+Measured on this project's torch 2.13 CPU build
 (tests/unit/test_invariant_gemm.py checks it on every run):
   * rows are bit-identical for every row count M >= 2 (M up to 4,200 and row offsets tried); one row takes a
     GEMV kernel that sums in another order (in bfloat16 that shows only where an output rounds the other way:
@@ -57,7 +58,8 @@ def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | native.PackedLinear:
     """weight in the layout `linear` runs fastest on: the kernel's panels, else oneDNN's blocked layout."""
-    if native.linear_enabled(weight.device, weight.dtype) and not (weight.dtype == torch.bfloat16 and weight.shape[1] % 2):
+    odd_bf16 = weight.dtype == torch.bfloat16 and weight.shape[1] % 2  # VDPBF16PS takes pairs of features
+    if native.linear_enabled(weight.device, weight.dtype) and not odd_bf16:
         return native.PackedLinear(weight)
     return prepack_linear_weight(weight)
 
