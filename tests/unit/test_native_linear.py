@@ -1,0 +1,218 @@
+"""kvserve's CPU linear kernel and fused Llama layer (kvserve/model/csrc/linear.c, layer.c) against references.
+
+* the linear kernel against float64 brute force (and bfloat16 outputs within one rounding of it), with bias
+  and residual epilogues; a row's bits do not depend on the row count, the offset or the thread count;
+* the fused layer against the same layer written op by op in float64 (its own numerics: RMSNorm, RoPE,
+  SwiGLU), and bit-identical rows whatever batch and chunking they are computed in;
+* the fused RMSNorm against the float64 formula.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve.model import native
+
+CPU = torch.device("cpu")
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (100, 34)]  # the model's, and a ragged one
+ROW_COUNTS = [1, 2, 3, 7, 8, 9, 31, 64, 65, 200]
+
+
+def _needs(dtype: torch.dtype):
+    if not native.linear_enabled(CPU, dtype):
+        pytest.skip(f"the {dtype} linear kernel does not run here (no compiler, AVX-512 or AVX512-BF16)")
+
+
+def _bf16_steps(x: torch.Tensor) -> torch.Tensor:
+    """float64 values -> their float32 -> their bfloat16 rounding (as float64)."""
+    return x.float().to(torch.bfloat16).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_matches_brute_force_and_rows_are_invariant(dtype, shape):
+    _needs(dtype)
+    gen = torch.Generator().manual_seed(1)
+    n, k = shape
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    res = torch.randn(240, n, generator=gen).to(dtype)
+    x = torch.randn(240, k, generator=gen).to(dtype)
+    packed = native.PackedLinear(w)
+    assert packed.shape == (n, k) and packed.numel() == n * k
+    exact = x.double() @ w.double().T
+    for b, r in ((None, None), (bias, None), (None, res), (bias, res)):
+        whole = packed(x, b, r)
+        assert whole.shape == (240, n) and whole.dtype == dtype
+        ref = exact + (0 if b is None else b.double())
+        if dtype == torch.float32:
+            ref = ref + (0 if r is None else r.double())
+            torch.testing.assert_close(whole.double(), ref, atol=2e-5 * k**0.5, rtol=1e-5)
+        else:  # the linear's output rounds to bf16 first, then the residual is added and rounded again
+            ref = _bf16_steps(ref)
+            ref = _bf16_steps(ref + (0 if r is None else r.double()))
+            torch.testing.assert_close(whole.double(), ref, atol=1e-2, rtol=1e-2)
+        for m in ROW_COUNTS:
+            for start in range(0, 240 - m, 37):
+                part = packed(x[start : start + m], b, None if r is None else r[start : start + m])
+                assert torch.equal(part, whole[start : start + m]), (m, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_do_not_depend_on_the_thread_count(dtype):
+    _needs(dtype)
+    gen = torch.Generator().manual_seed(2)
+    packed = native.PackedLinear((torch.randn(3072, 576, generator=gen) * 0.05).to(dtype))
+    x = torch.randn(100, 576, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(packed(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_linear_rejects_a_wrong_input():
+    _needs(torch.float32)
+    packed = native.PackedLinear(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="linear of a"):
+        packed(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="linear of a"):
+        packed(torch.randn(2, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_the_formula(dtype):
+    _needs(dtype)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(50, 576, generator=gen) * 3).to(dtype)
+    w = torch.randn(576, generator=gen).to(dtype)
+    got = native.rmsnorm(x, w, 1e-5)
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if dtype == torch.bfloat16:
+        ref = _bf16_steps(w.double() * _bf16_steps(normed))
+        torch.testing.assert_close(got.double(), ref, atol=0, rtol=2**-6)  # two roundings: within 2 bf16 ulps
+    else:
+        torch.testing.assert_close(got.double(), w.double() * normed, atol=1e-5, rtol=1e-5)
+    assert torch.equal(native.rmsnorm(x[7:9], w, 1e-5), got[7:9])
+
+
+def _tiny_llama(dtype: torch.dtype):
+    """A random 2-layer Llama with the fused path (3 query heads per KV head, head_dim 64)."""
+    from kvserve.model.config import ModelConfig
+    from kvserve.model.llama import LlamaModel
+
+    cfg = ModelConfig(
+        architecture="llama",
+        vocab_size=300,
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_ids=(0,),
+    )
+    gen = torch.Generator().manual_seed(4)
+    weights = {
+        "model.embed_tokens.weight": torch.randn(300, 192, generator=gen),
+        "model.norm.weight": 1 + 0.1 * torch.randn(192, generator=gen),
+    }
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for name, shape in [
+            ("self_attn.q_proj", (192, 192)),
+            ("self_attn.k_proj", (64, 192)),
+            ("self_attn.v_proj", (64, 192)),
+            ("self_attn.o_proj", (192, 192)),
+            ("mlp.gate_proj", (256, 192)),
+            ("mlp.up_proj", (256, 192)),
+            ("mlp.down_proj", (192, 256)),
+        ]:
+            weights[p + name + ".weight"] = torch.randn(*shape, generator=gen) * shape[1] ** -0.5
+        weights[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(192, generator=gen)
+        weights[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(192, generator=gen)
+    return cfg, weights, LlamaModel(cfg, weights, dtype, CPU, 512)
+
+
+def _reference_logits(cfg, weights, ids: list[int]) -> torch.Tensor:
+    """The fused layer's math, op by op in float64, for one sequence: logits of every position."""
+    d = {k: v.double() for k, v in weights.items()}
+    T, H, KVH, hd = len(ids), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    from kvserve.model.rope import rope_tables
+
+    cos, sin = (t.double()[:T] for t in rope_tables(hd, cfg.rope_theta, cfg.rope_scaling, 512))
+
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    def rope(x):  # (T, heads, hd)
+        rot = torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), -1)
+        return x * cos[:, None] + rot * sin[:, None]
+
+    x = d["model.embed_tokens.weight"][ids]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, d[p + "input_layernorm.weight"])
+        q = rope((h @ d[p + "self_attn.q_proj.weight"].T).view(T, H, hd))
+        k = rope((h @ d[p + "self_attn.k_proj.weight"].T).view(T, KVH, hd))
+        v = (h @ d[p + "self_attn.v_proj.weight"].T).view(T, KVH, hd)
+        k, v = (t.repeat_interleave(H // KVH, dim=1) for t in (k, v))
+        s = torch.einsum("thd,shd->hts", q, k) * hd**-0.5 + mask
+        a = torch.einsum("hts,shd->thd", torch.softmax(s, -1), v).reshape(T, H * hd)
+        x = x + a @ d[p + "self_attn.o_proj.weight"].T
+        h = norm(x, d[p + "post_attention_layernorm.weight"])
+        g, u = h @ d[p + "mlp.gate_proj.weight"].T, h @ d[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(g) * u) @ d[p + "mlp.down_proj.weight"].T
+    return norm(x, d["model.norm.weight"]) @ d["model.embed_tokens.weight"].T
+
+
+def _step(model, kv, seqs):
+    """seqs: (token ids, first position, block table) per sequence, rows in that order -> logits of every row."""
+    from kvserve.model.attention import AttentionMetadata
+
+    ids = [t for toks, _, _ in seqs for t in toks]
+    positions = torch.tensor([p0 + i for toks, p0, _ in seqs for i in range(len(toks))])
+    slots = torch.tensor([tb[(p0 + i) // 16] * 16 + (p0 + i) % 16 for toks, p0, tb in seqs for i in range(len(toks))])
+    nm = native.build_meta([tb for _, _, tb in seqs], [len(toks) for toks, _, _ in seqs], positions, CPU)
+    meta = AttentionMetadata(slot_mapping=slots, positions=positions, groups=[], native=nm)
+    return model.forward(torch.tensor(ids), kv, meta, torch.arange(len(ids)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_matches_float64_and_is_batch_invariant(dtype):
+    _needs(dtype)
+    if not native.enabled(CPU, dtype):
+        pytest.skip("the attention kernel does not run here")
+    cfg, weights, model = _tiny_llama(dtype)
+    assert model.fused
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 300, (45,), generator=gen).tolist()
+    b = torch.randint(0, 300, (20,), generator=gen).tolist()
+    kv = torch.zeros(2, 2, 1, 16, 16, 64, dtype=dtype)
+    ta, tb = [3, 0, 9], [5, 7]
+    alone = _step(model, kv, [(a, 0, ta)])
+    ref = _reference_logits(cfg, weights, a)
+    # float32: to rounding; bfloat16 (8-bit mantissas through two layers): within 3% of the logits' range
+    tol = 1e-3 if dtype == torch.float32 else 0.03 * ref.abs().max().item()
+    torch.testing.assert_close(alone.double(), ref, atol=tol, rtol=0)
+    # the same tokens again: in chunks, next to another sequence, one decode row at a time, other blocks
+    kv2 = torch.zeros_like(kv)
+    ta2 = [11, 2, 14]
+    first = _step(model, kv2, [(b, 0, tb), (a[:17], 0, ta2)])
+    rest = _step(model, kv2, [(a[17:44], 17, ta2), (b[:1], 0, [1])])  # b's row: a junk one-row neighbour
+    last = _step(model, kv2, [(a[44:], 44, ta2)])
+    assert torch.equal(torch.cat([first[20:], rest[:27], last]), alone)
