@@ -72,12 +72,12 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no compiler, or the build failed: logged once)."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        logger.warning("no C compiler found: attention runs on the slower torch path")
+        logger.warning("no C compiler found: attention runs on the slower torch path, linears on oneDNN")
         return None
     try:
         return _build_and_load(cc)
     except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("the attention kernel is unavailable (%s): attention runs on the slower torch path", e)
+        logger.warning("the CPU kernels are unavailable (%s): attention runs on the slower torch path", e)
         return None
 
 
@@ -99,12 +99,12 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
             cmd = [cc, *CFLAGS, "-o", str(built), *map(str, SOURCES)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
-                logger.warning("building the attention kernel failed, using the torch path:\n%s", proc.stderr)
+                logger.warning("building the CPU kernels failed, using the torch path and oneDNN:\n%s", proc.stderr)
                 return None
             os.replace(built, target)  # atomic: concurrent builders each publish a complete file
         break
     else:
-        logger.warning("no writable directory for the attention kernel: attention runs on the torch path")
+        logger.warning("no writable directory for the CPU kernels: attention runs on the torch path")
         return None
     lib = ctypes.CDLL(str(target))
     fn = lib.kvserve_paged_attention

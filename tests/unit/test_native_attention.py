@@ -122,6 +122,7 @@ def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, capl
     try:
         assert native.load() is None
         assert not native.enabled(torch.device("cpu"), torch.float32)
+        assert not native.linear_enabled(torch.device("cpu"), torch.float32)  # linears fall back to oneDNN
         assert "torch path" in caplog.text
         assert not list(tmp_path.glob("*.so"))
     finally:

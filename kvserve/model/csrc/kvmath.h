@@ -12,12 +12,11 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN; branch-free */
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /* exp(d) for d <= 0 (and -inf), exactly 0 below -87: Cephes' expf polynomial, about 1 ulp. */

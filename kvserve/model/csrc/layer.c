@@ -30,17 +30,29 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
 #define LANES 16
 #define PAR_ROWS 16 /* row-wise work runs on one thread below this many rows */
 
-static inline float ld(const void *p, int64_t i, int bf) {
-    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* Row-wise work converts a row to float32 once, computes in simple loops over float arrays (which the
+ * compiler vectorises) and converts back once: no per-element dtype branch. */
+static void load_row(const void *p, int64_t ofs, int64_t n, int bf, float *dst) {
+    if (bf) {
+        const uint16_t *s = (const uint16_t *)p + ofs;
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, (const float *)p + ofs, (size_t)n * sizeof(float));
+    }
 }
 
-static inline float rnd(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static void store_row(void *p, int64_t ofs, int64_t n, int bf, const float *src) {
+    if (bf) {
+        uint16_t *d = (uint16_t *)p + ofs;
+        for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)p + ofs, src, (size_t)n * sizeof(float));
+    }
+}
 
-static inline void st(void *p, int64_t i, float v, int bf) {
+static void round_row(float *v, int64_t n, int bf) { /* v rounded to the model dtype, in place */
     if (bf)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
+        for (int64_t i = 0; i < n; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
 static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, int64_t N, const void *bias,
@@ -51,40 +63,56 @@ static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, 
         kvserve_linear_f32(x, K, M, K, wp, N, bias, res, y, nt);
 }
 
-/* out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), per row. */
-static void rmsnorm_row(const void *x, const void *w, void *out, int64_t t, int64_t D, float eps, int bf) {
+/* out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), per row; wf: the weight in float32. */
+static void rmsnorm_row(const void *x, const float *wf, void *out, int64_t t, int64_t D, float eps, int bf) {
+    float v[D];
+    load_row(x, t * D, D, bf, v);
     float lanes[LANES] = {0};
     int64_t d = 0;
     for (; d + LANES <= D; d += LANES)
-        for (int j = 0; j < LANES; ++j) {
-            float v = ld(x, t * D + d + j, bf);
-            lanes[j] = lanes[j] + v * v;
-        }
-    for (int j = 0; d + j < D; ++j) {
-        float v = ld(x, t * D + d + j, bf);
-        lanes[j] = lanes[j] + v * v;
-    }
+        for (int j = 0; j < LANES; ++j) lanes[j] = lanes[j] + v[d + j] * v[d + j];
+    for (int j = 0; d + j < D; ++j) lanes[j] = lanes[j] + v[d + j] * v[d + j];
     float ss = 0.0f;
     for (int j = 0; j < LANES; ++j) ss += lanes[j];
     const float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (d = 0; d < D; ++d) st(out, t * D + d, ld(w, d, bf) * rnd(ld(x, t * D + d, bf) * r, bf), bf);
+    for (d = 0; d < D; ++d) v[d] = v[d] * r;
+    round_row(v, D, bf);
+    for (d = 0; d < D; ++d) v[d] = wf[d] * v[d];
+    store_row(out, t * D, D, bf, v);
 }
 
 void kvserve_rmsnorm(const void *x, const void *w, void *out, int64_t T, int64_t D, float eps, int bf, int nt) {
+    float wf[D];
+    load_row(w, 0, D, bf, wf);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; ++t) rmsnorm_row(x, w, out, t, D, eps, bf);
+    for (int64_t t = 0; t < T; ++t) rmsnorm_row(x, wf, out, t, D, eps, bf);
 }
 
-/* src (hd) at position p -> dst: src*cos + rotate_half(src)*sin, rotate_half(s) = (-s[hd/2:], s[:hd/2]). */
-static inline void rope(const void *src, int64_t so, void *dst, int64_t dof, const void *cs, const void *sn,
-                        int64_t p, int hd, int bf) {
+/* v (hd, float32, in the model dtype's values) at position p, in place: v*cos + rotate_half(v)*sin, with
+ * rotate_half(v) = (-v[hd/2:], v[:hd/2]); c, s: the position's cos/sin rows in float32. */
+static void rope(float *v, const float *c, const float *s, int hd, int bf) {
     const int half = hd / 2;
-    for (int d = 0; d < hd; ++d) {
-        float v = ld(src, so + d, bf);
-        float rot = d < half ? -ld(src, so + d + half, bf) : ld(src, so + d - half, bf);
-        float a = rnd(v * ld(cs, p * hd + d, bf), bf), b = rnd(rot * ld(sn, p * hd + d, bf), bf);
-        st(dst, dof + d, a + b, bf);
+    float a[hd], b[hd];
+    for (int d = 0; d < half; ++d) {
+        a[d] = v[d] * c[d];
+        b[d] = -v[d + half] * s[d];
+        a[d + half] = v[d + half] * c[d + half];
+        b[d + half] = v[d] * s[d + half];
     }
+    round_row(a, hd, bf);
+    round_row(b, hd, bf);
+    for (int d = 0; d < hd; ++d) v[d] = a[d] + b[d];
+}
+
+/* act = round(silu(g)) * u over n features; g, u, act float32 arrays. */
+static void swiglu(const float *g, const float *u, float *act, int64_t n, int bf) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float en = exp_nonpos(g[i] < 0 ? g[i] : -g[i]); /* exp(-|g|) */
+        const float num = g[i] >= 0 ? g[i] : g[i] * en;       /* silu(g) = g / (1 + exp(-g)) */
+        act[i] = num / (1.0f + en);
+    }
+    round_row(act, n, bf);
+    for (int64_t i = 0; i < n; ++i) act[i] = act[i] * u[i];
 }
 
 int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf) {
@@ -114,10 +142,19 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * nqkv, p = pos[t], slot = slots[t];
-        for (int i = 0; i < H; ++i) rope(qkv, row + (int64_t)i * hd, q, t * qd + (int64_t)i * hd, cs, sn, p, hd, bf);
+        float c[hd], sn_[hd], v[hd];
+        load_row(cs, p * hd, hd, bf, c);
+        load_row(sn, p * hd, hd, bf, sn_);
+        for (int i = 0; i < H + KVH; ++i) { /* query heads, then key heads (into the cache) */
+            load_row(qkv, row + (int64_t)i * hd, hd, bf, v);
+            rope(v, c, sn_, hd, bf);
+            if (i < H)
+                store_row(q, t * qd + (int64_t)i * hd, hd, bf, v);
+            else
+                store_row(kv, ((int64_t)(i - H) * nb * bs + slot) * hd, hd, bf, v);
+        }
         for (int g = 0; g < KVH; ++g) {
-            const int64_t kofs = ((int64_t)g * nb * bs + slot) * hd, vofs = kofs + (int64_t)KVH * nb * bs * hd;
-            rope(qkv, row + qd + (int64_t)g * hd, kv, kofs, cs, sn, p, hd, bf);
+            const int64_t vofs = ((int64_t)(KVH + g) * nb * bs + slot) * hd;
             memcpy((char *)kv + vofs * e, (char *)qkv + (row + qd + (int64_t)(KVH + g) * hd) * e, (size_t)hd * e);
         }
     }
@@ -133,13 +170,13 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
     linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, gu, nt);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = 0; i < inter; ++i) {
-            const float g = ld(gu, t * 2 * inter + i, bf), u = ld(gu, t * 2 * inter + inter + i, bf);
-            const float en = exp_nonpos(g < 0 ? g : -g); /* exp(-|g|) */
-            const float s = g >= 0 ? g / (1.0f + en) : g * en / (1.0f + en);
-            st(act, t * inter + i, rnd(s, bf) * u, bf);
-        }
+    for (int64_t t = 0; t < T; ++t) {
+        float g[inter], u[inter];
+        load_row(gu, t * 2 * inter, inter, bf, g);
+        load_row(gu, t * 2 * inter + inter, inter, bf, u);
+        swiglu(g, u, g, inter, bf);
+        store_row(act, t * inter, inter, bf, g);
+    }
     linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
     return 0;
 }

@@ -49,10 +49,58 @@ typedef struct {
     int32_t kv_head;
 } Item;
 
+#ifdef __AVX512F__
+/* r[j] (16 rows of 16 floats) transposed in registers: afterwards r[c] holds column c. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {
+        u[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; ++m) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44), v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        __m512 w0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        r[8 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        r[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+}
+
+/* load_block's transposed float32 case, 16 dims at a time through registers (hd % 16 == 0): copies only. */
+static void load_kblock_f32(float *dst, int ld, const float *kv, int64_t ofs, const int32_t *table, int bs, int hd,
+                            int b, int64_t maxpos) {
+    const float *src[KB];
+    for (int j = 0; j < KB; ++j) {
+        int64_t k = (int64_t)b * KB + j;
+        src[j] = k > maxpos ? NULL : kv + ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd;
+    }
+    for (int d0 = 0; d0 < hd; d0 += 16) {
+        __m512 r[16];
+        for (int j = 0; j < KB; ++j) r[j] = src[j] ? _mm512_loadu_ps(src[j] + d0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (int64_t)(d0 + c) * ld, r[c]);
+    }
+}
+#endif
+
 /* K block b (16 keys) of one head transposed into dst[d * ld + j], or V block b row-major into
  * dst[j * hd + d]; keys past maxpos are zeros. */
 static void load_block(float *dst, int transposed, int ld, const void *kv, int is_bf16, int64_t ofs,
                        const int32_t *table, int bs, int hd, int b, int64_t maxpos) {
+#ifdef __AVX512F__
+    if (transposed && !is_bf16 && hd % 16 == 0) {
+        load_kblock_f32(dst, ld, (const float *)kv, ofs, table, bs, hd, b, maxpos);
+        return;
+    }
+#endif
     for (int j = 0; j < KB; ++j) {
         int64_t k = (int64_t)b * KB + j;
         if (k > maxpos) {
@@ -89,41 +137,66 @@ static inline void store_lanes(const float *a, int64_t lim, float *s, float *m) 
  * a lane is sum_d q_i[d] * k[d] in fused multiply-adds in d order, or -inf past the row's last visible key
  * (lim[i]: first-block lanes j <= lim[i] are visible, second-block lanes j <= lim[i] - 16). A row's second
  * block is stored only when it reaches it (lim[i] >= 16); s1 may be NULL-free garbage otherwise. */
+#ifdef __AVX512F__
+/* R rows (a compile-time constant at each call site) of qk_pair, vectorised over the 16 keys of a block. */
+static inline __attribute__((always_inline)) void qk_rows(const int R, const float *const *qrow, float *const *s0,
+                                                           float *const *s1, float *const *mrow, const int64_t *lim,
+                                                           const float *kt, int hd) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 a[8][2];
+    for (int u = 0; u < R; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; ++d) {
+        __m512 k0 = _mm512_loadu_ps(kt + d * 2 * KB), k1 = _mm512_loadu_ps(kt + d * 2 * KB + KB);
+        for (int u = 0; u < R; ++u) {
+            __m512 w = _mm512_set1_ps(qrow[u][d]);
+            a[u][0] = _mm512_fmadd_ps(w, k0, a[u][0]);
+            a[u][1] = _mm512_fmadd_ps(w, k1, a[u][1]);
+        }
+    }
+    for (int u = 0; u < R; ++u) {
+        const int64_t l = lim[u];
+        __m512 m = _mm512_loadu_ps(mrow[u]);
+        __mmask16 vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l < KB ? l : KB)));
+        __m512 v = _mm512_mask_blend_ps(vis, ninf, a[u][0]);
+        _mm512_storeu_ps(s0[u], v);
+        m = _mm512_max_ps(m, v);
+        if (l >= KB) {
+            vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l - KB < KB ? l - KB : KB)));
+            v = _mm512_mask_blend_ps(vis, ninf, a[u][1]);
+            _mm512_storeu_ps(s1[u], v);
+            m = _mm512_max_ps(m, v);
+        }
+        _mm512_storeu_ps(mrow[u], m);
+    }
+}
+#endif
+
+/* Scores of rows i < nr against two key blocks (kt: d * 32 + j, j < 16 the first block, the rest the second):
+ * a lane is sum_d q_i[d] * k[d] in fused multiply-adds in d order, or -inf past the row's last visible key
+ * (lim[i]: first-block lanes j <= lim[i] are visible, second-block lanes j <= lim[i] - 16). A row's second
+ * block is stored only when it reaches it (lim[i] >= 16); s1 may be NULL-free garbage otherwise. Rows go 8 at
+ * a time, then the rest together (a decode step's handful of query heads): the same operations per lane. */
 static void qk_pair(const float *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
                     const int64_t *lim, int nr, const float *kt, int hd) {
     int i = 0;
 #ifdef __AVX512F__
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    for (; i + 8 <= nr; i += 8) {
-        __m512 a[8][2];
-        for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
-        for (int d = 0; d < hd; ++d) {
-            __m512 k0 = _mm512_loadu_ps(kt + d * 2 * KB), k1 = _mm512_loadu_ps(kt + d * 2 * KB + KB);
-            for (int u = 0; u < 8; ++u) {
-                __m512 w = _mm512_set1_ps(qrow[i + u][d]);
-                a[u][0] = _mm512_fmadd_ps(w, k0, a[u][0]);
-                a[u][1] = _mm512_fmadd_ps(w, k1, a[u][1]);
-            }
-        }
-        for (int u = 0; u < 8; ++u) {
-            const int64_t l = lim[i + u];
-            __m512 m = _mm512_loadu_ps(mrow[i + u]);
-            __mmask16 vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l < KB ? l : KB)));
-            __m512 v = _mm512_mask_blend_ps(vis, ninf, a[u][0]);
-            _mm512_storeu_ps(s0[i + u], v);
-            m = _mm512_max_ps(m, v);
-            if (l >= KB) {
-                vis = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int32_t)(l - KB < KB ? l - KB : KB)));
-                v = _mm512_mask_blend_ps(vis, ninf, a[u][1]);
-                _mm512_storeu_ps(s1[i + u], v);
-                m = _mm512_max_ps(m, v);
-            }
-            _mm512_storeu_ps(mrow[i + u], m);
-        }
+    for (; i + 8 <= nr; i += 8) qk_rows(8, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, kt, hd);
+#define QK_REST(R) qk_rows(R, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, kt, hd)
+    switch (nr - i) {
+    case 7: QK_REST(7); break;
+    case 6: QK_REST(6); break;
+    case 5: QK_REST(5); break;
+    case 4: QK_REST(4); break;
+    case 3: QK_REST(3); break;
+    case 2: QK_REST(2); break;
+    case 1: QK_REST(1); break;
+    default: break;
     }
+#undef QK_REST
+    i = nr;
 #endif
-    for (; i < nr; ++i) { /* the same fused multiply-adds in the same order: the same bits */
+    for (; i < nr; ++i) { /* without AVX-512: the same fused multiply-adds in the same order */
         float a0[KB] = {0}, a1[KB] = {0};
         const float *qi = qrow[i];
         for (int d = 0; d < hd; ++d) {
@@ -135,40 +208,54 @@ static void qk_pair(const float *const *qrow, float *const *s0, float *const *s1
     }
 }
 
-/* o_i[d] += sum_j e_i[j] * vb[j * hd + d], fused multiply-adds in j order, for rows i < nr. */
+#ifdef __AVX512F__
+/* R rows (a compile-time constant at each call site) of pv_block: 64 dims at a time, then the rest. */
+static inline __attribute__((always_inline)) void pv_rows(const int R, float *const *e, float *const *o,
+                                                           const float *vb, int hd) {
+    int c = 0;
+    for (; c + 64 <= hd; c += 64) { /* R rows x 64 dims: up to 16 accumulators */
+        __m512 x[4][4];
+        for (int u = 0; u < R; ++u)
+            for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[u] + c + 16 * h);
+        for (int j = 0; j < KB; ++j) {
+            const float *v = vb + j * hd + c;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                   v3 = _mm512_loadu_ps(v + 48);
+            for (int u = 0; u < R; ++u) {
+                __m512 w = _mm512_set1_ps(e[u][j]);
+                x[u][0] = _mm512_fmadd_ps(w, v0, x[u][0]);
+                x[u][1] = _mm512_fmadd_ps(w, v1, x[u][1]);
+                x[u][2] = _mm512_fmadd_ps(w, v2, x[u][2]);
+                x[u][3] = _mm512_fmadd_ps(w, v3, x[u][3]);
+            }
+        }
+        for (int u = 0; u < R; ++u)
+            for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[u] + c + 16 * h, x[u][h]);
+    }
+    for (int u = 0; u < R; ++u) { /* dims past the last multiple of 64 */
+        for (int j = 0; j < KB; ++j) {
+            const float w = e[u][j];
+            for (int d = c; d < hd; ++d) o[u][d] = fmaf(w, vb[j * hd + d], o[u][d]);
+        }
+    }
+}
+#endif
+
+/* o_i[d] += sum_j e_i[j] * vb[j * hd + d], fused multiply-adds in j order, for rows i < nr: 4 rows at a time,
+ * then the rest together; the same operations per element. */
 static void pv_block(float *const *e, float *const *o, int nr, const float *vb, int hd) {
     int i = 0;
 #ifdef __AVX512F__
-    for (; i + 4 <= nr; i += 4) {
-        int c = 0;
-        for (; c + 64 <= hd; c += 64) { /* 4 rows x 64 dims: 16 accumulators */
-            __m512 x[4][4];
-            for (int u = 0; u < 4; ++u)
-                for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[i + u] + c + 16 * h);
-            for (int j = 0; j < KB; ++j) {
-                const float *v = vb + j * hd + c;
-                __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                       v3 = _mm512_loadu_ps(v + 48);
-                for (int u = 0; u < 4; ++u) {
-                    __m512 w = _mm512_set1_ps(e[i + u][j]);
-                    x[u][0] = _mm512_fmadd_ps(w, v0, x[u][0]);
-                    x[u][1] = _mm512_fmadd_ps(w, v1, x[u][1]);
-                    x[u][2] = _mm512_fmadd_ps(w, v2, x[u][2]);
-                    x[u][3] = _mm512_fmadd_ps(w, v3, x[u][3]);
-                }
-            }
-            for (int u = 0; u < 4; ++u)
-                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[i + u] + c + 16 * h, x[u][h]);
-        }
-        for (int u = 0; u < 4; ++u) { /* dims past the last multiple of 64 */
-            for (int j = 0; j < KB; ++j) {
-                const float w = e[i + u][j];
-                for (int d = c; d < hd; ++d) o[i + u][d] = fmaf(w, vb[j * hd + d], o[i + u][d]);
-            }
-        }
+    for (; i + 4 <= nr; i += 4) pv_rows(4, e + i, o + i, vb, hd);
+    switch (nr - i) {
+    case 3: pv_rows(3, e + i, o + i, vb, hd); break;
+    case 2: pv_rows(2, e + i, o + i, vb, hd); break;
+    case 1: pv_rows(1, e + i, o + i, vb, hd); break;
+    default: break;
     }
+    i = nr;
 #endif
-    for (; i < nr; ++i) { /* the same fused multiply-adds in the same order: the same bits */
+    for (; i < nr; ++i) { /* without AVX-512: the same fused multiply-adds in the same order */
         float *oi = o[i];
         for (int j = 0; j < KB; ++j) {
             const float w = e[i][j];
