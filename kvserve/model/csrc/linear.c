@@ -50,6 +50,9 @@ int kvserve_linear_features(void) { return KVSERVE_LINEAR_F32 | KVSERVE_LINEAR_B
          ? (const T *)((const char *)((const T *)(wp) + (p + 1) * K * NR) + 64 * ((m0 - b * MB) / MR - 1)) \
          : (const T *)0)
 #define PREFETCH_PANEL_ROW(ptr) _mm_prefetch((const char *)(ptr), _MM_HINT_T0)
+/* The first tile of a block, which streams the panel from memory, also asks for the line 8 KB ahead (fp32; 4 KB
+ * in bf16): more misses in flight than the hardware prefetcher keeps (measured: 5-10% faster at one row). */
+#define AHEAD 2048
 
 static inline int64_t panels(int64_t N) { return (N + NR - 1) / NR; }
 
@@ -92,11 +95,13 @@ static inline void store_f32(__m512 acc[MR][3], int mr, float *y, int64_t ldy, c
 
 /* The float32 micro-kernel for MR_ rows (a compile-time constant at each call site, so the row loop unrolls). */
 static inline __attribute__((always_inline)) void tile_f32(const int MR_, const float *x, int64_t ldx, int64_t K,
-                                                            const float *wp, const float *pf, __m512 acc[MR][3]) {
+                                                            const float *wp, const float *pf, int ahead,
+                                                            __m512 acc[MR][3]) {
     for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
         const float *w = wp + k * NR;
         if (pf) PREFETCH_PANEL_ROW(pf + k * NR);
+        if (ahead) PREFETCH_PANEL_ROW(w + AHEAD);
         __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
         for (int m = 0; m < MR_; ++m) {
             __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
@@ -107,17 +112,17 @@ static inline __attribute__((always_inline)) void tile_f32(const int MR_, const 
     }
 }
 
-static void rows_f32(int mr, const float *x, int64_t ldx, int64_t K, const float *wp, const float *pf,
+static void rows_f32(int mr, const float *x, int64_t ldx, int64_t K, const float *wp, const float *pf, int ahead,
                      __m512 acc[MR][3]) {
     switch (mr) {
-    case 8: tile_f32(8, x, ldx, K, wp, pf, acc); break;
-    case 7: tile_f32(7, x, ldx, K, wp, pf, acc); break;
-    case 6: tile_f32(6, x, ldx, K, wp, pf, acc); break;
-    case 5: tile_f32(5, x, ldx, K, wp, pf, acc); break;
-    case 4: tile_f32(4, x, ldx, K, wp, pf, acc); break;
-    case 3: tile_f32(3, x, ldx, K, wp, pf, acc); break;
-    case 2: tile_f32(2, x, ldx, K, wp, pf, acc); break;
-    default: tile_f32(1, x, ldx, K, wp, pf, acc); break;
+    case 8: tile_f32(8, x, ldx, K, wp, pf, ahead, acc); break;
+    case 7: tile_f32(7, x, ldx, K, wp, pf, ahead, acc); break;
+    case 6: tile_f32(6, x, ldx, K, wp, pf, ahead, acc); break;
+    case 5: tile_f32(5, x, ldx, K, wp, pf, ahead, acc); break;
+    case 4: tile_f32(4, x, ldx, K, wp, pf, ahead, acc); break;
+    case 3: tile_f32(3, x, ldx, K, wp, pf, ahead, acc); break;
+    case 2: tile_f32(2, x, ldx, K, wp, pf, ahead, acc); break;
+    default: tile_f32(1, x, ldx, K, wp, pf, ahead, acc); break;
     }
 }
 #endif
@@ -138,7 +143,7 @@ void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const
             const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
             for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
                 int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR;
-                rows_f32(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, NEXT_PANEL(wp, float), acc);
+                rows_f32(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, NEXT_PANEL(wp, float), m0 == b * MB, acc);
                 store_f32(acc, mr, y + m0 * N, N, bias, res ? res + m0 * N : NULL, N, n0, count);
             }
         }
@@ -185,11 +190,12 @@ static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ld
 
 static inline __attribute__((always_inline)) void tile_bf16(const int MR_, const uint16_t *x, int64_t ldx,
                                                              int64_t K, const uint16_t *wp, const uint16_t *pf,
-                                                             __m512 acc[MR][3]) {
+                                                             int ahead, __m512 acc[MR][3]) {
     for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t *w = wp + k * NR;
         if (pf) PREFETCH_PANEL_ROW(pf + k * NR);
+        if (ahead) PREFETCH_PANEL_ROW(w + AHEAD);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32),
                  w2 = (__m512bh)_mm512_loadu_si512(w + 64);
         for (int m = 0; m < MR_; ++m) {
@@ -204,16 +210,16 @@ static inline __attribute__((always_inline)) void tile_bf16(const int MR_, const
 }
 
 static void rows_bf16(int mr, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *wp, const uint16_t *pf,
-                      __m512 acc[MR][3]) {
+                      int ahead, __m512 acc[MR][3]) {
     switch (mr) {
-    case 8: tile_bf16(8, x, ldx, K, wp, pf, acc); break;
-    case 7: tile_bf16(7, x, ldx, K, wp, pf, acc); break;
-    case 6: tile_bf16(6, x, ldx, K, wp, pf, acc); break;
-    case 5: tile_bf16(5, x, ldx, K, wp, pf, acc); break;
-    case 4: tile_bf16(4, x, ldx, K, wp, pf, acc); break;
-    case 3: tile_bf16(3, x, ldx, K, wp, pf, acc); break;
-    case 2: tile_bf16(2, x, ldx, K, wp, pf, acc); break;
-    default: tile_bf16(1, x, ldx, K, wp, pf, acc); break;
+    case 8: tile_bf16(8, x, ldx, K, wp, pf, ahead, acc); break;
+    case 7: tile_bf16(7, x, ldx, K, wp, pf, ahead, acc); break;
+    case 6: tile_bf16(6, x, ldx, K, wp, pf, ahead, acc); break;
+    case 5: tile_bf16(5, x, ldx, K, wp, pf, ahead, acc); break;
+    case 4: tile_bf16(4, x, ldx, K, wp, pf, ahead, acc); break;
+    case 3: tile_bf16(3, x, ldx, K, wp, pf, ahead, acc); break;
+    case 2: tile_bf16(2, x, ldx, K, wp, pf, ahead, acc); break;
+    default: tile_bf16(1, x, ldx, K, wp, pf, ahead, acc); break;
     }
 }
 #endif
@@ -233,7 +239,7 @@ void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, c
             const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
             for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
                 int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR;
-                rows_bf16(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, NEXT_PANEL(wp, uint16_t), acc);
+                rows_bf16(mr, x + m0 * ldx, ldx, K, wp + p * K * NR, NEXT_PANEL(wp, uint16_t), m0 == b * MB, acc);
                 store_bf16(acc, mr, y + m0 * N, N, bias, res ? res + m0 * N : NULL, N, n0, count);
             }
         }
