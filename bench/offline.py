@@ -7,7 +7,8 @@ Reports, per dtype:
   decode tokens/s at batch 1 and 32;
   TTFT of a 2,000-token prefix + 32-token suffix, cold and warm (prefix cached), and of the suffix alone;
   memory bandwidth (large tensor copy) and the batch-1 decode step against the weight-streaming floor
-  (bytes of weights read per step / bandwidth), and the per-step time outside the model's forward.
+  (bytes of weights read per step / bandwidth, the two measured in alternating rounds), and the per-step
+  time outside the model's forward.
 """
 
 from __future__ import annotations
@@ -174,6 +175,25 @@ def forward_share(llm: LLM, steps: int = 20) -> dict:
     return {"step_ms": r["step_ms"], "forward_ms": fwd * 1e3, "outside_forward_ms": r["step_ms"] - fwd * 1e3}
 
 
+def bench_floor(llm: LLM, device: str, rounds: int) -> dict:
+    """The batch-1 step against the weight-streaming floor, bandwidth and step measured in alternation.
+
+    This shared machine's read bandwidth drifts by tens of percent within minutes (36-65 GB/s seen in one
+    hour), so each round reads the bandwidth (best of 3) right before timing 20 batch-1 steps, and the
+    round's ratio uses its own reading; the round with the median ratio is reported, all rounds are kept.
+    """
+    nbytes = weight_bytes_per_step(llm)
+    per_round = []
+    for _ in tqdm(range(rounds), desc="floor rounds"):
+        bw = max(bandwidth_gbs(device)[1] for _ in range(3))
+        share = forward_share(llm)
+        floor_ms = nbytes / (bw * 1e9) * 1e3
+        per_round.append({"read_bandwidth_gbs": bw, "floor_ms": floor_ms, **share})
+        per_round[-1]["step_over_floor"] = share["step_ms"] / floor_ms
+    ranked = sorted(per_round, key=lambda d: d["step_over_floor"])
+    return {"weight_bytes": nbytes, **ranked[len(ranked) // 2], "rounds": per_round}
+
+
 def hf_model(model: str, dtype: torch.dtype, device: torch.device):
     import transformers
 
@@ -189,6 +209,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--decode-rounds", type=int, default=3, help="alternating batch-1 / batch-32 rounds")
     ap.add_argument("--out", default="bench/results/offline.json")
+    ap.add_argument("--floor-rounds", type=int, default=5, help="alternating bandwidth / batch-1 step rounds")
     ap.add_argument("--model", default="smollm2-135m", help="bundled alias or a .gguf file")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the CPU numbers are the issue's)")
     args = ap.parse_args()
@@ -216,18 +237,7 @@ def main() -> None:
         r["decode_32_over_1"] = r["decode"][1]["tok_s"] / r["decode"][0]["tok_s"]
         cached = LLM(**kw, enable_prefix_caching=True)
         r["ttft"] = bench_ttft(cached, args.repeats)
-        # Bandwidth varies between processes on this shared machine (one run read 42 and 28 GB/s in two
-        # processes a minute apart): measured again next to the step, and the higher (stricter) read is used.
-        read_bw = max(bw, bandwidth_gbs(args.device)[1])
-        floor_ms = weight_bytes_per_step(llm) / (read_bw * 1e9) * 1e3
-        share = forward_share(llm)
-        r["floor"] = {
-            "read_bandwidth_gbs": read_bw,
-            "weight_bytes": weight_bytes_per_step(llm),
-            "floor_ms": floor_ms,
-            **share,
-            "step_over_floor": share["step_ms"] / floor_ms,
-        }
+        r["floor"] = bench_floor(llm, args.device, args.floor_rounds)
         results["dtypes"][dtype] = r
         del llm, cached
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +256,7 @@ def _one_process_per_dtype(args: argparse.Namespace) -> None:
             out = Path(tmp) / f"{dtype}.json"
             cmd = [sys.executable, __file__, "--dtypes", dtype, "--repeats", str(args.repeats)]
             cmd += ["--decode-steps", str(args.decode_steps), "--decode-rounds", str(args.decode_rounds)]
+            cmd += ["--floor-rounds", str(args.floor_rounds)]
             cmd += ["--out", str(out), "--model", args.model, "--device", args.device]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             one = json.loads(out.read_text())
@@ -285,7 +296,9 @@ def report(res: dict) -> str:
         rows.setdefault("  of which model forward (ms)", []).append(f"{f['forward_ms']:.1f}")
         rows.setdefault("read bandwidth for the floor (GB/s)", []).append(f"{f.get('read_bandwidth_gbs', 0):.1f}")
         rows.setdefault("weight-streaming floor (ms)", []).append(f"{f['floor_ms']:.1f}")
-        rows.setdefault("step / floor", []).append(f"{f['step_over_floor']:.2f}x")
+        rows.setdefault("step / floor (median round)", []).append(f"{f['step_over_floor']:.2f}x")
+        spread = sorted(x["step_over_floor"] for x in f.get("rounds", [f]))
+        rows.setdefault("step / floor, all rounds", []).append(f"{spread[0]:.2f}-{spread[-1]:.2f}x")
     lines += [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
     return "\n".join(lines)
 

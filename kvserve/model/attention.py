@@ -56,7 +56,8 @@ class AttentionGroup:
     batch: int  # B
     tokens: int  # n per sequence
     tables: torch.Tensor  # (B, blocks) long; padding points at block 0 (masked)
-    masked: torch.Tensor  # (1, B, chunks from mask_from // KEY_CHUNK, Mp, KEY_CHUNK) bool, True = not attended
+    masked: torch.Tensor | None  # (1, B, chunks from mask_from // KEY_CHUNK, Mp, KEY_CHUNK) bool, True = not
+    # attended; None for a CUDA prefill chunk (attended by SDPA with a causal mask of its own)
     keys: int  # L: keys attended (a multiple of KEY_CHUNK)
     mask_from: int  # keys below this are visible to every row (row t*G + g: token t, head g); masked: the rest
     shared: int = 0  # S: leading keys (whole chunks) every sequence of the group reads from the same blocks
@@ -86,8 +87,12 @@ def build_group(
     block_size: int,
     group_size: int,
     device: torch.device,
+    need_mask: bool = True,
 ) -> AttentionGroup:
-    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table."""
+    """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table.
+
+    need_mask=False (one sequence's prefill chunk on CUDA) skips the chunked mask: SDPA makes its own.
+    """
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
     M = n * group_size
@@ -97,7 +102,7 @@ def build_group(
     q_pos = torch.nn.functional.pad(q_pos, (0, Mp - M), value=mask_from - 1)  # padded rows: discarded
     first = mask_from // KEY_CHUNK * KEY_CHUNK  # the first chunk with a key some row may not attend
     keys = torch.arange(first, L).view(1, -1, KEY_CHUNK)  # (1, chunks, KEY_CHUNK)
-    masked = keys[:, :, None, :] > q_pos[:, None, :, None]  # (B, chunks, Mp, KEY_CHUNK)
+    masked = keys[:, :, None, :] > q_pos[:, None, :, None] if need_mask else None  # (B, chunks, Mp, KEY_CHUNK)
     S = _shared_keys(tables, block_size, mask_from) if B > 1 else 0
     skip = S // block_size  # whole blocks of the shared keys: the per-sequence gather starts after them
     width = -(-L // block_size) - skip
@@ -107,7 +112,8 @@ def build_group(
         shared_table = torch.tensor([tables[0][: -(-S // block_size)]], dtype=torch.long, device=device)
     tables_t = torch.tensor(padded, dtype=torch.long, device=device)
     offset = S - skip * block_size
-    return AttentionGroup(row_start, B, n, tables_t, masked[None].to(device), L, mask_from, S, shared_table, offset)
+    masked = masked[None].to(device) if masked is not None else None
+    return AttentionGroup(row_start, B, n, tables_t, masked, L, mask_from, S, shared_table, offset)
 
 
 def _shared_keys(tables: list[list[int]], block_size: int, mask_from: int) -> int:
@@ -200,8 +206,30 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
         return native.paged_attention(q, kv_layer, meta.native, scale)
     out = torch.empty_like(q)
     for g in meta.groups:
+        if g.masked is None:  # a prefill chunk on CUDA
+            out[g.row_start : g.row_start + g.tokens] = _sdpa_chunk(
+                q[g.row_start : g.row_start + g.tokens], kv_layer, g, scale
+            )
+            continue
         kv = _gather(kv_layer, g.tables)
         shared_kv = _gather(kv_layer, g.shared_table)[:, :, 0, : g.shared] if g.shared_table is not None else None
         rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
         out[rows] = _attend_group(q[rows], kv, g, scale, shared_kv).to(q.dtype)
     return out
+
+
+def _sdpa_chunk(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
+    """One sequence's prefill chunk on CUDA: torch's fused SDPA over its gathered keys, causal from its offset.
+
+    CUDA makes no batch-invariance claim (README), so a chunk takes the library kernel in one call instead of
+    QUERY_TILE-row tiles of chunked GEMMs (which keep CPU rows invariant but launch many small kernels).
+    """
+    n, H, hd = q.shape
+    _, kvh, _, bs, _ = kv_layer.shape
+    raw = kv_layer.index_select(2, g.tables.view(-1)).view(2, kvh, -1, hd)[:, :, : g.keys]  # (2, kvh, L, hd)
+    start = g.mask_from - 1  # the chunk's first position
+    visible = torch.arange(g.keys, device=q.device)[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], raw[0][None], raw[1][None], attn_mask=visible, scale=scale, enable_gqa=kvh != H
+    )  # (1, H, n, hd)
+    return out[0].transpose(0, 1)

@@ -143,10 +143,12 @@ class ModelRunner:
                 build_group(row, [[s.start] for s in cluster], [s.block_ids for s in cluster], bs, group, dev)
             )
             row += len(cluster)
+        cuda = dev.type == "cuda"  # a whole chunk per group, attended by SDPA (attention.py: no invariance claim)
         for s in prefills:
-            for t0 in range(s.start, s.end, QUERY_TILE):
-                tile = list(range(t0, min(t0 + QUERY_TILE, s.end)))
-                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev))
+            step = s.num_new_tokens if cuda and s.num_new_tokens > 1 else QUERY_TILE
+            for t0 in range(s.start, s.end, step):
+                tile = list(range(t0, min(t0 + step, s.end)))
+                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev, not cuda))
             row += s.num_new_tokens
         return groups
 
