@@ -68,6 +68,22 @@ class LlamaModel:
         self.fused = native.enabled(device, dtype) and all(
             isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names
         )
+        if self.fused:  # each layer's weight addresses, for the one call that runs every layer
+            self._layer_ptrs = torch.tensor(
+                [
+                    [
+                        layer.input_norm.data_ptr(),
+                        layer.post_norm.data_ptr(),
+                        layer.qkv.packed.data_ptr(),
+                        0 if layer.qkv_bias is None else layer.qkv_bias.data_ptr(),
+                        layer.o_proj.packed.data_ptr(),
+                        layer.gate_up.packed.data_ptr(),
+                        layer.down.packed.data_ptr(),
+                    ]
+                    for layer in self.layers
+                ],
+                dtype=torch.int64,
+            )
 
     def _layer(self, w, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -120,7 +136,7 @@ class LlamaModel:
     def _forward_fused(
         self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
     ) -> torch.Tensor:
-        """forward() with each layer one call of csrc/layer.c (same inputs and outputs)."""
+        """forward() with every layer in one call of csrc/layer.c (same inputs and outputs)."""
         cfg, lib, nm = self.config, native.load(), meta.native
         assert lib is not None and nm is not None, "the fused layer needs the native attention metadata"
         T, D, inter = input_ids.shape[0], cfg.hidden_size, cfg.intermediate_size
@@ -129,21 +145,15 @@ class LlamaModel:
         x = self.embed[input_ids]  # (T, D), a new tensor: the layers update it in place
         work = torch.empty(lib.kvserve_llama_layer_scratch(T, D, H, KVH, hd, inter, bf), dtype=torch.uint8)
         _, _, _, nb, bs, _ = kv_cache.shape
-        layer_bytes = kv_cache.stride(0) * kv_cache.element_size()
-        steps = (meta.positions.data_ptr(), meta.slot_mapping.data_ptr())
-        tables = (nm.tables.data_ptr(), nm.tables.shape[1], nm.segs.data_ptr(), nm.segs.shape[0])
-        dims = (H, KVH, nb, bs, hd, self.scale, native.TILE, torch.get_num_threads(), work.data_ptr())
         eps = cfg.rms_norm_eps
-        for i, layer in enumerate(self.layers):
-            bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()
-            weights = (layer.qkv.packed.data_ptr(), bias, layer.o_proj.packed.data_ptr())
-            weights += (layer.gate_up.packed.data_ptr(), inter, layer.down.packed.data_ptr())
-            rc = lib.kvserve_llama_layer(
-                x.data_ptr(), T, D, bf, layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), eps, *weights,
-                self.cos.data_ptr(), self.sin.data_ptr(), *steps, kv_cache.data_ptr() + i * layer_bytes, *tables,
-                *dims,
-            )  # fmt: skip
-            if rc != 0:
-                raise MemoryError("attention kernel could not allocate its scratch memory")
+        rc = lib.kvserve_llama_layers(
+            len(self.layers), self._layer_ptrs.data_ptr(), x.data_ptr(), T, D, bf, eps, inter,
+            self.cos.data_ptr(), self.sin.data_ptr(), meta.positions.data_ptr(), meta.slot_mapping.data_ptr(),
+            kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size(),
+            nm.tables.data_ptr(), nm.tables.shape[1], nm.segs.data_ptr(), nm.segs.shape[0],
+            H, KVH, nb, bs, hd, self.scale, native.TILE, torch.get_num_threads(), work.data_ptr(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("attention kernel could not allocate its scratch memory")
         h = native.rmsnorm(x[logits_rows], self.final_norm, eps)
         return linear(h, self.lm_head).float()

@@ -122,9 +122,9 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     lib.kvserve_llama_layer_scratch.argtypes = [i64, i64, i32, i32, i32, i64, i32]
     lib.kvserve_llama_layer_scratch.restype = i64
     f = ctypes.c_float
-    lib.kvserve_llama_layer.argtypes = [ptr, i64, i64, i32, ptr, ptr, f, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
-    lib.kvserve_llama_layer.argtypes += [ptr, ptr, ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
-    lib.kvserve_llama_layer.restype = i32
+    lib.kvserve_llama_layers.argtypes = [i32, ptr, ptr, i64, i64, i32, f, i64, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.kvserve_llama_layers.argtypes += [ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
+    lib.kvserve_llama_layers.restype = i32
     return lib
 
 

@@ -180,3 +180,22 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
     return 0;
 }
+
+/* Every layer in one call: ptrs holds, per layer, (input norm, post norm, packed qkv, qkv bias or 0, packed
+ * o_proj, packed gate_up, packed down); layer l's cache is at kv + l * kv_layer_bytes. Returns 0 or -1. */
+int kvserve_llama_layers(int n_layers, const int64_t *ptrs, void *x, int64_t T, int64_t D, int bf, float eps,
+                         int64_t inter, const void *cs, const void *sn, const int64_t *pos, const int64_t *slots,
+                         void *kv, int64_t kv_layer_bytes, const int32_t *tables, int max_blocks, const int32_t *segs,
+                         int nseg, int H, int KVH, int64_t nb, int bs, int hd, float scale, int tile, int nt,
+                         void *work) {
+    for (int l = 0; l < n_layers; ++l) {
+        const int64_t *p = ptrs + 7 * l;
+#define P(i) ((const void *)(intptr_t)p[i])
+        if (kvserve_llama_layer(x, T, D, bf, P(0), P(1), eps, P(2), P(3), P(4), P(5), inter, P(6), cs, sn, pos, slots,
+                                (char *)kv + l * kv_layer_bytes, tables, max_blocks, segs, nseg, H, KVH, nb, bs, hd,
+                                scale, tile, nt, work))
+            return -1;
+#undef P
+    }
+    return 0;
+}
