@@ -270,6 +270,20 @@ static void pv_block(float *const *e, float *const *o, int nr, const float *vb, 
 static void load_kpairs(uint32_t *dst, int col0, const void *kv, int64_t ofs, const int32_t *table, int bs, int hd,
                         int b, int64_t maxpos) {
     const int hp = hd / 2;
+    if (hp % 16 == 0) { /* 16 pairs at a time through registers (transpose16 moves 32-bit words as they are) */
+        const uint16_t *src[KB];
+        for (int j = 0; j < KB; ++j) {
+            int64_t k = (int64_t)b * KB + j;
+            src[j] = k > maxpos ? NULL : (const uint16_t *)kv + ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd;
+        }
+        for (int p0 = 0; p0 < hp; p0 += 16) {
+            __m512 r[16];
+            for (int j = 0; j < KB; ++j) r[j] = src[j] ? _mm512_loadu_ps(src[j] + 2 * p0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (p0 + c) * 2 * KB + col0, r[c]);
+        }
+        return;
+    }
     for (int j = 0; j < KB; ++j) {
         int64_t k = (int64_t)b * KB + j;
         if (k > maxpos) {
@@ -292,37 +306,47 @@ static inline void store_scaled(__m512 a, float scale, int64_t lim, float *s, fl
 
 /* As qk_pair, from bf16 queries (qrow: 32-bit pairs) and ktp from load_kpairs; scores = (q . k) * scale. Every
  * row, in a group of 8 or alone, takes the same instruction sequence, so the same bits. */
+/* R rows (a compile-time constant at each call site) of qk_pair_bf16. */
+static inline __attribute__((always_inline)) void qk_rows_bf16(const int R, const uint16_t *const *qrow,
+                                                                float *const *s0, float *const *s1,
+                                                                float *const *mrow, const int64_t *lim,
+                                                                const uint32_t *ktp, int hp, float scale) {
+    __m512 a[8][2];
+    for (int u = 0; u < R; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
+    for (int p = 0; p < hp; ++p) {
+        __m512bh k0 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB);
+        __m512bh k1 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB);
+        for (int u = 0; u < R; ++u) {
+            __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(qrow[u] + 2 * p));
+            a[u][0] = _mm512_dpbf16_ps(a[u][0], w, k0);
+            a[u][1] = _mm512_dpbf16_ps(a[u][1], w, k1);
+        }
+    }
+    for (int u = 0; u < R; ++u) {
+        store_scaled(a[u][0], scale, lim[u], s0[u], mrow[u]);
+        if (lim[u] >= KB) store_scaled(a[u][1], scale, lim[u] - KB, s1[u], mrow[u]);
+    }
+}
+
+/* qk_pair's bf16 twin (VDPBF16PS over pairs of dims, then times the scale): 8 rows at a time, then the rest
+ * together; every row takes the same instructions. */
 static void qk_pair_bf16(const uint16_t *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
                          const int64_t *lim, int nr, const uint32_t *ktp, int hd, float scale) {
     const int hp = hd / 2;
     int i = 0;
-    for (; i + 8 <= nr; i += 8) {
-        __m512 a[8][2];
-        for (int u = 0; u < 8; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
-        for (int p = 0; p < hp; ++p) {
-            __m512bh k0 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB);
-            __m512bh k1 = (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB);
-            for (int u = 0; u < 8; ++u) {
-                __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(qrow[i + u] + 2 * p));
-                a[u][0] = _mm512_dpbf16_ps(a[u][0], w, k0);
-                a[u][1] = _mm512_dpbf16_ps(a[u][1], w, k1);
-            }
-        }
-        for (int u = 0; u < 8; ++u) {
-            store_scaled(a[u][0], scale, lim[i + u], s0[i + u], mrow[i + u]);
-            if (lim[i + u] >= KB) store_scaled(a[u][1], scale, lim[i + u] - KB, s1[i + u], mrow[i + u]);
-        }
+    for (; i + 8 <= nr; i += 8) qk_rows_bf16(8, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, ktp, hp, scale);
+#define QK_REST(R) qk_rows_bf16(R, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, ktp, hp, scale)
+    switch (nr - i) {
+    case 7: QK_REST(7); break;
+    case 6: QK_REST(6); break;
+    case 5: QK_REST(5); break;
+    case 4: QK_REST(4); break;
+    case 3: QK_REST(3); break;
+    case 2: QK_REST(2); break;
+    case 1: QK_REST(1); break;
+    default: break;
     }
-    for (; i < nr; ++i) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int p = 0; p < hp; ++p) {
-            __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(qrow[i] + 2 * p));
-            a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB));
-            a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(ktp + p * 2 * KB + KB));
-        }
-        store_scaled(a0, scale, lim[i], s0[i], mrow[i]);
-        if (lim[i] >= KB) store_scaled(a1, scale, lim[i] - KB, s1[i], mrow[i]);
-    }
+#undef QK_REST
 }
 /* V block b as (key pair, dim) 32-bit words: dst[p * hd + d] = (v[2p][d], v[2p + 1][d]) in bf16; zeros past
  * maxpos. hd % 16 == 0. */
@@ -346,24 +370,34 @@ static void load_vpairs(uint32_t *dst, const void *kv, int64_t ofs, const int32_
 
 /* o_i[d] += sum over key pairs of (e_i pair) . (v pair)[d] with VDPBF16PS; ep: each row's 8 weight pairs of this
  * block (bf16, from the float32 weights rounded to nearest even). Every row takes the same instructions. */
+static inline __attribute__((always_inline)) void pv_rows_bf16(const int R, const float *const *ep,
+                                                                float *const *o, const uint32_t *vp) {
+    __m512 x[4][4]; /* R rows x 64 dims */
+    for (int u = 0; u < R; ++u)
+        for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[u] + 16 * h);
+    for (int p = 0; p < KB / 2; ++p) {
+        __m512bh v[4];
+        for (int h = 0; h < 4; ++h) v[h] = (__m512bh)_mm512_loadu_si512(vp + p * 64 + 16 * h);
+        for (int u = 0; u < R; ++u) {
+            __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(ep[u] + p));
+            for (int h = 0; h < 4; ++h) x[u][h] = _mm512_dpbf16_ps(x[u][h], w, v[h]);
+        }
+    }
+    for (int u = 0; u < R; ++u)
+        for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[u] + 16 * h, x[u][h]);
+}
+
 static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const uint32_t *vp, int hd) {
     int i = 0;
-    if (hd == 64) {
-        for (; i + 4 <= nr; i += 4) {
-            __m512 x[4][4];
-            for (int u = 0; u < 4; ++u)
-                for (int h = 0; h < 4; ++h) x[u][h] = _mm512_loadu_ps(o[i + u] + 16 * h);
-            for (int p = 0; p < KB / 2; ++p) {
-                __m512bh v[4];
-                for (int h = 0; h < 4; ++h) v[h] = (__m512bh)_mm512_loadu_si512(vp + p * 64 + 16 * h);
-                for (int u = 0; u < 4; ++u) {
-                    __m512bh w = (__m512bh)_mm512_set1_epi32(ld32(ep[i + u] + p));
-                    for (int h = 0; h < 4; ++h) x[u][h] = _mm512_dpbf16_ps(x[u][h], w, v[h]);
-                }
-            }
-            for (int u = 0; u < 4; ++u)
-                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[i + u] + 16 * h, x[u][h]);
+    if (hd == 64) { /* 4 rows at a time, then the rest together */
+        for (; i + 4 <= nr; i += 4) pv_rows_bf16(4, ep + i, o + i, vp);
+        switch (nr - i) {
+        case 3: pv_rows_bf16(3, ep + i, o + i, vp); break;
+        case 2: pv_rows_bf16(2, ep + i, o + i, vp); break;
+        case 1: pv_rows_bf16(1, ep + i, o + i, vp); break;
+        default: break;
         }
+        i = nr;
     }
     for (; i < nr; ++i) {
         for (int c = 0; c < hd; c += 16) {
