@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvserve.model import native
 from kvserve.model.invariant import invariant_rows
@@ -48,8 +49,9 @@ class AttentionGroup:
     """B sequences with n new tokens each, attended in one call: rows [row_start, row_start + B * n).
 
     Decodes form one group (n = 1); each prefill chunk forms one group per QUERY_TILE tokens (B = 1), so a
-    tile attends keys only up to its own last position. Each group gathers exactly the keys it reads, so the
-    gathered K/V splits into KEY_CHUNK-key chunks without a copy.
+    tile attends keys only up to its own last position (on CUDA: one group per chunk, attended by SDPA).
+    Each group gathers exactly the keys it reads, so the gathered K/V splits into KEY_CHUNK-key chunks
+    without a copy.
     """
 
     row_start: int
@@ -222,14 +224,21 @@ def _sdpa_chunk(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, scal
     """One sequence's prefill chunk on CUDA: torch's fused SDPA over its gathered keys, causal from its offset.
 
     CUDA makes no batch-invariance claim (README), so a chunk takes the library kernel in one call instead of
-    QUERY_TILE-row tiles of chunked GEMMs (which keep CPU rows invariant but launch many small kernels).
+    QUERY_TILE-row tiles of chunked GEMMs (which keep CPU rows invariant but launch many small kernels). A chunk
+    from position 0 is plainly causal (flash attention); one over cached keys needs an explicit mask, which
+    the memory-efficient kernel takes with K/V repeated per query head (it does not take GQA and a mask).
     """
     n, H, hd = q.shape
-    _, kvh, _, bs, _ = kv_layer.shape
-    raw = kv_layer.index_select(2, g.tables.view(-1)).view(2, kvh, -1, hd)[:, :, : g.keys]  # (2, kvh, L, hd)
-    start = g.mask_from - 1  # the chunk's first position
-    visible = torch.arange(g.keys, device=q.device)[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], raw[0][None], raw[1][None], attn_mask=visible, scale=scale, enable_gqa=kvh != H
-    )  # (1, H, n, hd)
-    return out[0].transpose(0, 1)
+    kvh = kv_layer.shape[1]
+    start = g.mask_from - 1  # the chunk's first position; its keys are positions 0 .. start + n - 1
+    raw = kv_layer.index_select(2, g.tables.view(-1)).view(2, kvh, -1, hd)[:, :, : start + n]
+    k, v = raw[0][None], raw[1][None]  # (1, kvh, L, hd)
+    qh = q.transpose(0, 1)[None]  # (1, H, n, hd)
+    if start == 0:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=kvh != H)
+    else:
+        keys = torch.arange(start + n, device=q.device)
+        visible = keys[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # (n, L)
+        k, v = (t.repeat_interleave(H // kvh, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=visible, scale=scale)
+    return out[0].transpose(0, 1)  # (n, H, hd)

@@ -65,8 +65,11 @@ class LlamaModel:
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
         # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
         names = ("qkv", "o_proj", "gate_up", "down")
-        self.fused = native.enabled(device, dtype) and all(
-            isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names
+        self.fused = (
+            native.enabled(device, dtype)
+            and config.head_dim % 2 == 0
+            and config.partial_rotary_factor == 1.0
+            and all(isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names)
         )
         if self.fused:  # each layer's weight addresses, for the one call that runs every layer
             self._layer_ptrs = torch.tensor(
@@ -142,6 +145,10 @@ class LlamaModel:
         T, D, inter = input_ids.shape[0], cfg.hidden_size, cfg.intermediate_size
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bf = int(self.dtype == torch.bfloat16)
+        # the C code indexes raw memory: the layouts and bounds it assumes, checked (cheap) rather than trusted
+        assert kv_cache.is_contiguous() and meta.positions.dtype == meta.slot_mapping.dtype == torch.int64
+        assert meta.positions.is_contiguous() and meta.slot_mapping.is_contiguous()
+        assert T == 0 or int(meta.positions.max()) < self.cos.shape[0], "position past the RoPE tables"
         x = self.embed[input_ids]  # (T, D), a new tensor: the layers update it in place
         work = torch.empty(lib.kvserve_llama_layer_scratch(T, D, H, KVH, hd, inter, bf), dtype=torch.uint8)
         _, _, _, nb, bs, _ = kv_cache.shape

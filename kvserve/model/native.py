@@ -39,7 +39,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "linear.c", "layer.c"))
 HEADERS = (CSRC / "kvmath.h",)
 ARITHMETIC = 1  # bump when the attention kernel's numbers change: cached KV from another version must not be read
-LINEAR_ARITHMETIC = 1  # the same for the linear kernel
+LINEAR_ARITHMETIC = 1  # the same for the linear kernel and the fused layer's RMSNorm, RoPE and SwiGLU
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 TILE = 64  # prefill tokens per work item: the rows of a tile share every key and value block they load
 
@@ -85,7 +85,7 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(src + " ".join(CFLAGS + [cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    name = f"kvserve_attention_{key}.so"
+    name = f"kvserve_native_{key}.so"
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"kvserve-{os.getuid()}"):
         target = directory / name
         if target.exists():
@@ -113,6 +113,9 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     fn.restype = i32
     lib.kvserve_attention_features.restype = i32
     lib.kvserve_linear_features.restype = i32
+    lib.kvserve_linear_panel_width.restype = i32
+    if lib.kvserve_linear_panel_width() != NR:
+        raise OSError(f"csrc/linear.c packs {lib.kvserve_linear_panel_width()}-column panels, native.py {NR}")
     for fn in (lib.kvserve_pack_f32, lib.kvserve_pack_bf16):
         fn.argtypes, fn.restype = [ptr, i64, i64, ptr], None
     for fn in (lib.kvserve_linear_f32, lib.kvserve_linear_bf16):
@@ -189,8 +192,10 @@ class PackedLinear:
     ) -> torch.Tensor:
         """residual + x @ weight.T + bias; x: (M, in) with unit column stride, in the weight's dtype."""
         n, k = self.shape
-        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != k:
+        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
             raise ValueError(f"linear of a {tuple(x.shape)} {x.dtype} input with a {self.shape} {self.dtype} weight")
+        if bias is not None and bias.shape != (n,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} for a linear with {n} outputs")
         if x.stride(1) != 1:
             x = x.contiguous()
         m = x.shape[0]
@@ -268,9 +273,10 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: NativeMeta, s
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The fused layer's RMSNorm (csrc/layer.c) of x's rows: (T, D) -> (T, D), in x's dtype."""
     x = x.contiguous()
+    weight = weight.to(x.dtype).contiguous()
     out = torch.empty_like(x)
     lib = load()
-    assert lib is not None
+    assert lib is not None and x.dim() == 2 and weight.shape == (x.shape[1],)
     T, D = x.shape
     bf = int(x.dtype == torch.bfloat16)
     lib.kvserve_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), T, D, eps, bf, torch.get_num_threads())

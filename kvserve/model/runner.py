@@ -134,7 +134,8 @@ class ModelRunner:
         return {s.request.request_id: r for s, r in zip(sampling, results)}
 
     def _groups(self, clusters: list[list[ScheduledRequest]], prefills: list[ScheduledRequest]) -> list:
-        """The torch path's attention groups: one per decode cluster, one per QUERY_TILE of each prefill chunk."""
+        """The torch path's attention groups: one per decode cluster, one per QUERY_TILE of each prefill chunk
+        (on CUDA one per prefill chunk)."""
         bs, dev = self.block_size, self.device
         group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
         groups, row = [], 0
@@ -145,7 +146,7 @@ class ModelRunner:
             row += len(cluster)
         cuda = dev.type == "cuda"  # a whole chunk per group, attended by SDPA (attention.py: no invariance claim)
         for s in prefills:
-            step = s.num_new_tokens if cuda and s.num_new_tokens > 1 else QUERY_TILE
+            step = s.num_new_tokens if cuda else QUERY_TILE
             for t0 in range(s.start, s.end, step):
                 tile = list(range(t0, min(t0 + step, s.end)))
                 groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev, not cuda))

@@ -102,8 +102,8 @@ def test_rmsnorm_matches_the_formula(dtype):
     assert torch.equal(native.rmsnorm(x[7:9], w, 1e-5), got[7:9])
 
 
-def _tiny_llama(dtype: torch.dtype):
-    """A random 2-layer Llama with the fused path (3 query heads per KV head, head_dim 64)."""
+def _tiny_llama(dtype: torch.dtype, hd: int = 64, bias: bool = False):
+    """A random 2-layer Llama with the fused path (3 query heads per KV head; Qwen2-style qkv biases if bias)."""
     from kvserve.model.config import ModelConfig
     from kvserve.model.llama import LlamaModel
 
@@ -115,13 +115,13 @@ def _tiny_llama(dtype: torch.dtype):
         num_hidden_layers=2,
         num_attention_heads=3,
         num_key_value_heads=1,
-        head_dim=64,
+        head_dim=hd,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         rope_scaling=None,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        attention_bias=False,
+        attention_bias=bias,
         bos_token_id=None,
         eos_token_ids=(0,),
     )
@@ -133,15 +133,17 @@ def _tiny_llama(dtype: torch.dtype):
     for i in range(2):
         p = f"model.layers.{i}."
         for name, shape in [
-            ("self_attn.q_proj", (192, 192)),
-            ("self_attn.k_proj", (64, 192)),
-            ("self_attn.v_proj", (64, 192)),
-            ("self_attn.o_proj", (192, 192)),
+            ("self_attn.q_proj", (3 * hd, 192)),
+            ("self_attn.k_proj", (hd, 192)),
+            ("self_attn.v_proj", (hd, 192)),
+            ("self_attn.o_proj", (192, 3 * hd)),
             ("mlp.gate_proj", (256, 192)),
             ("mlp.up_proj", (256, 192)),
             ("mlp.down_proj", (192, 256)),
         ]:
             weights[p + name + ".weight"] = torch.randn(*shape, generator=gen) * shape[1] ** -0.5
+            if bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                weights[p + name + ".bias"] = 0.5 * torch.randn(shape[0], generator=gen)
         weights[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(192, generator=gen)
         weights[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(192, generator=gen)
     return cfg, weights, LlamaModel(cfg, weights, dtype, CPU, 512)
@@ -167,9 +169,8 @@ def _reference_logits(cfg, weights, ids: list[int]) -> torch.Tensor:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         h = norm(x, d[p + "input_layernorm.weight"])
-        q = rope((h @ d[p + "self_attn.q_proj.weight"].T).view(T, H, hd))
-        k = rope((h @ d[p + "self_attn.k_proj.weight"].T).view(T, KVH, hd))
-        v = (h @ d[p + "self_attn.v_proj.weight"].T).view(T, KVH, hd)
+        q, k, v = (h @ d[p + f"self_attn.{c}_proj.weight"].T + d.get(p + f"self_attn.{c}_proj.bias", 0) for c in "qkv")
+        q, k, v = rope(q.view(T, H, hd)), rope(k.view(T, KVH, hd)), v.view(T, KVH, hd)
         k, v = (t.repeat_interleave(H // KVH, dim=1) for t in (k, v))
         s = torch.einsum("thd,shd->hts", q, k) * hd**-0.5 + mask
         a = torch.einsum("hts,shd->thd", torch.softmax(s, -1), v).reshape(T, H * hd)
@@ -182,28 +183,37 @@ def _reference_logits(cfg, weights, ids: list[int]) -> torch.Tensor:
 
 def _step(model, kv, seqs):
     """seqs: (token ids, first position, block table) per sequence, rows in that order -> logits of every row."""
+    bs = kv.shape[4]
     from kvserve.model.attention import AttentionMetadata
 
     ids = [t for toks, _, _ in seqs for t in toks]
     positions = torch.tensor([p0 + i for toks, p0, _ in seqs for i in range(len(toks))])
-    slots = torch.tensor([tb[(p0 + i) // 16] * 16 + (p0 + i) % 16 for toks, p0, tb in seqs for i in range(len(toks))])
+    slots = torch.tensor([tb[(p0 + i) // bs] * bs + (p0 + i) % bs for toks, p0, tb in seqs for i in range(len(toks))])
     nm = native.build_meta([tb for _, _, tb in seqs], [len(toks) for toks, _, _ in seqs], positions, CPU)
     meta = AttentionMetadata(slot_mapping=slots, positions=positions, groups=[], native=nm)
     return model.forward(torch.tensor(ids), kv, meta, torch.arange(len(ids)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_matches_float64_and_is_batch_invariant(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "hd", "bs", "bias"),
+    [
+        (torch.float32, 64, 16, False),
+        (torch.bfloat16, 64, 16, False),
+        (torch.float32, 32, 8, True),
+        (torch.bfloat16, 32, 8, True),
+    ],
+)
+def test_fused_layer_matches_float64_and_is_batch_invariant(dtype, hd, bs, bias):
     _needs(dtype)
     if not native.enabled(CPU, dtype):
         pytest.skip("the attention kernel does not run here")
-    cfg, weights, model = _tiny_llama(dtype)
+    cfg, weights, model = _tiny_llama(dtype, hd, bias)
     assert model.fused
     gen = torch.Generator().manual_seed(5)
     a = torch.randint(0, 300, (45,), generator=gen).tolist()
     b = torch.randint(0, 300, (20,), generator=gen).tolist()
-    kv = torch.zeros(2, 2, 1, 16, 16, 64, dtype=dtype)
-    ta, tb = [3, 0, 9], [5, 7]
+    kv = torch.zeros(2, 2, 1, 16, bs, hd, dtype=dtype)
+    ta, tb = [3, 0, 9, 12, 6, 4], [5, 7, 10]
     alone = _step(model, kv, [(a, 0, ta)])
     ref = _reference_logits(cfg, weights, a)
     # float32: to rounding; bfloat16 (8-bit mantissas through two layers): within 3% of the logits' range
@@ -211,8 +221,8 @@ def test_fused_layer_matches_float64_and_is_batch_invariant(dtype):
     torch.testing.assert_close(alone.double(), ref, atol=tol, rtol=0)
     # the same tokens again: in chunks, next to another sequence, one decode row at a time, other blocks
     kv2 = torch.zeros_like(kv)
-    ta2 = [11, 2, 14]
+    ta2 = [11, 2, 14, 1, 13, 15]
     first = _step(model, kv2, [(b, 0, tb), (a[:17], 0, ta2)])
-    rest = _step(model, kv2, [(a[17:44], 17, ta2), (b[:1], 0, [1])])  # b's row: a junk one-row neighbour
+    rest = _step(model, kv2, [(a[17:44], 17, ta2), (b[:1], 0, [8])])  # a junk one-row neighbour in a free block
     last = _step(model, kv2, [(a[44:], 44, ta2)])
     assert torch.equal(torch.cat([first[20:], rest[:27], last]), alone)

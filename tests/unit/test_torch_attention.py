@@ -6,17 +6,19 @@ CPU: for a chunk starting at an offset over cached keys, both give the same atte
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvserve.model.attention import AttentionMetadata, build_group, paged_attention
 
 
-def test_sdpa_prefill_chunk_matches_the_chunked_path():
+@pytest.mark.parametrize("start", [0, 150])  # a first chunk (plainly causal), a chunk over 150 cached tokens
+def test_sdpa_prefill_chunk_matches_the_chunked_path(start):
     gen = torch.Generator().manual_seed(0)
     kvh, G, hd, bs, nb = 2, 3, 64, 16, 40
     kv = torch.randn(2, kvh, nb, bs, hd, generator=gen)
     table = list(range(39, 0, -2))  # 20 blocks, out of order: 320 keys
-    start, n = 150, 90  # a chunk over 150 cached tokens
+    n = 90
     q = torch.randn(n, kvh * G, hd, generator=gen)
     positions = [list(range(start, start + n))]
     outs = []

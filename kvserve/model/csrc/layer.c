@@ -11,7 +11,8 @@
  * weight is applied; q*cos + rotate_half(q)*sin with each product and the sum rounded; silu rounded, then the
  * product with up rounded; the attention output rounded before o_proj. In float32 nothing rounds in between.
  *
- * Scratch: the caller passes `work` of kvserve_llama_layer_scratch(...) bytes.
+ * Scratch: the caller passes `work` of kvserve_llama_layer_scratch(...) bytes. Needs an even head_dim (RoPE
+ * rotates halves) and full rotary; kvserve/model/llama.py checks both before choosing this path.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,7 +29,8 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
                             int KVH, int64_t nb, int bs, int hd, int tile, int nthreads);
 
 #define LANES 16
-#define PAR_ROWS 16 /* row-wise work runs on one thread below this many rows */
+#define PAR_ROWS 16   /* row-wise work runs on one thread below this many rows */
+#define ACT_CHUNK 512 /* SwiGLU features per pass */
 
 /* Row-wise work converts a row to float32 once, computes in simple loops over float arrays (which the
  * compiler vectorises) and converts back once: no per-element dtype branch. */
@@ -117,7 +119,7 @@ static void swiglu(const float *g, const float *u, float *act, int64_t n, int bf
 
 int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf) {
     const int64_t e = bf ? 2 : 4, qkv = (int64_t)(H + 2 * KVH) * hd;
-    return 64 + T * (D * e + qkv * e + (int64_t)H * hd * (e + 4) + 3 * inter * e);
+    return T * (D * e + qkv * e + (int64_t)H * hd * (e + 4) + 3 * inter * e);
 }
 
 /* x: (T, D) residual stream in the model dtype, updated in place; cos/sin: (max_len, hd); pos, slots: (T,);
@@ -170,13 +172,15 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
     linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, gu, nt);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; ++t) {
-        float g[inter], u[inter];
-        load_row(gu, t * 2 * inter, inter, bf, g);
-        load_row(gu, t * 2 * inter + inter, inter, bf, u);
-        swiglu(g, u, g, inter, bf);
-        store_row(act, t * inter, inter, bf, g);
-    }
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i0 = 0; i0 < inter; i0 += ACT_CHUNK) { /* element-wise: chunks keep the stack small */
+            const int64_t n = inter - i0 < ACT_CHUNK ? inter - i0 : ACT_CHUNK;
+            float g[ACT_CHUNK], u[ACT_CHUNK];
+            load_row(gu, t * 2 * inter + i0, n, bf, g);
+            load_row(gu, t * 2 * inter + inter + i0, n, bf, u);
+            swiglu(g, u, g, n, bf);
+            store_row(act, t * inter + i0, n, bf, g);
+        }
     linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
     return 0;
 }

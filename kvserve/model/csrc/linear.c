@@ -42,6 +42,9 @@
 /* Bit 0: float32 linears available; bit 1: bfloat16 ones (VDPBF16PS). */
 int kvserve_linear_features(void) { return KVSERVE_LINEAR_F32 | KVSERVE_LINEAR_BF16; }
 
+/* Output columns per packed panel (the Python side sizes the packed buffers with it). */
+int kvserve_linear_panel_width(void) { return NR; }
+
 /* While tiles 2-4 of a block run (the panel is in cache by then), the next panel is fetched from memory, one
  * of its three 64-byte lines per k in each tile: the weights' streaming overlaps the arithmetic when a panel
  * serves several tiles (M > 8). A prefetch changes no number. */

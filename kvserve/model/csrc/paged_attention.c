@@ -133,10 +133,6 @@ static inline void store_lanes(const float *a, int64_t lim, float *s, float *m) 
     }
 }
 
-/* Scores of rows i < nr against two key blocks (kt: d * 32 + j, j < 16 the first block, the rest the second):
- * a lane is sum_d q_i[d] * k[d] in fused multiply-adds in d order, or -inf past the row's last visible key
- * (lim[i]: first-block lanes j <= lim[i] are visible, second-block lanes j <= lim[i] - 16). A row's second
- * block is stored only when it reaches it (lim[i] >= 16); s1 may be NULL-free garbage otherwise. */
 #ifdef __AVX512F__
 /* R rows (a compile-time constant at each call site) of qk_pair, vectorised over the 16 keys of a block. */
 static inline __attribute__((always_inline)) void qk_rows(const int R, const float *const *qrow, float *const *s0,
@@ -304,8 +300,6 @@ static inline void store_scaled(__m512 a, float scale, int64_t lim, float *s, fl
     _mm512_storeu_ps(m, _mm512_max_ps(_mm512_loadu_ps(m), v));
 }
 
-/* As qk_pair, from bf16 queries (qrow: 32-bit pairs) and ktp from load_kpairs; scores = (q . k) * scale. Every
- * row, in a group of 8 or alone, takes the same instruction sequence, so the same bits. */
 /* R rows (a compile-time constant at each call site) of qk_pair_bf16. */
 static inline __attribute__((always_inline)) void qk_rows_bf16(const int R, const uint16_t *const *qrow,
                                                                 float *const *s0, float *const *s1,
@@ -328,8 +322,9 @@ static inline __attribute__((always_inline)) void qk_rows_bf16(const int R, cons
     }
 }
 
-/* qk_pair's bf16 twin (VDPBF16PS over pairs of dims, then times the scale): 8 rows at a time, then the rest
- * together; every row takes the same instructions. */
+/* As qk_pair, from bf16 queries (qrow: 32-bit pairs) and ktp from load_kpairs; scores = (q . k) * scale with
+ * VDPBF16PS over pairs of dims. 8 rows at a time, then the rest together: every row, in any group, takes the
+ * same instruction sequence, so the same bits. */
 static void qk_pair_bf16(const uint16_t *const *qrow, float *const *s0, float *const *s1, float *const *mrow,
                          const int64_t *lim, int nr, const uint32_t *ktp, int hd, float scale) {
     const int hp = hd / 2;
@@ -368,8 +363,7 @@ static void load_vpairs(uint32_t *dst, const void *kv, int64_t ofs, const int32_
     }
 }
 
-/* o_i[d] += sum over key pairs of (e_i pair) . (v pair)[d] with VDPBF16PS; ep: each row's 8 weight pairs of this
- * block (bf16, from the float32 weights rounded to nearest even). Every row takes the same instructions. */
+/* R rows (a compile-time constant at each call site) of pv_block_bf16, head_dim 64. */
 static inline __attribute__((always_inline)) void pv_rows_bf16(const int R, const float *const *ep,
                                                                 float *const *o, const uint32_t *vp) {
     __m512 x[4][4]; /* R rows x 64 dims */
@@ -387,6 +381,8 @@ static inline __attribute__((always_inline)) void pv_rows_bf16(const int R, cons
         for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o[u] + 16 * h, x[u][h]);
 }
 
+/* o_i[d] += sum over key pairs of (e_i pair) . (v pair)[d] with VDPBF16PS; ep: each row's 8 weight pairs of this
+ * block (bf16, from the float32 weights rounded to nearest even). Every row takes the same instructions. */
 static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const uint32_t *vp, int hd) {
     int i = 0;
     if (hd == 64) { /* 4 rows at a time, then the rest together */
