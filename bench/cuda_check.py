@@ -32,6 +32,7 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.model.loader import load_model
+from tests.hybrid_models import bamba_config
 from tests.model.test_golden import DOC, PROMPTS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, logprobs=0)
@@ -140,22 +141,7 @@ def hybrid(ctx: dict) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.BambaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=8,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=16,
-        max_position_embeddings=512,
-        initializer_range=0.25,
-    )
+    cfg = bamba_config(hidden_size=128, intermediate_size=256, initializer_range=0.25)  # tests' small Bamba, wider
     model = transformers.BambaForCausalLM(cfg).eval()
     path = Path(ctx["model"])
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
