@@ -156,35 +156,18 @@ def hybrid(ctx: dict) -> dict:
         prompts = [torch.randint(3, 512, (int(n),), generator=g).tolist() for n in (5, 17, 40, 77, 120)]
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         refs = [hf_generate(model, p, 12) for p in prompts]
+        shared = [prompts[4][:60] + p[:10] for p in prompts[:4]]  # resume from checkpoints of prompts[4]
+        kw = dict(model=tmp, device=ctx["device"], dtype="float32", block_size=8, num_kv_blocks=256)
+        no_cache = tokens(LLM(**kw, enable_prefix_caching=False).generate(shared, params))
         res = {}
         for policy in ("none", "every-block:2", "optimal:2"):
-            llm = LLM(
-                model=tmp,
-                device=ctx["device"],
-                dtype="float32",
-                block_size=8,
-                num_kv_blocks=256,
-                checkpoint_policy=policy,
-                max_num_batched_tokens=24,
-            )
+            llm = LLM(**kw, checkpoint_policy=policy, max_num_batched_tokens=24)
             first = tokens(llm.generate(prompts, params))
-            shared = [prompts[4][:60] + p[:10] for p in prompts[:4]]  # resumes from checkpoints
             second_outs = llm.generate(shared, params)
-            second = tokens(second_outs)
-            nocache = LLM(
-                model=tmp,
-                device=ctx["device"],
-                dtype="float32",
-                block_size=8,
-                num_kv_blocks=256,
-                enable_prefix_caching=False,
-            )
             res[policy] = {
                 "equal_to_transformers": sum(a == b for a, b in zip(first, refs)),
                 "prompts": len(prompts),
-                "shared_prefix_equal_to_no_cache": sum(
-                    a == b for a, b in zip(second, tokens(nocache.generate(shared, params)))
-                ),
+                "shared_prefix_equal_to_no_cache": sum(a == b for a, b in zip(tokens(second_outs), no_cache)),
                 "shared_prompts": len(shared),
                 "shared_cached_tokens": [o.num_cached_tokens for o in second_outs],
                 "blocks_left": llm.engine.pool.num_used_blocks,

@@ -37,4 +37,23 @@ static inline float exp_nonpos(float d) {
     memcpy(&scale, &bits, sizeof scale);
     return d < -87.0f ? 0.0f : q * scale;
 }
+
+/* CALL(R) with R the compile-time constant equal to n (1..8, or 1..3; other n: nothing), so micro-kernels
+ * written for a constant row count R unroll their row loops. */
+#define KVSERVE_ROWS8(n, CALL)      \
+    switch (n) {                    \
+    case 8: CALL(8); break;         \
+    case 7: CALL(7); break;         \
+    case 6: CALL(6); break;         \
+    case 5: CALL(5); break;         \
+    case 4: CALL(4); break;         \
+    default: KVSERVE_ROWS3(n, CALL) \
+    }
+#define KVSERVE_ROWS3(n, CALL) \
+    switch (n) {               \
+    case 3: CALL(3); break;    \
+    case 2: CALL(2); break;    \
+    case 1: CALL(1); break;    \
+    default: break;            \
+    }
 #endif

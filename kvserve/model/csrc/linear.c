@@ -113,16 +113,9 @@ static inline __attribute__((always_inline)) void tile_f32(const int MR_, const 
 
 static void rows_f32(int mr, const float *x, int64_t ldx, int64_t K, const float *wp, const float *pf, int ahead,
                      __m512 acc[MR][3]) {
-    switch (mr) {
-    case 8: tile_f32(8, x, ldx, K, wp, pf, ahead, acc); break;
-    case 7: tile_f32(7, x, ldx, K, wp, pf, ahead, acc); break;
-    case 6: tile_f32(6, x, ldx, K, wp, pf, ahead, acc); break;
-    case 5: tile_f32(5, x, ldx, K, wp, pf, ahead, acc); break;
-    case 4: tile_f32(4, x, ldx, K, wp, pf, ahead, acc); break;
-    case 3: tile_f32(3, x, ldx, K, wp, pf, ahead, acc); break;
-    case 2: tile_f32(2, x, ldx, K, wp, pf, ahead, acc); break;
-    default: tile_f32(1, x, ldx, K, wp, pf, ahead, acc); break;
-    }
+#define TILE(R) tile_f32(R, x, ldx, K, wp, pf, ahead, acc)
+    KVSERVE_ROWS8(mr, TILE)
+#undef TILE
 }
 #endif
 
@@ -185,16 +178,9 @@ static inline __attribute__((always_inline)) void tile_bf16(const int MR_, const
 
 static void rows_bf16(int mr, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *wp, const uint16_t *pf,
                       int ahead, __m512 acc[MR][3]) {
-    switch (mr) {
-    case 8: tile_bf16(8, x, ldx, K, wp, pf, ahead, acc); break;
-    case 7: tile_bf16(7, x, ldx, K, wp, pf, ahead, acc); break;
-    case 6: tile_bf16(6, x, ldx, K, wp, pf, ahead, acc); break;
-    case 5: tile_bf16(5, x, ldx, K, wp, pf, ahead, acc); break;
-    case 4: tile_bf16(4, x, ldx, K, wp, pf, ahead, acc); break;
-    case 3: tile_bf16(3, x, ldx, K, wp, pf, ahead, acc); break;
-    case 2: tile_bf16(2, x, ldx, K, wp, pf, ahead, acc); break;
-    default: tile_bf16(1, x, ldx, K, wp, pf, ahead, acc); break;
-    }
+#define TILE(R) tile_bf16(R, x, ldx, K, wp, pf, ahead, acc)
+    KVSERVE_ROWS8(mr, TILE)
+#undef TILE
 }
 #endif
 

@@ -179,16 +179,7 @@ static void qk_pair(const float *const *qrow, float *const *s0, float *const *s1
 #ifdef __AVX512F__
     for (; i + 8 <= nr; i += 8) qk_rows(8, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, kt, hd);
 #define QK_REST(R) qk_rows(R, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, kt, hd)
-    switch (nr - i) {
-    case 7: QK_REST(7); break;
-    case 6: QK_REST(6); break;
-    case 5: QK_REST(5); break;
-    case 4: QK_REST(4); break;
-    case 3: QK_REST(3); break;
-    case 2: QK_REST(2); break;
-    case 1: QK_REST(1); break;
-    default: break;
-    }
+    KVSERVE_ROWS8(nr - i, QK_REST)
 #undef QK_REST
     i = nr;
 #endif
@@ -243,12 +234,9 @@ static void pv_block(float *const *e, float *const *o, int nr, const float *vb, 
     int i = 0;
 #ifdef __AVX512F__
     for (; i + 4 <= nr; i += 4) pv_rows(4, e + i, o + i, vb, hd);
-    switch (nr - i) {
-    case 3: pv_rows(3, e + i, o + i, vb, hd); break;
-    case 2: pv_rows(2, e + i, o + i, vb, hd); break;
-    case 1: pv_rows(1, e + i, o + i, vb, hd); break;
-    default: break;
-    }
+#define PV_REST(R) pv_rows(R, e + i, o + i, vb, hd)
+    KVSERVE_ROWS3(nr - i, PV_REST)
+#undef PV_REST
     i = nr;
 #endif
     for (; i < nr; ++i) { /* without AVX-512: the same fused multiply-adds in the same order */
@@ -331,16 +319,7 @@ static void qk_pair_bf16(const uint16_t *const *qrow, float *const *s0, float *c
     int i = 0;
     for (; i + 8 <= nr; i += 8) qk_rows_bf16(8, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, ktp, hp, scale);
 #define QK_REST(R) qk_rows_bf16(R, qrow + i, s0 + i, s1 + i, mrow + i, lim + i, ktp, hp, scale)
-    switch (nr - i) {
-    case 7: QK_REST(7); break;
-    case 6: QK_REST(6); break;
-    case 5: QK_REST(5); break;
-    case 4: QK_REST(4); break;
-    case 3: QK_REST(3); break;
-    case 2: QK_REST(2); break;
-    case 1: QK_REST(1); break;
-    default: break;
-    }
+    KVSERVE_ROWS8(nr - i, QK_REST)
 #undef QK_REST
 }
 /* V block b as (key pair, dim) 32-bit words: dst[p * hd + d] = (v[2p][d], v[2p + 1][d]) in bf16; zeros past
@@ -387,12 +366,9 @@ static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const
     int i = 0;
     if (hd == 64) { /* 4 rows at a time, then the rest together */
         for (; i + 4 <= nr; i += 4) pv_rows_bf16(4, ep + i, o + i, vp);
-        switch (nr - i) {
-        case 3: pv_rows_bf16(3, ep + i, o + i, vp); break;
-        case 2: pv_rows_bf16(2, ep + i, o + i, vp); break;
-        case 1: pv_rows_bf16(1, ep + i, o + i, vp); break;
-        default: break;
-        }
+#define PV_REST(R) pv_rows_bf16(R, ep + i, o + i, vp)
+        KVSERVE_ROWS3(nr - i, PV_REST)
+#undef PV_REST
         i = nr;
     }
     for (; i < nr; ++i) {
