@@ -38,6 +38,17 @@ static inline float exp_nonpos(float d) {
     return d < -87.0f ? 0.0f : q * scale;
 }
 
+/* Asks for the 64-byte line at p to be brought into the L1 cache; changes no number. An asm statement: GCC 12
+ * (-O1 and up) deleted __builtin_prefetch / _mm_prefetch calls whose address it computed from a load (a block
+ * table entry) as dead code, so the attention kernel's prefetches never ran; -fno-tree-dce kept them. */
+static inline void prefetch_line(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 /* CALL(R) with R the compile-time constant equal to n (1..8, or 1..3; other n: nothing), so micro-kernels
  * written for a constant row count R unroll their row loops. */
 #define KVSERVE_ROWS8(n, CALL)      \

@@ -42,12 +42,48 @@ static void exp_shifted(float *restrict x, int n, float m) {
     for (int j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] - m);
 }
 
+/* Key blocks asked for ahead of use: a sequence's blocks sit anywhere in the pool, where the hardware
+ * prefetcher cannot follow them. An item asks for its first FETCH_AHEAD blocks of keys and values at once
+ * (a decode step's item: all of them), then FETCH_AHEAD blocks ahead of the one it works on, and for the
+ * first blocks of the item its thread probably takes next. Measured (30 layers' attention of a batch-32 decode
+ * step, 96 keys each, KV read from memory): bf16 7.4 -> 4.7-5.0 ms, float32 11.0-12.0 -> 9.2 ms; in the
+ * engine's batch-32 decode step, 6.1-6.5 -> 4.2-5.1 ms. */
+#define FETCH_AHEAD 8
+
+/* Asks for block b (KB keys) of one head of K or V (ofs: the head's first element) into the cache, 64 bytes at a
+ * time; nothing past the last block (nblk). A prefetch changes no number. */
+static inline void prefetch_block(const void *kv, int e, int64_t ofs, const int32_t *table, int bs, int hd, int b,
+                                  int nblk) {
+    if (b >= nblk) return;
+    const int64_t row = (int64_t)hd * e;
+    if (bs % KB == 0) { /* the block's keys are contiguous */
+        const int64_t k = (int64_t)b * KB;
+        const char *src = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+        for (int64_t o = 0; o < KB * row; o += 64) prefetch_line(src + o);
+        return;
+    }
+    for (int j = 0; j < KB; ++j) {
+        const int64_t k = (int64_t)b * KB + j;
+        const char *src = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+        for (int64_t o = 0; o < row; o += 64) prefetch_line(src + o);
+    }
+}
+
 typedef struct {
     int32_t row_start; /* first token of the tile in the flat batch */
     int32_t ntok;      /* tokens in the tile */
     int32_t seq;       /* row of the block table */
     int32_t kv_head;
 } Item;
+
+/* Asks for the first FETCH_AHEAD key blocks of an item's K (part 0) or V (part 1) head. */
+static void prefetch_item(const Item *it, int part, const void *kv, int e, const int32_t *tables, int max_blocks,
+                          const int64_t *pos, int KVH, int64_t nb, int bs, int hd) {
+    const int64_t ofs = ((int64_t)part * KVH + it->kv_head) * nb * bs * hd;
+    const int32_t *table = tables + (size_t)it->seq * max_blocks;
+    const int nblk = (int)(pos[it->row_start + it->ntok - 1] / KB) + 1;
+    for (int b = 0; b < FETCH_AHEAD; ++b) prefetch_block(kv, e, ofs, table, bs, hd, b, nblk);
+}
 
 #ifdef __AVX512F__
 /* r[j] (16 rows of 16 floats) transposed in registers: afterwards r[c] holds column c. */
@@ -388,7 +424,7 @@ static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const
 #endif
 
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
-static void attend_item(const Item *it, const void *q, float scale, const void *kv, int is_bf16,
+static void attend_item(const Item *it, const Item *next, const void *q, float scale, const void *kv, int is_bf16,
                         const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH,
                         int64_t nb, int bs, int hd, float *buf) {
     const int nrows = it->ntok * G;
@@ -407,6 +443,10 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
+    const int e = is_bf16 ? 2 : 4;
+    prefetch_item(it, 0, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd); /* all in flight at once */
+    prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+    if (next) prefetch_item(next, 0, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
     const float *qrow[nrows];
     const uint16_t *qpair[nrows];
     const float *epair[nrows]; /* a row's bf16 weight pairs, one 32-bit word per float slot's worth */
@@ -430,6 +470,8 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
     /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time. Rows are in
      * position order, so the rows whose last block comes before block b are a prefix of them: skipped. */
     for (int b = 0; b < nblk; b += 2) {
+        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, nblk);
+        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, nblk);
         if (pairs) {
 #if KVSERVE_DPBF16
             load_kpairs((uint32_t *)kt, 0, kv, kofs, table, bs, hd, b, maxpos);
@@ -456,7 +498,10 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
             qk_pair(qrow + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first, kt, hd);
         }
     }
-    /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V */
+    /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V. The first values are asked for again
+     * after a long pass 1, which may have pushed them out. */
+    if (nblk > FETCH_AHEAD) prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+    if (next) prefetch_item(next, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
     for (int r = 0; r < nrows; ++r) {
         float mx = -INFINITY;
@@ -476,6 +521,7 @@ static void attend_item(const Item *it, const void *q, float scale, const void *
 #endif
     }
     for (int b = 0; b < nblk; ++b) {
+        prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, nblk);
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
         if (vpairs) {
@@ -542,8 +588,11 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
         }
 #pragma omp for schedule(dynamic, 1)
         for (int i = nitems - 1; i >= 0; --i) { /* later tiles of a prompt read more keys: start with them */
+            /* items of equal cost alternate between the threads: this thread's next one is likely i - nthreads */
+            const Item *next = i >= nthreads ? &items[i - nthreads] : NULL;
             if (buf)
-                attend_item(&items[i], q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs, hd, buf);
+                attend_item(&items[i], next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs,
+                            hd, buf);
         }
         free(buf);
     }
