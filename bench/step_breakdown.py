@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/step_breakdown.py [--dtypes float32 bfloat16] [--attention native torch]
 
-Wraps the model's `linear` and `paged_attention` with timers (same process, nothing else changed) and
-reports, per dtype and attention path: a 2,048-token prefill (best of 3) and the median decode step at
-batch 1 and 32 (64-token prompts, 20 steps after 5 warm-up steps). KVSERVE_ATTENTION picks the path, so
-`--attention torch` shows the torch path's numbers on the same machine.
+Reports, per dtype and attention path: a 2,048-token prefill (best of 3) and the median decode step at
+batch 1 and 32 (64-token prompts, 20 steps after 5 warm-up steps). On the native path, where one C call
+runs every layer (kvserve/model/csrc/layer.c), the layer's own section clocks split it (RMSNorms, the four
+linears, RoPE + KV write, attention, SwiGLU); "rest" is everything outside the layers (embedding, final norm,
+lm_head, sampling, scheduling). On the torch path the model's `linear` and `paged_attention` are wrapped
+with timers. KVSERVE_ATTENTION picks the path, so `--attention torch` shows the torch path on the same
+machine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# the fused layer's section clocks, in csrc/layer.c's order
+SECTIONS = ("norms", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "swiglu", "down")
 
 
 def run_one(dtype: str) -> None:
@@ -26,6 +31,7 @@ def run_one(dtype: str) -> None:
 
     import kvserve.model.llama as llama
     from kvserve import LLM, SamplingParams
+    from kvserve.model import native
     from kvserve.model.loader import load_model
 
     spent: dict[str, float] = {}
@@ -43,20 +49,36 @@ def run_one(dtype: str) -> None:
     llama.paged_attention = timed("attention", llama.paged_attention)
     loaded = load_model("smollm2-135m")
     llm = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, max_num_seqs=64, enable_prefix_caching=False)
+    fused = llm.engine.runner.model.fused
     path = "native" if llm.engine.runner.native else "torch"
+    lib = native.load() if fused else None
+
+    def start() -> None:
+        spent.clear()
+        if lib is not None:
+            lib.kvserve_layer_timing(1)
+
+    def parts() -> dict[str, float]:
+        """Seconds per part since start(); "linear" counts the lm_head too on the torch path only."""
+        if lib is None:
+            return dict(spent)
+        sections = {name: lib.kvserve_layer_section_time(i) for i, name in enumerate(SECTIONS)}
+        lib.kvserve_layer_timing(0)
+        return sections
+
+    def line(what: str, total: float, p: dict[str, float]) -> str:
+        cells = "  ".join(f"{k} {v * 1e3:7.2f}" for k, v in p.items())
+        return f"{dtype:9s} {path:6s} {what:13s}: {total * 1e3:8.2f} ms  {cells}  rest {(total - sum(p.values())) * 1e3:6.2f}"
+
     ids = prompt_ids(llm, 2048)
     timed_first_token(llm, ids)
     best = None
     for _ in range(3):
-        spent.clear()
+        start()
         total = timed_first_token(llm, ids)
         if best is None or total < best[0]:
-            best = (total, dict(spent))
-    total, parts = best
-    print(
-        f"{dtype:9s} {path:6s} prefill 2048: total {total * 1e3:7.1f} ms  linear {parts['linear'] * 1e3:7.1f}"
-        f"  attention {parts['attention'] * 1e3:7.1f}  rest {(total - sum(parts.values())) * 1e3:6.1f}"
-    )
+            best = (total, parts())
+    print(line("prefill 2048", *best))
     eng = llm.engine
     for batch in (1, 32):
         params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -67,19 +89,14 @@ def run_one(dtype: str) -> None:
             eng.step()
         steps = []
         for _ in range(20):
-            spent.clear()
+            start()
             t0 = time.perf_counter()
             eng.step()
-            steps.append((time.perf_counter() - t0, dict(spent)))
+            steps.append((time.perf_counter() - t0, parts()))
         while eng.has_unfinished_requests():
             eng.step()
         steps.sort(key=lambda s: s[0])
-        total, parts = steps[len(steps) // 2]
-        print(
-            f"{dtype:9s} {path:6s} decode b{batch:<3d}   : step  {total * 1e3:7.1f} ms  linear"
-            f" {parts['linear'] * 1e3:7.1f}  attention {parts['attention'] * 1e3:7.1f}"
-            f"  rest {(total - sum(parts.values())) * 1e3:6.1f}"
-        )
+        print(line(f"decode b{batch}", *steps[len(steps) // 2]))
 
 
 def main() -> None:

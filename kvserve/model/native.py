@@ -128,6 +128,8 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     lib.kvserve_llama_layers.argtypes = [i32, ptr, ptr, i64, i64, i32, f, i64, ptr, ptr, ptr, ptr, ptr, i64]
     lib.kvserve_llama_layers.argtypes += [ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
     lib.kvserve_llama_layers.restype = i32
+    lib.kvserve_layer_timing.argtypes, lib.kvserve_layer_timing.restype = [i32], None
+    lib.kvserve_layer_section_time.argtypes, lib.kvserve_layer_section_time.restype = [i32], ctypes.c_double
     return lib
 
 

@@ -20,6 +20,30 @@
 
 #include "kvmath.h"
 
+#include <omp.h>
+
+/* Wall time per section of the layer, summed over calls, for bench/step_breakdown.py; off unless switched on
+ * (then a clock read between sections). Sections: 0 RMSNorms, 1 QKV linear, 2 RoPE and KV write, 3 attention,
+ * 4 o_proj, 5 gate_up, 6 SwiGLU, 7 down_proj. */
+#define SECTIONS 8
+static int timing;
+static double section_time[SECTIONS];
+
+void kvserve_layer_timing(int on) {
+    timing = on;
+    for (int i = 0; i < SECTIONS; ++i) section_time[i] = 0.0;
+}
+
+double kvserve_layer_section_time(int i) { return i >= 0 && i < SECTIONS ? section_time[i] : 0.0; }
+
+/* Adds the time since *t to section i and restarts *t (when timing). */
+static inline void lap(int i, double *t) {
+    if (!timing) return;
+    const double now = omp_get_wtime();
+    section_time[i] += now - *t;
+    *t = now;
+}
+
 void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
                         const float *bias, const float *res, float *y, int nthreads);
 void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
@@ -139,8 +163,11 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     void *gu = (char *)att + T * qd * 4;
     void *act = (char *)gu + T * 2 * inter * e;
 
+    double t = timing ? omp_get_wtime() : 0.0;
     kvserve_rmsnorm(x, in_norm, h, T, D, eps, bf, nt);
+    lap(0, &t);
     linear(bf, h, T, D, qkv_p, nqkv, qkv_bias, NULL, qkv, nt);
+    lap(1, &t);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * nqkv, p = pos[t], slot = slots[t];
@@ -160,6 +187,7 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
             memcpy((char *)kv + vofs * e, (char *)qkv + (row + qd + (int64_t)(KVH + g) * hd) * e, (size_t)hd * e);
         }
     }
+    lap(2, &t);
     if (kvserve_paged_attention(q, scale, kv, bf, tables, max_blocks, segs, nseg, pos, att, H, KVH, nb, bs, hd, tile,
                                 nt))
         return -1;
@@ -168,9 +196,13 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
         for (int64_t i = 0; i < T * qd; ++i) ((uint16_t *)q)[i] = f32_to_bf16(att[i]);
         a = q;
     }
+    lap(3, &t); /* with the rounding of its output */
     linear(bf, a, T, qd, o_p, D, NULL, x, x, nt);
+    lap(4, &t);
     kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
+    lap(0, &t);
     linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, gu, nt);
+    lap(5, &t);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; ++t)
         for (int64_t i0 = 0; i0 < inter; i0 += ACT_CHUNK) { /* element-wise: chunks keep the stack small */
@@ -181,7 +213,9 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
             swiglu(g, u, g, n, bf);
             store_row(act, t * inter + i0, n, bf, g);
         }
+    lap(6, &t);
     linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
+    lap(7, &t);
     return 0;
 }
 

@@ -43,11 +43,11 @@ static void exp_shifted(float *restrict x, int n, float m) {
 }
 
 /* Key blocks asked for ahead of use: a sequence's blocks sit anywhere in the pool, where the hardware
- * prefetcher cannot follow them. An item asks for its first FETCH_AHEAD blocks of keys and values at once
- * (a decode step's item: all of them), then FETCH_AHEAD blocks ahead of the one it works on, and for the
- * first blocks of the item its thread probably takes next. Measured (30 layers' attention of a batch-32 decode
- * step, 96 keys each, KV read from memory): bf16 7.4 -> 4.7-5.0 ms, float32 11.0-12.0 -> 9.2 ms; in the
- * engine's batch-32 decode step, 6.1-6.5 -> 4.2-5.1 ms. */
+ * prefetcher cannot follow them. While an item computes, it asks for the first FETCH_AHEAD blocks of keys and
+ * values of the item its thread probably takes next, a few lines per block step; its own later blocks it asks
+ * for FETCH_AHEAD blocks ahead; an item nobody asked for asks for its first blocks at once. Measured, batch-32
+ * decode at 96 keys (KV read from memory), 30 layers' attention in the engine's step: bf16 6.1-6.5 -> 3.2 ms,
+ * float32 8.5-9.5 -> 5.7 ms (bench/step_breakdown.py; tokens and logits unchanged). */
 #define FETCH_AHEAD 8
 
 /* Asks for block b (KB keys) of one head of K or V (ofs: the head's first element) into the cache, 64 bytes at a
@@ -83,6 +83,34 @@ static void prefetch_item(const Item *it, int part, const void *kv, int e, const
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int nblk = (int)(pos[it->row_start + it->ntok - 1] / KB) + 1;
     for (int b = 0; b < FETCH_AHEAD; ++b) prefetch_block(kv, e, ofs, table, bs, hd, b, nblk);
+}
+
+/* The next item's first blocks (keys, then values), asked for a few lines at a time while this item computes:
+ * a burst of hundreds of prefetches would find no free miss buffers. Needs contiguous blocks (bs % KB == 0). */
+typedef struct {
+    const char *base[2 * FETCH_AHEAD];
+    int n, lines, line; /* blocks, 64-byte lines per block, next line over all blocks */
+} Fetcher;
+
+static void fetcher_init(Fetcher *f, const Item *it, const void *kv, int e, const int32_t *tables, int max_blocks,
+                         const int64_t *pos, int KVH, int64_t nb, int bs, int hd) {
+    f->n = f->line = 0;
+    f->lines = (int)((int64_t)KB * hd * e / 64);
+    if (it == NULL || bs % KB) return;
+    const int32_t *table = tables + (size_t)it->seq * max_blocks;
+    const int nblk = (int)(pos[it->row_start + it->ntok - 1] / KB) + 1;
+    for (int part = 0; part < 2; ++part) {
+        const int64_t ofs = ((int64_t)part * KVH + it->kv_head) * nb * bs * hd;
+        for (int b = 0; b < FETCH_AHEAD && b < nblk; ++b) {
+            const int64_t k = (int64_t)b * KB;
+            f->base[f->n++] = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+        }
+    }
+}
+
+static inline void fetch_lines(Fetcher *f, int count) {
+    for (; count > 0 && f->line < f->n * f->lines; --count, ++f->line)
+        prefetch_line(f->base[f->line / f->lines] + (int64_t)(f->line % f->lines) * 64);
 }
 
 #ifdef __AVX512F__
@@ -424,7 +452,7 @@ static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const
 #endif
 
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
-static void attend_item(const Item *it, const Item *next, const void *q, float scale, const void *kv, int is_bf16,
+static void attend_item(const Item *it, int fetched, const Item *next, const void *q, float scale, const void *kv, int is_bf16,
                         const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH,
                         int64_t nb, int bs, int hd, float *buf) {
     const int nrows = it->ntok * G;
@@ -444,9 +472,13 @@ static void attend_item(const Item *it, const Item *next, const void *q, float s
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
     const int e = is_bf16 ? 2 : 4;
-    prefetch_item(it, 0, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd); /* all in flight at once */
-    prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
-    if (next) prefetch_item(next, 0, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+    if (!fetched) { /* not asked for while the previous item ran: all at once */
+        prefetch_item(it, 0, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+        prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+    }
+    Fetcher fnext;
+    fetcher_init(&fnext, next, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
+    const int per_step = (fnext.n * fnext.lines + nblk + (nblk + 1) / 2 - 1) / (nblk + (nblk + 1) / 2);
     const float *qrow[nrows];
     const uint16_t *qpair[nrows];
     const float *epair[nrows]; /* a row's bf16 weight pairs, one 32-bit word per float slot's worth */
@@ -472,6 +504,7 @@ static void attend_item(const Item *it, const Item *next, const void *q, float s
     for (int b = 0; b < nblk; b += 2) {
         prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, nblk);
         prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, nblk);
+        fetch_lines(&fnext, per_step);
         if (pairs) {
 #if KVSERVE_DPBF16
             load_kpairs((uint32_t *)kt, 0, kv, kofs, table, bs, hd, b, maxpos);
@@ -501,7 +534,6 @@ static void attend_item(const Item *it, const Item *next, const void *q, float s
     /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V. The first values are asked for again
      * after a long pass 1, which may have pushed them out. */
     if (nblk > FETCH_AHEAD) prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
-    if (next) prefetch_item(next, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
     for (int r = 0; r < nrows; ++r) {
         float mx = -INFINITY;
@@ -522,6 +554,7 @@ static void attend_item(const Item *it, const Item *next, const void *q, float s
     }
     for (int b = 0; b < nblk; ++b) {
         prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, nblk);
+        fetch_lines(&fnext, per_step);
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
         if (vpairs) {
@@ -586,12 +619,15 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
 #pragma omp atomic write
             failed = 1;
         }
+        int predicted = -1; /* the item this thread asked for while running the previous one */
 #pragma omp for schedule(dynamic, 1)
         for (int i = nitems - 1; i >= 0; --i) { /* later tiles of a prompt read more keys: start with them */
             /* items of equal cost alternate between the threads: this thread's next one is likely i - nthreads */
             const Item *next = i >= nthreads ? &items[i - nthreads] : NULL;
+            const int fetched = i == predicted;
+            predicted = i - nthreads;
             if (buf)
-                attend_item(&items[i], next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs,
+                attend_item(&items[i], fetched, next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs,
                             hd, buf);
         }
         free(buf);
