@@ -36,7 +36,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "linear.c", "layer.c"))
+SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "linear.c", "layer.c", "sample.c"))
 HEADERS = (CSRC / "kvmath.h",)
 ARITHMETIC = 1  # bump when the attention kernel's numbers change: cached KV from another version must not be read
 LINEAR_ARITHMETIC = 1  # the same for the linear kernel and the fused layer's RMSNorm, RoPE and SwiGLU
@@ -129,6 +129,7 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     lib.kvserve_llama_layers.argtypes += [ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
     lib.kvserve_llama_layers.restype = i32
     lib.kvserve_layer_timing.argtypes, lib.kvserve_layer_timing.restype = [i32], None
+    lib.kvserve_argmax_rows.argtypes, lib.kvserve_argmax_rows.restype = [ptr, i64, i64, ptr, i32], None
     lib.kvserve_layer_section_time.argtypes, lib.kvserve_layer_section_time.restype = [i32], ctypes.c_double
     return lib
 
@@ -283,3 +284,19 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     bf = int(x.dtype == torch.bfloat16)
     lib.kvserve_rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), T, D, eps, bf, torch.get_num_threads())
     return out
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int] | None:
+    """torch.argmax(logits, dim=-1).tolist() for (rows, vocab) float32 CPU logits, rows in parallel
+    (csrc/sample.c); None where the kernels are unavailable, the logits are elsewhere, or a row holds a NaN."""
+    lib = load()
+    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    rows, n = logits.shape
+    if n == 0:
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(rows, dtype=torch.int64)
+    lib.kvserve_argmax_rows(logits.data_ptr(), rows, n, out.data_ptr(), torch.get_num_threads())
+    ids = out.tolist()
+    return None if -1 in ids else ids

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.model import native
 from kvserve.sampling_params import SamplingParams
 
 
@@ -39,7 +40,9 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[SampleResult]:
     """logits: (S, V) float32, one row per sampling request."""
-    greedy_ids = logits.argmax(dim=-1).tolist()
+    greedy_ids = native.argmax_rows(logits)  # the same indices, rows in parallel
+    if greedy_ids is None:
+        greedy_ids = logits.argmax(dim=-1).tolist()
     need_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
     out = []
