@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # the fused layer's section clocks, in csrc/layer.c's order
-SECTIONS = ("norms", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "swiglu", "down")
+SECTIONS = ("norms", "qkv", "rope+kv", "attention", "o_proj", "gate_up+swiglu", "down")
 
 
 def run_one(dtype: str) -> None:

@@ -76,10 +76,11 @@ def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepack_linears(owner: object, names: tuple[str, ...]) -> None:
-    """Replace owner's named weight attributes (None ones skipped) with pack_linear_weight copies."""
+    """Replace owner's named weight attributes (None ones and ones packed already skipped) with
+    pack_linear_weight copies."""
     for name in names:
         weight = getattr(owner, name)
-        if weight is not None:
+        if weight is not None and not isinstance(weight, native.PackedLinear):
             setattr(owner, name, pack_linear_weight(weight))
 
 

@@ -54,6 +54,18 @@ class LlamaModel:
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
+        # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
+        # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
+        fusable = (
+            native.enabled(device, dtype)
+            and native.linear_enabled(device, dtype)
+            and config.head_dim % 2 == 0
+            and config.partial_rotary_factor == 1.0
+            and (dtype != torch.bfloat16 or config.hidden_size % 2 == 0)
+        )
+        if fusable:  # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up
+            for layer in self.layers:
+                layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
         if packs_linears(device, dtype):  # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
             prepack_model_linears(self)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
@@ -62,14 +74,9 @@ class LlamaModel:
         self.scale = config.head_dim**-0.5
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
-        # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
-        # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
         names = ("qkv", "o_proj", "gate_up", "down")
-        self.fused = (
-            native.enabled(device, dtype)
-            and config.head_dim % 2 == 0
-            and config.partial_rotary_factor == 1.0
-            and all(isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names)
+        self.fused = fusable and all(
+            isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names
         )
         if self.fused:  # each layer's weight addresses, for the one call that runs every layer
             self._layer_ptrs = torch.tensor(
@@ -131,8 +138,12 @@ class LlamaModel:
             attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
             x = linear(attn.view(T, H * hd), layer.o_proj, residual=x)
             h = self._norm(x, layer.post_norm)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down, residual=x)
+            if getattr(layer.gate_up, "swiglu", False):  # packed for the fused layer; the same activation
+                act = layer.gate_up(h)
+            else:
+                gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            x = linear(act, layer.down, residual=x)
         h = self._norm(x[logits_rows], self.final_norm)
         return linear(h, self.lm_head).float()
 

@@ -129,6 +129,10 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     lib.kvserve_llama_layers.argtypes += [ptr, i32, ptr, i32, i32, i32, i64, i32, i32, f, i32, i32, ptr]
     lib.kvserve_llama_layers.restype = i32
     lib.kvserve_layer_timing.argtypes, lib.kvserve_layer_timing.restype = [i32], None
+    lib.kvserve_swiglu_panels.argtypes, lib.kvserve_swiglu_panels.restype = [i64], i64
+    lib.kvserve_pack_swiglu.argtypes, lib.kvserve_pack_swiglu.restype = [i32, ptr, i64, i64, ptr], None
+    lib.kvserve_linear_swiglu.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, ptr, i32]
+    lib.kvserve_linear_swiglu.restype = None
     lib.kvserve_argmax_rows.argtypes, lib.kvserve_argmax_rows.restype = [ptr, i64, i64, ptr, i32], None
     lib.kvserve_layer_section_time.argtypes, lib.kvserve_layer_section_time.restype = [i32], ctypes.c_double
     return lib
@@ -168,21 +172,34 @@ NR = 48  # output columns per packed panel (csrc/linear.c)
 
 
 class PackedLinear:
-    """A (out, in) weight in the linear kernel's panel layout (from pack_linear)."""
+    """A (out, in) weight in the linear kernel's panel layout (from pack_linear).
 
-    def __init__(self, weight: torch.Tensor):
+    swiglu=True packs a [gate; up] weight (2 * I, in) for the SwiGLU epilogue: calling it returns
+    act = silu(x gate^T) * (x up^T), (M, I), with the roundings of the two steps (csrc/linear.c).
+    """
+
+    def __init__(self, weight: torch.Tensor, swiglu: bool = False):
         lib = load()
         assert lib is not None and weight.dim() == 2 and weight.device.type == "cpu"
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
+        self.swiglu = swiglu
         n, k = self.shape
         if self.dtype == torch.bfloat16 and k % 2:
             raise ValueError("bfloat16 linears need an even number of input features")
+        if swiglu and n % 2:
+            raise ValueError(f"a SwiGLU pack needs [gate; up] rows, got {n}")
         weight = weight.contiguous()
-        self.packed = torch.empty((n + NR - 1) // NR * NR * k, dtype=weight.dtype)
-        pack = lib.kvserve_pack_f32 if self.dtype == torch.float32 else lib.kvserve_pack_bf16
-        pack(weight.data_ptr(), n, k, self.packed.data_ptr())
+        panels = lib.kvserve_swiglu_panels(n // 2) if swiglu else (n + NR - 1) // NR
+        self.packed = torch.empty(panels * NR * k, dtype=weight.dtype)
+        if swiglu:
+            bf = int(self.dtype == torch.bfloat16)
+            lib.kvserve_pack_swiglu(bf, weight.data_ptr(), n // 2, k, self.packed.data_ptr())
+        else:
+            pack = lib.kvserve_pack_f32 if self.dtype == torch.float32 else lib.kvserve_pack_bf16
+            pack(weight.data_ptr(), n, k, self.packed.data_ptr())
         self._call = lib.kvserve_linear_f32 if self.dtype == torch.float32 else lib.kvserve_linear_bf16
+        self._swiglu = lib.kvserve_linear_swiglu
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -193,15 +210,24 @@ class PackedLinear:
     def __call__(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """residual + x @ weight.T + bias; x: (M, in) with unit column stride, in the weight's dtype."""
+        """residual + x @ weight.T + bias (a SwiGLU pack: the activation); x: (M, in), unit column stride, in
+        the weight's dtype."""
         n, k = self.shape
         if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
             raise ValueError(f"linear of a {tuple(x.shape)} {x.dtype} input with a {self.shape} {self.dtype} weight")
         if bias is not None and bias.shape != (n,):
             raise ValueError(f"bias of shape {tuple(bias.shape)} for a linear with {n} outputs")
+        if self.swiglu and (bias is not None or residual is not None):
+            raise ValueError("a SwiGLU-packed linear takes no bias or residual")
         if x.stride(1) != 1:
             x = x.contiguous()
-        m = x.shape[0]
+        m, threads = x.shape[0], torch.get_num_threads()
+        if self.swiglu:
+            act = torch.empty((m, n // 2), dtype=x.dtype)
+            if m:
+                bf, w = int(x.dtype == torch.bfloat16), self.packed.data_ptr()
+                self._swiglu(bf, x.data_ptr(), x.stride(0), m, k, w, n // 2, act.data_ptr(), threads)
+            return act
         y = torch.empty((m, n), dtype=x.dtype)
         if bias is not None:
             bias = bias.to(x.dtype).contiguous()
@@ -219,7 +245,7 @@ class PackedLinear:
                 None if bias is None else bias.data_ptr(),
                 None if residual is None else residual.data_ptr(),
                 y.data_ptr(),
-                torch.get_num_threads(),
+                threads,
             )
         return y
 

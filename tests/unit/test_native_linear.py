@@ -76,6 +76,33 @@ def test_linear_rows_do_not_depend_on_the_thread_count(dtype):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [1536, 256, 24, 5])  # the model's; partial last panels; fewer than one panel
+def test_swiglu_epilogue_matches_gate_up_then_swiglu(dtype, inter):
+    """The SwiGLU-packed gate_up (csrc/linear.c's epilogue) against the plain kernel's gate and up outputs
+    followed by silu(g) * u in float64, with the fused layer's roundings; rows invariant to the row count."""
+    _needs(dtype)
+    gen = torch.Generator().manual_seed(inter)
+    k = 192
+    w = (torch.randn(2 * inter, k, generator=gen) * k**-0.5).to(dtype)
+    x = (torch.randn(100, k, generator=gen) * 2).to(dtype)
+    packed = native.PackedLinear(w, swiglu=True)
+    act = packed(x)
+    assert act.shape == (100, inter) and act.dtype == dtype
+    gu = native.PackedLinear(w)(x).double()  # gate and up as the plain linear rounds them
+    g, u = gu[:, :inter], gu[:, inter:]
+    silu = g * torch.sigmoid(g)
+    if dtype == torch.bfloat16:  # silu rounded, then the product rounded: within 2 bf16 ulps
+        torch.testing.assert_close(act.double(), _bf16_steps(_bf16_steps(silu) * u), atol=1e-6, rtol=2**-7)
+    else:  # kvmath.h's exp is within about 1 ulp
+        torch.testing.assert_close(act.double(), silu * u, atol=1e-6, rtol=1e-5)
+    for m in (1, 7, 8, 9, 33, 65):
+        for start in (0, 13, 100 - m):
+            assert torch.equal(packed(x[start : start + m]), act[start : start + m]), (m, start)
+    with pytest.raises(ValueError, match="no bias or residual"):
+        packed(x, residual=act)
+
+
 def test_linear_rejects_a_wrong_input():
     _needs(torch.float32)
     packed = native.PackedLinear(torch.randn(8, 16))

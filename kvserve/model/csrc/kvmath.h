@@ -38,6 +38,24 @@ static inline float exp_nonpos(float d) {
     return d < -87.0f ? 0.0f : q * scale;
 }
 
+/* v rounded to bfloat16 in place when bf (float32: unchanged). */
+static inline void round_row(float *v, int64_t n, int bf) {
+    if (bf)
+        for (int64_t i = 0; i < n; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+}
+
+/* act = round(silu(g)) * u over n features (g, u, act float32 arrays; round: to bf16 when bf), as Hugging
+ * Face's `act_fn(gate) * up` rounds in the model dtype. silu(g) = g / (1 + exp(-g)) from exp(-|g|). */
+static inline void swiglu(const float *g, const float *u, float *act, int64_t n, int bf) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float en = exp_nonpos(g[i] < 0 ? g[i] : -g[i]); /* exp(-|g|) */
+        const float num = g[i] >= 0 ? g[i] : g[i] * en;
+        act[i] = num / (1.0f + en);
+    }
+    round_row(act, n, bf);
+    for (int64_t i = 0; i < n; ++i) act[i] = act[i] * u[i];
+}
+
 /* Asks for the 64-byte line at p to be brought into the L1 cache; changes no number. An asm statement: GCC 12
  * (-O1 and up) deleted __builtin_prefetch / _mm_prefetch calls whose address it computed from a load (a block
  * table entry) as dead code, so the attention kernel's prefetches never ran; -fno-tree-dce kept them. */

@@ -1,11 +1,11 @@
 /* One Llama decoder layer for CPUs in one call: the whole layer for T rows, with no Python in between.
  *
  *   h = RMSNorm(x) ; qkv = h Wqkv^T (+ b) ; RoPE(q, k) ; K, V -> paged cache ; a = attention(q)
- *   x = x + a Wo^T ; h = RMSNorm(x) ; [g u] = h Wgu^T ; x = x + (silu(g) * u) Wdown^T
+ *   x = x + a Wo^T ; h = RMSNorm(x) ; act = SwiGLU(h Wgu^T) ; x = x + act Wdown^T
  *
- * The linears and the attention are kvserve_linear_* (linear.c) and kvserve_paged_attention
- * (paged_attention.c); the rest is row-wise: RMSNorm sums x^2 in 16 lanes (lane = feature mod 16) folded in
- * lane order; RoPE and the SwiGLU product are element-wise; silu uses kvmath.h's exp. A row's bits depend on
+ * The linears and the attention are kvserve_linear_* (linear.c; gate_up packed for its SwiGLU epilogue,
+ * kvmath.h's swiglu) and kvserve_paged_attention (paged_attention.c); the rest is row-wise: RMSNorm sums x^2
+ * in 16 lanes (lane = feature mod 16) folded in lane order; RoPE is element-wise; silu uses kvmath.h's exp. A row's bits depend on
  * nothing but its own inputs, as in the two kernels, so the layer is batch-invariant as a whole.
  * Roundings follow Hugging Face's modeling_llama in the model dtype: RMSNorm in float32, rounded before the
  * weight is applied; q*cos + rotate_half(q)*sin with each product and the sum rounded; silu rounded, then the
@@ -24,8 +24,8 @@
 
 /* Wall time per section of the layer, summed over calls, for bench/step_breakdown.py; off unless switched on
  * (then a clock read between sections). Sections: 0 RMSNorms, 1 QKV linear, 2 RoPE and KV write, 3 attention,
- * 4 o_proj, 5 gate_up, 6 SwiGLU, 7 down_proj. */
-#define SECTIONS 8
+ * 4 o_proj, 5 gate_up with its SwiGLU epilogue, 6 down_proj. */
+#define SECTIONS 7
 static int timing;
 static double section_time[SECTIONS];
 
@@ -44,6 +44,8 @@ static inline void lap(int i, double *t) {
     *t = now;
 }
 
+void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t inter,
+                           void *act, int nthreads);
 void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
                         const float *bias, const float *res, float *y, int nthreads);
 void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
@@ -54,7 +56,6 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
 
 #define LANES 16
 #define PAR_ROWS 16   /* row-wise work runs on one thread below this many rows */
-#define ACT_CHUNK 512 /* SwiGLU features per pass */
 
 /* Row-wise work converts a row to float32 once, computes in simple loops over float arrays (which the
  * compiler vectorises) and converts back once: no per-element dtype branch. */
@@ -74,11 +75,6 @@ static void store_row(void *p, int64_t ofs, int64_t n, int bf, const float *src)
     } else {
         memcpy((float *)p + ofs, src, (size_t)n * sizeof(float));
     }
-}
-
-static void round_row(float *v, int64_t n, int bf) { /* v rounded to the model dtype, in place */
-    if (bf)
-        for (int64_t i = 0; i < n; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
 static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, int64_t N, const void *bias,
@@ -130,25 +126,14 @@ static void rope(float *v, const float *c, const float *s, int hd, int bf) {
     for (int d = 0; d < hd; ++d) v[d] = a[d] + b[d];
 }
 
-/* act = round(silu(g)) * u over n features; g, u, act float32 arrays. */
-static void swiglu(const float *g, const float *u, float *act, int64_t n, int bf) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float en = exp_nonpos(g[i] < 0 ? g[i] : -g[i]); /* exp(-|g|) */
-        const float num = g[i] >= 0 ? g[i] : g[i] * en;       /* silu(g) = g / (1 + exp(-g)) */
-        act[i] = num / (1.0f + en);
-    }
-    round_row(act, n, bf);
-    for (int64_t i = 0; i < n; ++i) act[i] = act[i] * u[i];
-}
-
 int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf) {
     const int64_t e = bf ? 2 : 4, qkv = (int64_t)(H + 2 * KVH) * hd;
-    return T * (D * e + qkv * e + (int64_t)H * hd * (e + 4) + 3 * inter * e);
+    return T * (D * e + qkv * e + (int64_t)H * hd * (e + 4) + inter * e);
 }
 
 /* x: (T, D) residual stream in the model dtype, updated in place; cos/sin: (max_len, hd); pos, slots: (T,);
- * kv: this layer's (2, KVH, nb, bs, hd) cache; tables/segs as kvserve_paged_attention's. Returns 0, or -1
- * when the attention's scratch memory could not be allocated. */
+ * gu_p: gate_up from kvserve_pack_swiglu; kv: this layer's (2, KVH, nb, bs, hd) cache; tables/segs as
+ * kvserve_paged_attention's. Returns 0, or -1 when the attention's scratch memory could not be allocated. */
 int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_norm, const void *post_norm, float eps,
                         const void *qkv_p, const void *qkv_bias, const void *o_p, const void *gu_p, int64_t inter,
                         const void *down_p, const void *cs, const void *sn, const int64_t *pos, const int64_t *slots,
@@ -160,8 +145,7 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     void *qkv = w + T * D * e;
     void *q = (char *)qkv + T * nqkv * e;
     float *att = (float *)((char *)q + T * qd * e);
-    void *gu = (char *)att + T * qd * 4;
-    void *act = (char *)gu + T * 2 * inter * e;
+    void *act = (char *)att + T * qd * 4;
 
     double t = timing ? omp_get_wtime() : 0.0;
     kvserve_rmsnorm(x, in_norm, h, T, D, eps, bf, nt);
@@ -201,21 +185,10 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     lap(4, &t);
     kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
     lap(0, &t);
-    linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, gu, nt);
+    kvserve_linear_swiglu(bf, h, D, T, D, gu_p, inter, act, nt); /* gate_up with SwiGLU in its epilogue */
     lap(5, &t);
-#pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t i0 = 0; i0 < inter; i0 += ACT_CHUNK) { /* element-wise: chunks keep the stack small */
-            const int64_t n = inter - i0 < ACT_CHUNK ? inter - i0 : ACT_CHUNK;
-            float g[ACT_CHUNK], u[ACT_CHUNK];
-            load_row(gu, t * 2 * inter + i0, n, bf, g);
-            load_row(gu, t * 2 * inter + inter + i0, n, bf, u);
-            swiglu(g, u, g, n, bf);
-            store_row(act, t * inter + i0, n, bf, g);
-        }
-    lap(6, &t);
     linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
-    lap(7, &t);
+    lap(6, &t);
     return 0;
 }
 

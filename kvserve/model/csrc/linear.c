@@ -12,6 +12,11 @@
  * sequentially. The micro-kernel keeps an (up to) 8-row x 48-column tile of accumulators in 24 registers;
  * every weight vector it loads serves all the tile's rows.
  *
+ * SwiGLU epilogue (kvserve_linear_swiglu): gate_up packed with each panel holding 24 gate features and the same
+ * 24 features' up columns (kvserve_pack_swiglu_*), so a tile ends with act = round(silu(g)) * u of its rows,
+ * written straight out: the (M, 2I) gate/up output never goes to memory. g and u are rounded as the plain
+ * linear's outputs are, and the SwiGLU is kvmath.h's, so act has the same bits as gate_up, then SwiGLU.
+ *
  * Built with kvserve/model/csrc/paged_attention.c's flags (-ffp-contract=off: every fused multiply-add is
  * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
  */
@@ -53,26 +58,49 @@ int kvserve_linear_panel_width(void) { return NR; }
  * in bf16): more misses in flight than the hardware prefetcher keeps (measured: 5-10% faster at one row). */
 #define AHEAD 2048
 
+#define HALF (NR / 2) /* features per panel in a SwiGLU pack */
+
 static inline int64_t panels(int64_t N) { return (N + NR - 1) / NR; }
 
-/* W: (N, K) float32 row-major -> out: panels(N) * K * NR floats (columns past N are zero). */
-void kvserve_pack_f32(const float *W, int64_t N, int64_t K, float *out) {
-    for (int64_t p = 0; p < panels(N); ++p)
+/* Row of W that packed column n comes from, or -1 for a zero column: W's own rows (inter = 0), or for a SwiGLU
+ * pack of W = [gate; up] (2 * inter rows), panel p's columns 0-23 are gate features 24p + j and 24-47 the same
+ * features' up rows. */
+static inline int64_t source_row(int64_t n, int64_t N, int64_t inter) {
+    if (inter == 0) return n < N ? n : -1;
+    const int64_t f = n / NR * HALF + n % NR % HALF;
+    return f >= inter ? -1 : n % NR < HALF ? f : inter + f;
+}
+
+/* W (N, K) row-major, np panels -> out: np * K * NR elements, float32 as [panel][k][column], bf16 (K even) as
+ * [panel][k/2][column][k%2]; zero columns past the weight. */
+static void pack(int bf, const void *W, int64_t N, int64_t K, int64_t inter, int64_t np, void *out) {
+    for (int64_t p = 0; p < np; ++p)
         for (int64_t k = 0; k < K; ++k)
             for (int j = 0; j < NR; ++j) {
-                int64_t n = p * NR + j;
-                out[(p * K + k) * NR + j] = n < N ? W[n * K + k] : 0.0f;
+                const int64_t r = source_row(p * NR + j, N, inter);
+                if (bf)
+                    ((uint16_t *)out)[((p * K + (k & ~1LL)) * NR) + 2 * j + (k & 1)] =
+                        r < 0 ? 0 : ((const uint16_t *)W)[r * K + k];
+                else
+                    ((float *)out)[(p * K + k) * NR + j] = r < 0 ? 0.0f : ((const float *)W)[r * K + k];
             }
 }
 
-/* W: (N, K) bfloat16, K even -> out: panels(N) * K * NR bf16, as [panel][k/2][column][k%2]. */
+/* W: (N, K) float32 row-major -> out: panels(N) * K * NR floats. */
+void kvserve_pack_f32(const float *W, int64_t N, int64_t K, float *out) { pack(0, W, N, K, 0, panels(N), out); }
+
+/* W: (N, K) bfloat16, K even -> out: panels(N) * K * NR bf16. */
 void kvserve_pack_bf16(const uint16_t *W, int64_t N, int64_t K, uint16_t *out) {
-    for (int64_t p = 0; p < panels(N); ++p)
-        for (int64_t k = 0; k < K; ++k)
-            for (int j = 0; j < NR; ++j) {
-                int64_t n = p * NR + j;
-                out[((p * K + (k & ~1LL)) * NR) + 2 * j + (k & 1)] = n < N ? W[n * K + k] : 0;
-            }
+    pack(1, W, N, K, 0, panels(N), out);
+}
+
+/* Panels of a SwiGLU pack of inter features. */
+int64_t kvserve_swiglu_panels(int64_t inter) { return (inter + HALF - 1) / HALF; }
+
+/* W = [gate; up]: (2 * inter, K) in the model dtype (bf: bfloat16, K even) -> out: kvserve_swiglu_panels(inter)
+ * * K * NR elements. */
+void kvserve_pack_swiglu(int bf, const void *W, int64_t inter, int64_t K, void *out) {
+    pack(bf, W, 2 * inter, K, inter, kvserve_swiglu_panels(inter), out);
 }
 
 #ifdef __AVX512F__
@@ -155,6 +183,32 @@ static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ld
     }
 }
 
+#endif
+
+#ifdef __AVX512F__
+/* The SwiGLU of a tile of one SwiGLU-packed panel: for rows m < mr and features j < count,
+ * act[m * ld + j] = round(silu(g)) * u, g and u the panel's columns j and 24 + j as the linear's own outputs
+ * (rounded to bf16 in bf16), stored in the model dtype. */
+static void store_swiglu(__m512 acc[MR][3], int mr, int bf, void *act, int64_t ld, int64_t f0, int64_t count) {
+    for (int m = 0; m < mr; ++m) {
+        /* fixed-length loops (GCC vectorises them whole); lanes past the panel's 24 features are computed and
+         * dropped */
+        float v[NR + 8] = {0}, a[32];
+        for (int q = 0; q < 3; ++q) _mm512_storeu_ps(v + 16 * q, acc[m][q]);
+        round_row(v, NR, bf);
+        swiglu(v, v + HALF, a, 32, bf);
+        if (bf) {
+            uint16_t o[32];
+            for (int j = 0; j < 32; ++j) o[j] = f32_to_bf16(a[j]);
+            memcpy((uint16_t *)act + m * ld + f0, o, sizeof(uint16_t) * (size_t)count);
+        } else {
+            memcpy((float *)act + m * ld + f0, a, sizeof(float) * (size_t)count);
+        }
+    }
+}
+#endif
+
+#if KVSERVE_LINEAR_BF16
 static inline __attribute__((always_inline)) void tile_bf16(const int MR_, const uint16_t *x, int64_t ldx,
                                                              int64_t K, const uint16_t *wp, const uint16_t *pf,
                                                              int ahead, __m512 acc[MR][3]) {
@@ -188,8 +242,10 @@ static void rows_bf16(int mr, const uint16_t *x, int64_t ldx, int64_t K, const u
 /* The blocked loop both dtypes share (e: bytes per element): (row block, panel) pairs split over the threads,
  * each pair's rows in tiles of MR; tiles of one panel after the first prefetch the next panel. */
 static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t N,
-                           const void *bias, const void *res, void *y, int nthreads) {
-    const int64_t e = bf ? 2 : 4, np = panels(N), nb = (M + MB - 1) / MB, panel_bytes = K * NR * e;
+                           const void *bias, const void *res, void *y, int64_t inter, int nthreads) {
+    /* inter > 0: wp is a SwiGLU pack of inter features, y the (M, inter) activation; else y = x W^T (M, N) */
+    const int64_t e = bf ? 2 : 4, np = inter ? kvserve_swiglu_panels(inter) : panels(N), nb = (M + MB - 1) / MB,
+                  panel_bytes = K * NR * e;
     const int panel_major = np * panel_bytes > PANEL_MAJOR_BYTES; /* weights past the L3 */
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < nb; ++i)
@@ -206,14 +262,19 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
                 if (bf) {
 #if KVSERVE_LINEAR_BF16
                     rows_bf16(mr, (const uint16_t *)x + m0 * ldx, ldx, K, (const uint16_t *)panel, pf, tile == 0, acc);
-                    store_bf16(acc, mr, (uint16_t *)y + m0 * N, N, bias, res ? (const uint16_t *)res + m0 * N : NULL, N,
-                               n0, count);
+                    if (!inter)
+                        store_bf16(acc, mr, (uint16_t *)y + m0 * N, N, bias,
+                                   res ? (const uint16_t *)res + m0 * N : NULL, N, n0, count);
 #endif
                 } else {
                     rows_f32(mr, (const float *)x + m0 * ldx, ldx, K, (const float *)panel, pf, tile == 0, acc);
-                    store_f32(acc, mr, (float *)y + m0 * N, N, bias, res ? (const float *)res + m0 * N : NULL, N, n0,
-                              count);
+                    if (!inter)
+                        store_f32(acc, mr, (float *)y + m0 * N, N, bias, res ? (const float *)res + m0 * N : NULL, N,
+                                  n0, count);
                 }
+                if (inter)
+                    store_swiglu(acc, mr, bf, (char *)y + m0 * inter * e, inter, p * HALF,
+                                 inter - p * HALF < HALF ? inter - p * HALF : HALF);
             }
         }
 }
@@ -224,7 +285,7 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
 void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
                         const float *bias, const float *res, float *y, int nthreads) {
 #ifdef __AVX512F__
-    linear_blocked(0, x, ldx, M, K, wp, N, bias, res, y, nthreads);
+    linear_blocked(0, x, ldx, M, K, wp, N, bias, res, y, 0, nthreads);
 #else
     (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)N, (void)bias, (void)res, (void)y, (void)nthreads;
 #endif
@@ -234,8 +295,20 @@ void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const
 void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                          const uint16_t *bias, const uint16_t *res, uint16_t *y, int nthreads) {
 #if KVSERVE_LINEAR_BF16
-    linear_blocked(1, x, ldx, M, K, wp, N, bias, res, y, nthreads);
+    linear_blocked(1, x, ldx, M, K, wp, N, bias, res, y, 0, nthreads);
 #else
     (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)N, (void)bias, (void)res, (void)y, (void)nthreads;
+#endif
+}
+
+/* act (M, inter) = SwiGLU of x [gate; up]^T for wp from kvserve_pack_swiglu (bf: bfloat16, K even); x with row
+ * stride ldx. */
+void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t inter,
+                           void *act, int nthreads) {
+#ifdef __AVX512F__
+    if (bf && !KVSERVE_LINEAR_BF16) return;
+    linear_blocked(bf, x, ldx, M, K, wp, 2 * inter, NULL, NULL, act, inter, nthreads);
+#else
+    (void)bf, (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)inter, (void)act, (void)nthreads;
 #endif
 }
