@@ -5,8 +5,8 @@
  *
  * The linears and the attention are kvserve_linear_* (linear.c; gate_up packed for its SwiGLU epilogue,
  * kvmath.h's swiglu) and kvserve_paged_attention (paged_attention.c); the rest is row-wise: RMSNorm sums x^2
- * in 16 lanes (lane = feature mod 16) folded in lane order; RoPE is element-wise; silu uses kvmath.h's exp. A row's bits depend on
- * nothing but its own inputs, as in the two kernels, so the layer is batch-invariant as a whole.
+ * in 16 lanes (lane = feature mod 16) folded in lane order; RoPE is element-wise; silu uses kvmath.h's exp.
+ * A row's bits depend on nothing but its own inputs, as in the two kernels, so the layer is batch-invariant.
  * Roundings follow Hugging Face's modeling_llama in the model dtype: RMSNorm in float32, rounded before the
  * weight is applied; q*cos + rotate_half(q)*sin with each product and the sum rounded; silu rounded, then the
  * product with up rounded; the attention output rounded before o_proj. In float32 nothing rounds in between.

@@ -13,7 +13,7 @@
  * every weight vector it loads serves all the tile's rows.
  *
  * SwiGLU epilogue (kvserve_linear_swiglu): gate_up packed with each panel holding 24 gate features and the same
- * 24 features' up columns (kvserve_pack_swiglu_*), so a tile ends with act = round(silu(g)) * u of its rows,
+ * 24 features' up columns (kvserve_pack_swiglu), so a tile ends with act = round(silu(g)) * u of its rows,
  * written straight out: the (M, 2I) gate/up output never goes to memory. g and u are rounded as the plain
  * linear's outputs are, and the SwiGLU is kvmath.h's, so act has the same bits as gate_up, then SwiGLU.
  *
@@ -75,15 +75,18 @@ static inline int64_t source_row(int64_t n, int64_t N, int64_t inter) {
  * [panel][k/2][column][k%2]; zero columns past the weight. */
 static void pack(int bf, const void *W, int64_t N, int64_t K, int64_t inter, int64_t np, void *out) {
     for (int64_t p = 0; p < np; ++p)
-        for (int64_t k = 0; k < K; ++k)
-            for (int j = 0; j < NR; ++j) {
-                const int64_t r = source_row(p * NR + j, N, inter);
-                if (bf)
-                    ((uint16_t *)out)[((p * K + (k & ~1LL)) * NR) + 2 * j + (k & 1)] =
-                        r < 0 ? 0 : ((const uint16_t *)W)[r * K + k];
-                else
-                    ((float *)out)[(p * K + k) * NR + j] = r < 0 ? 0.0f : ((const float *)W)[r * K + k];
+        for (int j = 0; j < NR; ++j) {
+            const int64_t r = source_row(p * NR + j, N, inter);
+            if (bf) {
+                const uint16_t *w = r < 0 ? NULL : (const uint16_t *)W + r * K;
+                uint16_t *o = (uint16_t *)out + p * K * NR + 2 * j;
+                for (int64_t k = 0; k < K; ++k) o[(k & ~1LL) * NR + (k & 1)] = r < 0 ? 0 : w[k];
+            } else {
+                const float *w = r < 0 ? NULL : (const float *)W + r * K;
+                float *o = (float *)out + p * K * NR + j;
+                for (int64_t k = 0; k < K; ++k) o[k * NR] = r < 0 ? 0.0f : w[k];
             }
+        }
 }
 
 /* W: (N, K) float32 row-major -> out: panels(N) * K * NR floats. */

@@ -47,25 +47,29 @@ static void exp_shifted(float *restrict x, int n, float m) { /* n: a multiple of
  * prefetcher cannot follow them. While an item computes, it asks for the first FETCH_AHEAD blocks of keys and
  * values of the item its thread probably takes next, a few lines per block step; its own later blocks it asks
  * for FETCH_AHEAD blocks ahead; an item nobody asked for asks for its first blocks at once. Measured, batch-32
- * decode at 96 keys (KV read from memory), 30 layers' attention in the engine's step: bf16 6.1-6.5 -> 3.2 ms,
- * float32 8.5-9.5 -> 5.7 ms (bench/step_breakdown.py; tokens and logits unchanged). */
+ * decode at 96 keys (KV read from memory), 30 layers' attention in the engine's step: bf16 6.1-6.5 -> 2.7-3.2
+ * ms, float32 8.2-9.5 -> 3.9-5.7 ms (the fused layer's section clocks; tokens and logprobs unchanged). */
 #define FETCH_AHEAD 8
 
-/* Asks for block b (KB keys) of one head of K or V (ofs: the head's first element) into the cache, 64 bytes at a
- * time; nothing past the last block (nblk). A prefetch changes no number. */
+/* Where key (or value) k of one head (ofs: the head's first element) sits in the cache. */
+static inline const char *key_row(const void *kv, int e, int64_t ofs, const int32_t *table, int bs, int hd,
+                                  int64_t k) {
+    return (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+}
+
+/* Asks for block b (KB keys) of one head of K or V into the cache, 64 bytes at a time; nothing past the last
+ * block (nblk). A prefetch changes no number. */
 static inline void prefetch_block(const void *kv, int e, int64_t ofs, const int32_t *table, int bs, int hd, int b,
                                   int nblk) {
     if (b >= nblk) return;
-    const int64_t row = (int64_t)hd * e;
+    const int64_t row = (int64_t)hd * e, k0 = (int64_t)b * KB;
     if (bs % KB == 0) { /* the block's keys are contiguous */
-        const int64_t k = (int64_t)b * KB;
-        const char *src = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+        const char *src = key_row(kv, e, ofs, table, bs, hd, k0);
         for (int64_t o = 0; o < KB * row; o += 64) prefetch_line(src + o);
         return;
     }
     for (int j = 0; j < KB; ++j) {
-        const int64_t k = (int64_t)b * KB + j;
-        const char *src = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
+        const char *src = key_row(kv, e, ofs, table, bs, hd, k0 + j);
         for (int64_t o = 0; o < row; o += 64) prefetch_line(src + o);
     }
 }
@@ -102,10 +106,7 @@ static void fetcher_init(Fetcher *f, const Item *it, const void *kv, int e, cons
     const int nblk = (int)(pos[it->row_start + it->ntok - 1] / KB) + 1;
     for (int part = 0; part < 2; ++part) {
         const int64_t ofs = ((int64_t)part * KVH + it->kv_head) * nb * bs * hd;
-        for (int b = 0; b < FETCH_AHEAD && b < nblk; ++b) {
-            const int64_t k = (int64_t)b * KB;
-            f->base[f->n++] = (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
-        }
+        for (int b = 0; b < FETCH_AHEAD && b < nblk; ++b) f->base[f->n++] = key_row(kv, e, ofs, table, bs, hd, b * KB);
     }
 }
 
@@ -453,9 +454,11 @@ static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const
 #endif
 
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
-static void attend_item(const Item *it, int fetched, const Item *next, const void *q, float scale, const void *kv, int is_bf16,
-                        const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H, int G, int KVH,
-                        int64_t nb, int bs, int hd, float *buf) {
+/* fetched: its first blocks were asked for while the previous item ran; next: the item whose blocks to ask for
+ * meanwhile (or NULL). */
+static void attend_item(const Item *it, int fetched, const Item *next, const void *q, float scale, const void *kv,
+                        int is_bf16, const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H,
+                        int G, int KVH, int64_t nb, int bs, int hd, float *buf) {
     const int nrows = it->ntok * G;
     const int64_t maxpos = pos[it->row_start + it->ntok - 1];
     const int nblk = (int)(maxpos / KB) + 1;
@@ -628,8 +631,8 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
             const int fetched = i == predicted;
             predicted = i - nthreads;
             if (buf)
-                attend_item(&items[i], fetched, next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH, nb, bs,
-                            hd, buf);
+                attend_item(&items[i], fetched, next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH,
+                            nb, bs, hd, buf);
         }
         free(buf);
     }
