@@ -68,7 +68,8 @@ def run_one(dtype: str) -> None:
 
     def line(what: str, total: float, p: dict[str, float]) -> str:
         cells = "  ".join(f"{k} {v * 1e3:7.2f}" for k, v in p.items())
-        return f"{dtype:9s} {path:6s} {what:13s}: {total * 1e3:8.2f} ms  {cells}  rest {(total - sum(p.values())) * 1e3:6.2f}"
+        rest = (total - sum(p.values())) * 1e3
+        return f"{dtype:9s} {path:6s} {what:13s}: {total * 1e3:8.2f} ms  {cells}  rest {rest:6.2f}"
 
     ids = prompt_ids(llm, 2048)
     timed_first_token(llm, ids)

@@ -61,7 +61,8 @@ class LlamaModel:
             and native.linear_enabled(device, dtype)
             and config.head_dim % 2 == 0
             and config.partial_rotary_factor == 1.0
-            and (dtype != torch.bfloat16 or config.hidden_size % 2 == 0)
+            # VDPBF16PS takes input features in pairs: every linear's input width even in bf16
+            and (dtype != torch.bfloat16 or config.hidden_size % 2 == config.intermediate_size % 2 == 0)
         )
         if fusable:  # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up
             for layer in self.layers:
@@ -75,9 +76,11 @@ class LlamaModel:
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
         names = ("qkv", "o_proj", "gate_up", "down")
-        self.fused = fusable and all(
+        self.fused = fusable
+        # the SwiGLU-packed gate_up is only for the fused layer; fusable implies every linear is on the kernel
+        assert not fusable or all(
             isinstance(getattr(layer, n), native.PackedLinear) for layer in self.layers for n in names
-        )
+        ), "the fused layer needs every linear on kvserve's kernel"
         if self.fused:  # each layer's weight addresses, for the one call that runs every layer
             self._layer_ptrs = torch.tensor(
                 [
@@ -138,12 +141,8 @@ class LlamaModel:
             attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
             x = linear(attn.view(T, H * hd), layer.o_proj, residual=x)
             h = self._norm(x, layer.post_norm)
-            if getattr(layer.gate_up, "swiglu", False):  # packed for the fused layer; the same activation
-                act = layer.gate_up(h)
-            else:
-                gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-                act = F.silu(gate) * up
-            x = linear(act, layer.down, residual=x)
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = linear(F.silu(gate) * up, layer.down, residual=x)
         h = self._norm(x[logits_rows], self.final_norm)
         return linear(h, self.lm_head).float()
 

@@ -315,8 +315,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def argmax_rows(logits: torch.Tensor) -> list[int] | None:
     """torch.argmax(logits, dim=-1).tolist() for (rows, vocab) float32 CPU logits, rows in parallel
     (csrc/sample.c); None where the kernels are unavailable, the logits are elsewhere, or a row holds a NaN."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
     lib = load()
-    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+    if lib is None:
         return None
     rows, n = logits.shape
     if n == 0:

@@ -129,7 +129,7 @@ def test_rmsnorm_matches_the_formula(dtype):
     assert torch.equal(native.rmsnorm(x[7:9], w, 1e-5), got[7:9])
 
 
-def _tiny_llama(dtype: torch.dtype, hd: int = 64, bias: bool = False):
+def _tiny_llama(dtype: torch.dtype, hd: int = 64, bias: bool = False, inter: int = 256):
     """A random 2-layer Llama with the fused path (3 query heads per KV head; Qwen2-style qkv biases if bias)."""
     from kvserve.model.config import ModelConfig
     from kvserve.model.llama import LlamaModel
@@ -138,7 +138,7 @@ def _tiny_llama(dtype: torch.dtype, hd: int = 64, bias: bool = False):
         architecture="llama",
         vocab_size=300,
         hidden_size=192,
-        intermediate_size=256,
+        intermediate_size=inter,
         num_hidden_layers=2,
         num_attention_heads=3,
         num_key_value_heads=1,
@@ -164,9 +164,9 @@ def _tiny_llama(dtype: torch.dtype, hd: int = 64, bias: bool = False):
             ("self_attn.k_proj", (hd, 192)),
             ("self_attn.v_proj", (hd, 192)),
             ("self_attn.o_proj", (192, 3 * hd)),
-            ("mlp.gate_proj", (256, 192)),
-            ("mlp.up_proj", (256, 192)),
-            ("mlp.down_proj", (192, 256)),
+            ("mlp.gate_proj", (inter, 192)),
+            ("mlp.up_proj", (inter, 192)),
+            ("mlp.down_proj", (192, inter)),
         ]:
             weights[p + name + ".weight"] = torch.randn(*shape, generator=gen) * shape[1] ** -0.5
             if bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -253,3 +253,25 @@ def test_fused_layer_matches_float64_and_is_batch_invariant(dtype, hd, bs, bias)
     rest = _step(model, kv2, [(a[17:44], 17, ta2), (b[:1], 0, [8])])  # a junk one-row neighbour in a free block
     last = _step(model, kv2, [(a[44:], 44, ta2)])
     assert torch.equal(torch.cat([first[20:], rest[:27], last]), alone)
+
+
+def test_an_odd_bf16_width_keeps_the_unfused_path_and_plain_gate_up():
+    """bf16 with an odd intermediate size: down_proj cannot take VDPBF16PS pairs, so no fused layer, and gate_up
+    keeps its plain packing (the SwiGLU pack is only for the fused layer); the forward still matches float64."""
+    _needs(torch.bfloat16)
+    cfg, weights, model = _tiny_llama(torch.bfloat16, inter=255)
+    assert not model.fused
+    assert not any(getattr(layer.gate_up, "swiglu", False) for layer in model.layers)
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(6)).tolist()
+    kv = torch.zeros(2, 2, 1, 16, 16, 64, dtype=torch.bfloat16)
+    from kvserve.model.attention import AttentionMetadata, build_group
+
+    positions = torch.arange(20)
+    slots = torch.tensor([[3, 0][p // 16] * 16 + p % 16 for p in range(20)])
+    groups = [build_group(0, [list(range(20))], [[3, 0]], 16, 3, CPU)]
+    nm = native.build_meta([[3, 0]], [20], positions, CPU) if native.enabled(CPU, torch.bfloat16) else None
+    meta = AttentionMetadata(slot_mapping=slots, positions=positions, groups=groups, native=nm)
+    got = model.forward(torch.tensor(ids), kv, meta, torch.arange(20)).double()
+    ref = _reference_logits(cfg, weights, ids)
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 through 2 layers: a loose bound

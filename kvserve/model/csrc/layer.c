@@ -23,7 +23,7 @@
 #include <omp.h>
 
 /* Wall time per section of the layer, summed over calls, for bench/step_breakdown.py; off unless switched on
- * (then a clock read between sections). Sections: 0 RMSNorms, 1 QKV linear, 2 RoPE and KV write, 3 attention,
+ * (then a clock read between sections; one model at a time: the sums are plain globals). Sections: 0 RMSNorms, 1 QKV linear, 2 RoPE and KV write, 3 attention,
  * 4 o_proj, 5 gate_up with its SwiGLU epilogue, 6 down_proj. */
 #define SECTIONS 7
 static int timing;
@@ -36,9 +36,9 @@ void kvserve_layer_timing(int on) {
 
 double kvserve_layer_section_time(int i) { return i >= 0 && i < SECTIONS ? section_time[i] : 0.0; }
 
-/* Adds the time since *t to section i and restarts *t (when timing). */
+/* Adds the time since *t to section i and restarts *t (when timing, read once per call: t > 0). */
 static inline void lap(int i, double *t) {
-    if (!timing) return;
+    if (*t == 0.0) return;
     const double now = omp_get_wtime();
     section_time[i] += now - *t;
     *t = now;

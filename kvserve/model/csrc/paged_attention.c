@@ -57,19 +57,19 @@ static inline const char *key_row(const void *kv, int e, int64_t ofs, const int3
     return (const char *)kv + (ofs + ((int64_t)table[k / bs] * bs + k % bs) * hd) * e;
 }
 
-/* Asks for block b (KB keys) of one head of K or V into the cache, 64 bytes at a time; nothing past the last
- * block (nblk). A prefetch changes no number. */
+/* Asks for block b (KB keys) of one head of K or V into the cache, 64 bytes at a time, up to key maxpos (the
+ * block table has no entries past it). A prefetch changes no number. */
 static inline void prefetch_block(const void *kv, int e, int64_t ofs, const int32_t *table, int bs, int hd, int b,
-                                  int nblk) {
-    if (b >= nblk) return;
+                                  int64_t maxpos) {
     const int64_t row = (int64_t)hd * e, k0 = (int64_t)b * KB;
-    if (bs % KB == 0) { /* the block's keys are contiguous */
+    if (k0 > maxpos) return;
+    if (bs % KB == 0) { /* the block's keys are contiguous, in one cache block */
         const char *src = key_row(kv, e, ofs, table, bs, hd, k0);
         for (int64_t o = 0; o < KB * row; o += 64) prefetch_line(src + o);
         return;
     }
-    for (int j = 0; j < KB; ++j) {
-        const char *src = key_row(kv, e, ofs, table, bs, hd, k0 + j);
+    for (int64_t k = k0; k < k0 + KB && k <= maxpos; ++k) {
+        const char *src = key_row(kv, e, ofs, table, bs, hd, k);
         for (int64_t o = 0; o < row; o += 64) prefetch_line(src + o);
     }
 }
@@ -86,8 +86,8 @@ static void prefetch_item(const Item *it, int part, const void *kv, int e, const
                           const int64_t *pos, int KVH, int64_t nb, int bs, int hd) {
     const int64_t ofs = ((int64_t)part * KVH + it->kv_head) * nb * bs * hd;
     const int32_t *table = tables + (size_t)it->seq * max_blocks;
-    const int nblk = (int)(pos[it->row_start + it->ntok - 1] / KB) + 1;
-    for (int b = 0; b < FETCH_AHEAD; ++b) prefetch_block(kv, e, ofs, table, bs, hd, b, nblk);
+    const int64_t maxpos = pos[it->row_start + it->ntok - 1];
+    for (int b = 0; b < FETCH_AHEAD; ++b) prefetch_block(kv, e, ofs, table, bs, hd, b, maxpos);
 }
 
 /* The next item's first blocks (keys, then values), asked for a few lines at a time while this item computes:
@@ -506,8 +506,8 @@ static void attend_item(const Item *it, int fetched, const Item *next, const voi
     /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time. Rows are in
      * position order, so the rows whose last block comes before block b are a prefix of them: skipped. */
     for (int b = 0; b < nblk; b += 2) {
-        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, nblk);
-        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, nblk);
+        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, maxpos);
+        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, maxpos);
         fetch_lines(&fnext, per_step);
         if (pairs) {
 #if KVSERVE_DPBF16
@@ -557,7 +557,7 @@ static void attend_item(const Item *it, int fetched, const Item *next, const voi
 #endif
     }
     for (int b = 0; b < nblk; ++b) {
-        prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, nblk);
+        prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, maxpos);
         fetch_lines(&fnext, per_step);
         int first = 0;
         while (first < nrows && rpos[first] / KB < b) ++first;
