@@ -189,23 +189,83 @@ static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ld
 #endif
 
 #ifdef __AVX512F__
+/* kvmath.h's exp_nonpos in 16 lanes, operation for operation (no contraction), so every lane has the scalar's
+ * bits; NaN stays NaN (max with -87 returns its second operand, d, when d is NaN). */
+static inline __m512 exp_nonpos16(__m512 d) {
+    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.0f), d), shift = _mm512_set1_ps(12582912.0f);
+    const __m512 k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), shift), shift);
+    __m512 r = _mm512_sub_ps(v, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(1.3981999507e-3f));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(8.3334519073e-3f));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(4.1665795894e-2f));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(1.6666665459e-1f));
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(5.0000001201e-1f));
+    q = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(q, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
+    const __mmask16 under = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps((__mmask16)~under, q, _mm512_castsi512_ps(bits));
+}
+
+/* kvmath.h's swiglu in 16 lanes: act = round(silu(g)) * u, silu(g) = g / (1 + exp(-|g|)) (g * exp(-|g|) on
+ * top for g < 0); g and u already rounded as the linear's outputs. */
+static inline __m512 swiglu16(__m512 g, __m512 u, int bf) {
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 flipped = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN)));
+    const __m512 en = exp_nonpos16(_mm512_mask_blend_ps(neg, flipped, g)); /* exp(-|g|) */
+    const __mmask16 nonneg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+    const __m512 num = _mm512_mask_blend_ps(nonneg, _mm512_mul_ps(g, en), g);
+    __m512 a = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), en));
+#if KVSERVE_LINEAR_BF16
+    if (bf) a = round_bf16(a);
+#endif
+    return _mm512_mul_ps(a, u);
+}
+
+/* 16 float32 lanes stored in the model dtype under mask mk. */
+static inline void store16(int bf, void *out, __m512 a, __mmask16 mk) {
+#if KVSERVE_LINEAR_BF16
+    if (bf) {
+        _mm256_mask_storeu_epi16(out, mk, _mm512_cvtepi32_epi16(round_bf16_bits(a)));
+        return;
+    }
+#endif
+    _mm512_mask_storeu_ps(out, mk, a);
+}
+
 /* The SwiGLU of a tile of one SwiGLU-packed panel: for rows m < mr and features j < count,
  * act[m * ld + j] = round(silu(g)) * u, g and u the panel's columns j and 24 + j as the linear's own outputs
- * (rounded to bf16 in bf16), stored in the model dtype. */
+ * (rounded to bf16 in bf16), stored in the model dtype. In registers: features 0-15 are acc[.][0] (gate) and
+ * lanes 8-15 of acc[.][1] with lanes 0-7 of acc[.][2] (up); features 16-23 of two rows share one vector. */
 static void store_swiglu(__m512 acc[MR][3], int mr, int bf, void *act, int64_t ld, int64_t f0, int64_t count) {
-    for (int m = 0; m < mr; ++m) {
-        /* fixed-length loops (GCC vectorises them whole); lanes past the panel's 24 features are computed and
-         * dropped */
-        float v[NR + 8] = {0}, a[32];
-        for (int q = 0; q < 3; ++q) _mm512_storeu_ps(v + 16 * q, acc[m][q]);
-        round_row(v, NR, bf);
-        swiglu(v, v + HALF, a, 32, bf);
-        if (bf) {
-            uint16_t o[32];
-            for (int j = 0; j < 32; ++j) o[j] = f32_to_bf16(a[j]);
-            memcpy((uint16_t *)act + m * ld + f0, o, sizeof(uint16_t) * (size_t)count);
-        } else {
-            memcpy((float *)act + m * ld + f0, a, sizeof(float) * (size_t)count);
+    const int64_t e = bf ? 2 : 4;
+    const __m512i up_lo = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i g_hi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i u_hi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const __mmask16 lo = count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
+    const __mmask16 hi = count > 16 ? (__mmask16)((1u << (count - 16)) - 1) : 0;
+    for (int m = 0; m < mr; m += 2) { /* rows m and n = m + 1 (m again when m is the last row) */
+        const int n = m + 1 < mr ? m + 1 : m;
+        __m512 a[2][3];
+        for (int i = 0; i < 2; ++i)
+            for (int q = 0; q < 3; ++q) {
+                a[i][q] = acc[i ? n : m][q];
+#if KVSERVE_LINEAR_BF16
+                if (bf) a[i][q] = round_bf16(a[i][q]);
+#endif
+            }
+        for (int i = 0; i < 1 + (n != m); ++i)
+            store16(bf, (char *)act + ((i ? n : m) * ld + f0) * e,
+                    swiglu16(a[i][0], _mm512_permutex2var_ps(a[i][1], up_lo, a[i][2]), bf), lo);
+        if (hi) { /* features 16-23 of both rows in one vector: row m's in lanes 0-7, row n's in 8-15 */
+            const __m512 r = swiglu16(_mm512_permutex2var_ps(a[0][1], g_hi, a[1][1]),
+                                      _mm512_permutex2var_ps(a[0][2], u_hi, a[1][2]), bf);
+            store16(bf, (char *)act + (m * ld + f0 + 16) * e, r, hi);
+            if (n != m) /* lanes 8-15 down to 0-7 */
+                store16(bf, (char *)act + (n * ld + f0 + 16) * e,
+                        _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(r), _mm512_castps_si512(r), 8)),
+                        hi);
         }
     }
 }
