@@ -127,7 +127,7 @@ static void argmax(int64_t rows, int64_t n) {
 /* One fused call over 2 layers: a 5-token decode-like sequence and a 21-token prefill, with block size bs. */
 static void layers(int bf, int bs) {
     const int L = 2, H = 4, KVH = 2, hd = 64, e = bf ? 2 : 4, NR = kvserve_linear_panel_width();
-    const int64_t D = 128, inter = 100, nqkv = (int64_t)(H + 2 * KVH) * hd, max_len = 64;
+    const int64_t D = 136, inter = 100, nqkv = (int64_t)(H + 2 * KVH) * hd, max_len = 64;
     const int S = 2, fresh[2] = {1, 21}, cached[2] = {4, 0};
     const int T = fresh[0] + fresh[1];
     int max_blocks = 1;

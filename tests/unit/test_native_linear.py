@@ -113,11 +113,12 @@ def test_linear_rejects_a_wrong_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_matches_the_formula(dtype):
+@pytest.mark.parametrize("width", [576, 100])  # the model's; a partial last 16-lane vector
+def test_rmsnorm_matches_the_formula(dtype, width):
     _needs(dtype)
     gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(50, 576, generator=gen) * 3).to(dtype)
-    w = torch.randn(576, generator=gen).to(dtype)
+    x = (torch.randn(50, width, generator=gen) * 3).to(dtype)
+    w = torch.randn(width, generator=gen).to(dtype)
     got = native.rmsnorm(x, w, 1e-5)
     xd = x.double()
     normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
@@ -228,6 +229,8 @@ def _step(model, kv, seqs):
         (torch.bfloat16, 64, 16, False),
         (torch.float32, 32, 8, True),
         (torch.bfloat16, 32, 8, True),
+        (torch.float32, 48, 16, False),  # head_dim not a multiple of 32: RoPE's scalar path
+        (torch.bfloat16, 48, 16, True),
     ],
 )
 def test_fused_layer_matches_float64_and_is_batch_invariant(dtype, hd, bs, bias):

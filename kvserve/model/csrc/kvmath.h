@@ -4,6 +4,14 @@
 #define KVSERVE_KVMATH_H
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KVSERVE_AVX512BW 1
+#else
+#define KVSERVE_AVX512BW 0
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -55,6 +63,26 @@ static inline void swiglu(const float *g, const float *u, float *act, int64_t n,
     round_row(act, n, bf);
     for (int64_t i = 0; i < n; ++i) act[i] = act[i] * u[i];
 }
+
+#if KVSERVE_AVX512BW
+/* The same conversions in 16 lanes: bf16 -> float32 (masked load), and float32 rounded to bf16 as f32_to_bf16. */
+static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mk) {
+    __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Round to nearest even, as f32_to_bf16 (NaN stays NaN), lane by lane: the bf16 bits in each lane's low half. */
+static inline __m512i round_bf16_bits(__m512 a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
+
+static inline __m512 round_bf16(__m512 a) { return _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16_bits(a), 16)); }
+#endif
 
 /* Asks for the 64-byte line at p to be brought into the L1 cache; changes no number. An asm statement: GCC 12
  * (-O1 and up) deleted __builtin_prefetch / _mm_prefetch calls whose address it computed from a load (a block

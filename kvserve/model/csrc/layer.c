@@ -85,8 +85,42 @@ static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, 
         kvserve_linear_f32(x, K, M, K, wp, N, bias, res, y, nt);
 }
 
+#if KVSERVE_AVX512BW
+/* 16 lanes (mk: the valid ones, the rest 0) of a row in the model dtype at element ofs, as float32. */
+static inline __m512 load16m(const void *p, int64_t ofs, __mmask16 mk, int bf) {
+    return bf ? bf16x16_to_f32((const uint16_t *)p + ofs, mk) : _mm512_maskz_loadu_ps(mk, (const float *)p + ofs);
+}
+
+/* rmsnorm_row in registers: the same lane sums (a masked tail adds exact zeros), fold and roundings. */
+static void rmsnorm_row16(const void *x, const float *wf, void *out, int64_t t, int64_t D, float eps, int bf) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += LANES) {
+        const __mmask16 mk = D - d >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        const __m512 v = load16m(x, t * D + d, mk, bf);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    }
+    float lanes[LANES], ss = 0.0f;
+    _mm512_storeu_ps(lanes, acc);
+    for (int j = 0; j < LANES; ++j) ss += lanes[j];
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(ss / (float)D + eps));
+    for (int64_t d = 0; d < D; d += LANES) {
+        const __mmask16 mk = D - d >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        __m512 v = _mm512_mul_ps(load16m(x, t * D + d, mk, bf), r);
+        if (bf) v = round_bf16(v);
+        v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wf + d), v);
+        if (bf)
+            _mm256_mask_storeu_epi16((uint16_t *)out + t * D + d, mk, _mm512_cvtepi32_epi16(round_bf16_bits(v)));
+        else
+            _mm512_mask_storeu_ps((float *)out + t * D + d, mk, v);
+    }
+}
+#endif
+
 /* out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), per row; wf: the weight in float32. */
 static void rmsnorm_row(const void *x, const float *wf, void *out, int64_t t, int64_t D, float eps, int bf) {
+#if KVSERVE_AVX512BW
+    rmsnorm_row16(x, wf, out, t, D, eps, bf);
+#else
     float v[D];
     load_row(x, t * D, D, bf, v);
     float lanes[LANES] = {0};
@@ -101,6 +135,7 @@ static void rmsnorm_row(const void *x, const float *wf, void *out, int64_t t, in
     round_row(v, D, bf);
     for (d = 0; d < D; ++d) v[d] = wf[d] * v[d];
     store_row(out, t * D, D, bf, v);
+#endif
 }
 
 void kvserve_rmsnorm(const void *x, const void *w, void *out, int64_t T, int64_t D, float eps, int bf, int nt) {
@@ -124,6 +159,62 @@ static void rope(float *v, const float *c, const float *s, int hd, int bf) {
     round_row(a, hd, bf);
     round_row(b, hd, bf);
     for (int d = 0; d < hd; ++d) v[d] = a[d] + b[d];
+}
+
+#if KVSERVE_AVX512BW
+/* 16 lanes of a row in the model dtype at element ofs, as float32; and back, rounded as store_row does. */
+static inline __m512 load16(const void *p, int64_t ofs, int bf) {
+    return bf ? bf16x16_to_f32((const uint16_t *)p + ofs, 0xffff) : _mm512_loadu_ps((const float *)p + ofs);
+}
+
+static inline void store16(void *p, int64_t ofs, __m512 v, int bf) {
+    if (bf)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + ofs), _mm512_cvtepi32_epi16(round_bf16_bits(v)));
+    else
+        _mm512_storeu_ps((float *)p + ofs, v);
+}
+
+/* rope() of one head read from src[so..] and written to dst[dof..] in the model dtype, 16 lanes at a time
+ * (hd % 32 == 0): the same products, roundings and sums per element. cs, sn: the position's table rows. */
+static void rope16(const void *src, int64_t so, void *dst, int64_t dof, const void *cs, const void *sn, int64_t co,
+                   int hd, int bf) {
+    const int half = hd / 2;
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    for (int j = 0; j < half; j += 16) {
+        const __m512 lo = load16(src, so + j, bf), hi = load16(src, so + half + j, bf);
+        const __m512 neg_hi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(hi), sign));
+        __m512 a_lo = _mm512_mul_ps(lo, load16(cs, co + j, bf)), b_lo = _mm512_mul_ps(neg_hi, load16(sn, co + j, bf));
+        __m512 a_hi = _mm512_mul_ps(hi, load16(cs, co + half + j, bf));
+        __m512 b_hi = _mm512_mul_ps(lo, load16(sn, co + half + j, bf));
+        if (bf) a_lo = round_bf16(a_lo), b_lo = round_bf16(b_lo), a_hi = round_bf16(a_hi), b_hi = round_bf16(b_hi);
+        store16(dst, dof + j, _mm512_add_ps(a_lo, b_lo), bf);
+        store16(dst, dof + half + j, _mm512_add_ps(a_hi, b_hi), bf);
+    }
+}
+#endif
+
+/* RoPE of one token's H query heads (qkv[row..] -> q[qo..]) and KVH key heads (-> kv[ko + i * kstride]), in
+ * the model dtype; co: the position's offset in the cos/sin tables. */
+static void rope_token(const void *qkv, int64_t row, void *q, int64_t qo, void *kv, int64_t ko, int64_t kstride,
+                       const void *cs, const void *sn, int64_t co, int H, int KVH, int hd, int bf) {
+#if KVSERVE_AVX512BW
+    if (hd % 32 == 0) { /* in registers */
+        for (int i = 0; i < H; ++i) rope16(qkv, row + (int64_t)i * hd, q, qo + (int64_t)i * hd, cs, sn, co, hd, bf);
+        for (int i = 0; i < KVH; ++i) rope16(qkv, row + (int64_t)(H + i) * hd, kv, ko + i * kstride, cs, sn, co, hd, bf);
+        return;
+    }
+#endif
+    float c[hd], s[hd], v[hd];
+    load_row(cs, co, hd, bf, c);
+    load_row(sn, co, hd, bf, s);
+    for (int i = 0; i < H + KVH; ++i) { /* query heads, then key heads (into the cache) */
+        load_row(qkv, row + (int64_t)i * hd, hd, bf, v);
+        rope(v, c, s, hd, bf);
+        if (i < H)
+            store_row(q, qo + (int64_t)i * hd, hd, bf, v);
+        else
+            store_row(kv, ko + (i - H) * kstride, hd, bf, v);
+    }
 }
 
 int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf) {
@@ -155,17 +246,7 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * nqkv, p = pos[t], slot = slots[t];
-        float c[hd], sn_[hd], v[hd];
-        load_row(cs, p * hd, hd, bf, c);
-        load_row(sn, p * hd, hd, bf, sn_);
-        for (int i = 0; i < H + KVH; ++i) { /* query heads, then key heads (into the cache) */
-            load_row(qkv, row + (int64_t)i * hd, hd, bf, v);
-            rope(v, c, sn_, hd, bf);
-            if (i < H)
-                store_row(q, t * qd + (int64_t)i * hd, hd, bf, v);
-            else
-                store_row(kv, ((int64_t)(i - H) * nb * bs + slot) * hd, hd, bf, v);
-        }
+        rope_token(qkv, row, q, t * qd, kv, slot * hd, nb * bs * hd, cs, sn, p * hd, H, KVH, hd, bf);
         for (int g = 0; g < KVH; ++g) {
             const int64_t vofs = ((int64_t)(KVH + g) * nb * bs + slot) * hd;
             memcpy((char *)kv + vofs * e, (char *)qkv + (row + qd + (int64_t)(KVH + g) * hd) * e, (size_t)hd * e);

@@ -151,23 +151,6 @@ static void rows_f32(int mr, const float *x, int64_t ldx, int64_t K, const float
 #endif
 
 #if KVSERVE_LINEAR_BF16
-static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mk) {
-    __m256i h = _mm256_maskz_loadu_epi16(mk, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Round to nearest even, as f32_to_bf16 (NaN stays NaN), lane by lane: the bf16 bits in each lane's low half. */
-static inline __m512i round_bf16_bits(__m512 a) {
-    const __m512i u = _mm512_castps_si512(a);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-}
-
-static inline __m512 round_bf16(__m512 a) { return _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16_bits(a), 16)); }
-
 /* acc + bias rounded to bf16 (the linear's own output, as oneDNN and F.linear round it); then + residual in
  * float32, rounded: the same roundings as `x + F.linear(h, W, b)` in bfloat16. */
 static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ldy, const uint16_t *bias,
