@@ -172,25 +172,6 @@ static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ld
 #endif
 
 #ifdef __AVX512F__
-/* kvmath.h's exp_nonpos in 16 lanes, operation for operation (no contraction), so every lane has the scalar's
- * bits; NaN stays NaN (max with -87 returns its second operand, d, when d is NaN). */
-static inline __m512 exp_nonpos16(__m512 d) {
-    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.0f), d), shift = _mm512_set1_ps(12582912.0f);
-    const __m512 k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), shift), shift);
-    __m512 r = _mm512_sub_ps(v, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(1.3981999507e-3f));
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(8.3334519073e-3f));
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(4.1665795894e-2f));
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(1.6666665459e-1f));
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(5.0000001201e-1f));
-    q = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(q, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
-    const __mmask16 under = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-    return _mm512_maskz_mul_ps((__mmask16)~under, q, _mm512_castsi512_ps(bits));
-}
-
 /* kvmath.h's swiglu in 16 lanes: act = round(silu(g)) * u, silu(g) = g / (1 + exp(-|g|)) (g * exp(-|g|) on
  * top for g < 0); g and u already rounded as the linear's outputs. */
 static inline __m512 swiglu16(__m512 g, __m512 u, int bf) {

@@ -37,11 +37,6 @@ static inline int32_t ld32(const void *p) {
     return v;
 }
 
-/* x[i] = exp(x[i] - m) for i < n (x[i] <= m), exactly 0 below -87 (and for -inf): kvmath.h's polynomial. */
-static void exp_shifted(float *restrict x, int n, float m) { /* n: a multiple of KB */
-    for (int j0 = 0; j0 < n; j0 += KB) /* whole 16-lane vectors: no masked loop */
-        for (int j = 0; j < KB; ++j) x[j0 + j] = exp_nonpos(x[j0 + j] - m);
-}
 
 /* Key blocks asked for ahead of use: a sequence's blocks sit anywhere in the pool, where the hardware
  * prefetcher cannot follow them. While an item computes, it asks for the first FETCH_AHEAD blocks of keys and
@@ -453,6 +448,34 @@ static void pv_block_bf16(const float *const *ep, float *const *o, int nr, const
 #define KVSERVE_DPBF16 0
 #endif
 
+/* A row's nblk blocks of scores s -> exp(s - mx), and their lane sums (lane = key mod 16, blocks added in order)
+ * into l. to_pairs: the weights are stored as bf16 pairs instead (VDPBF16PS P.V), in place: block b's 8 words
+ * land below its 16 floats, which were read before. One pass, 16 lanes at a time where AVX-512 is. */
+static void softmax_weights(float *s, int nblk, float mx, float *l, int to_pairs) {
+#ifdef __AVX512F__
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int b = 0; b < nblk; ++b) {
+        const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(s + b * KB), m));
+        sum = _mm512_add_ps(sum, e);
+#if KVSERVE_DPBF16
+        if (to_pairs) {
+            _mm256_storeu_si256((__m256i *)((uint32_t *)s + b * (KB / 2)), (__m256i)_mm512_cvtneps_pbh(e));
+            continue;
+        }
+#endif
+        _mm512_storeu_ps(s + b * KB, e);
+    }
+    _mm512_storeu_ps(l, sum);
+#else
+    (void)to_pairs; /* pairs need VDPBF16PS, hence AVX-512 */
+    for (int i = 0; i < nblk * KB; ++i) s[i] = exp_nonpos(s[i] - mx);
+    for (int j = 0; j < KB; ++j) l[j] = 0.0f;
+    for (int b = 0; b < nblk; ++b)
+        for (int j = 0; j < KB; ++j) l[j] += s[b * KB + j];
+#endif
+}
+
 /* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
 /* fetched: its first blocks were asked for while the previous item ran; next: the item whose blocks to ask for
  * meanwhile (or NULL). */
@@ -542,19 +565,7 @@ static void attend_item(const Item *it, int fetched, const Item *next, const voi
     for (int r = 0; r < nrows; ++r) {
         float mx = -INFINITY;
         for (int j = 0; j < KB; ++j) mx = lanes[r * KB + j] > mx ? lanes[r * KB + j] : mx;
-        float *s = scores + (size_t)r * width;
-        const int nb_r = (int)(rpos[r] / KB) + 1;
-        exp_shifted(s, nb_r * KB, mx);
-        float *l = lanes + r * KB;
-        for (int j = 0; j < KB; ++j) l[j] = 0.0f;
-        for (int b = 0; b < nb_r; ++b)
-            for (int j = 0; j < KB; ++j) l[j] += s[b * KB + j];
-#if KVSERVE_DPBF16
-        if (vpairs) /* the weights as bf16 pairs, in place: block b's 8 words land below its 16 floats */
-            for (int b = 0; b < nb_r; ++b)
-                _mm256_storeu_si256((__m256i *)((uint32_t *)s + b * (KB / 2)),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + b * KB)));
-#endif
+        softmax_weights(scores + (size_t)r * width, (int)(rpos[r] / KB) + 1, mx, lanes + r * KB, vpairs);
     }
     for (int b = 0; b < nblk; ++b) {
         prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, maxpos);
