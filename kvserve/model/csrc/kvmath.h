@@ -83,14 +83,6 @@ static inline __m512 exp_nonpos16(__m512 d) {
     const __mmask16 under = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
     return _mm512_maskz_mul_ps((__mmask16)~under, q, _mm512_castsi512_ps(bits));
 }
-#endif
-
-#if KVSERVE_AVX512BW
-/* The same conversions in 16 lanes: bf16 -> float32 (masked load), and float32 rounded to bf16 as f32_to_bf16. */
-static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mk) {
-    __m256i h = _mm256_maskz_loadu_epi16(mk, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 /* Round to nearest even, as f32_to_bf16 (NaN stays NaN), lane by lane: the bf16 bits in each lane's low half. */
 static inline __m512i round_bf16_bits(__m512 a) {
@@ -103,6 +95,35 @@ static inline __m512i round_bf16_bits(__m512 a) {
 }
 
 static inline __m512 round_bf16(__m512 a) { return _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16_bits(a), 16)); }
+
+/* 16 float32 lanes stored at p in the model dtype (bf: bfloat16, rounded as f32_to_bf16; else float32) under
+ * mask mk. */
+static inline void store16(void *p, __m512 v, __mmask16 mk, int bf) {
+    if (!bf) {
+        _mm512_mask_storeu_ps(p, mk, v);
+        return;
+    }
+#if KVSERVE_AVX512BW
+    _mm256_mask_storeu_epi16(p, mk, _mm512_cvtepi32_epi16(round_bf16_bits(v)));
+#else
+    uint16_t h[16];
+    _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(round_bf16_bits(v)));
+    for (int j = 0; j < 16; ++j)
+        if (mk >> j & 1) ((uint16_t *)p)[j] = h[j];
+#endif
+}
+#endif
+
+#if KVSERVE_AVX512BW
+/* 16 lanes of a row in the model dtype at p as float32, lanes outside mk read as 0. */
+static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mk) {
+    __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 load16(const void *p, __mmask16 mk, int bf) {
+    return bf ? bf16x16_to_f32((const uint16_t *)p, mk) : _mm512_maskz_loadu_ps(mk, (const float *)p);
+}
 #endif
 
 /* Asks for the 64-byte line at p to be brought into the L1 cache; changes no number. An asm statement: GCC 12

@@ -86,17 +86,13 @@ static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, 
 }
 
 #if KVSERVE_AVX512BW
-/* 16 lanes (mk: the valid ones, the rest 0) of a row in the model dtype at element ofs, as float32. */
-static inline __m512 load16m(const void *p, int64_t ofs, __mmask16 mk, int bf) {
-    return bf ? bf16x16_to_f32((const uint16_t *)p + ofs, mk) : _mm512_maskz_loadu_ps(mk, (const float *)p + ofs);
-}
-
 /* rmsnorm_row in registers: the same lane sums (a masked tail adds exact zeros), fold and roundings. */
 static void rmsnorm_row16(const void *x, const float *wf, void *out, int64_t t, int64_t D, float eps, int bf) {
+    const int64_t e = bf ? 2 : 4;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += LANES) {
         const __mmask16 mk = D - d >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-        const __m512 v = load16m(x, t * D + d, mk, bf);
+        const __m512 v = load16((const char *)x + (t * D + d) * e, mk, bf);
         acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
     }
     float lanes[LANES], ss = 0.0f;
@@ -105,13 +101,9 @@ static void rmsnorm_row16(const void *x, const float *wf, void *out, int64_t t, 
     const __m512 r = _mm512_set1_ps(1.0f / sqrtf(ss / (float)D + eps));
     for (int64_t d = 0; d < D; d += LANES) {
         const __mmask16 mk = D - d >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-        __m512 v = _mm512_mul_ps(load16m(x, t * D + d, mk, bf), r);
+        __m512 v = _mm512_mul_ps(load16((const char *)x + (t * D + d) * e, mk, bf), r);
         if (bf) v = round_bf16(v);
-        v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wf + d), v);
-        if (bf)
-            _mm256_mask_storeu_epi16((uint16_t *)out + t * D + d, mk, _mm512_cvtepi32_epi16(round_bf16_bits(v)));
-        else
-            _mm512_mask_storeu_ps((float *)out + t * D + d, mk, v);
+        store16((char *)out + (t * D + d) * e, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wf + d), v), mk, bf);
     }
 }
 #endif
@@ -162,17 +154,10 @@ static void rope(float *v, const float *c, const float *s, int hd, int bf) {
 }
 
 #if KVSERVE_AVX512BW
-/* 16 lanes of a row in the model dtype at element ofs, as float32; and back, rounded as store_row does. */
-static inline __m512 load16(const void *p, int64_t ofs, int bf) {
-    return bf ? bf16x16_to_f32((const uint16_t *)p + ofs, 0xffff) : _mm512_loadu_ps((const float *)p + ofs);
-}
+/* 16 lanes of a row in the model dtype at element ofs, as float32; and back (kvmath.h's load16 / store16). */
+static inline __m512 ld16(const void *p, int64_t ofs, int bf) { return load16((const char *)p + ofs * (bf ? 2 : 4), 0xffff, bf); }
 
-static inline void store16(void *p, int64_t ofs, __m512 v, int bf) {
-    if (bf)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p + ofs), _mm512_cvtepi32_epi16(round_bf16_bits(v)));
-    else
-        _mm512_storeu_ps((float *)p + ofs, v);
-}
+static inline void st16(void *p, int64_t ofs, __m512 v, int bf) { store16((char *)p + ofs * (bf ? 2 : 4), v, 0xffff, bf); }
 
 /* rope() of one head read from src[so..] and written to dst[dof..] in the model dtype, 16 lanes at a time
  * (hd % 32 == 0): the same products, roundings and sums per element. cs, sn: the position's table rows. */
@@ -181,14 +166,14 @@ static void rope16(const void *src, int64_t so, void *dst, int64_t dof, const vo
     const int half = hd / 2;
     const __m512i sign = _mm512_set1_epi32(INT32_MIN);
     for (int j = 0; j < half; j += 16) {
-        const __m512 lo = load16(src, so + j, bf), hi = load16(src, so + half + j, bf);
+        const __m512 lo = ld16(src, so + j, bf), hi = ld16(src, so + half + j, bf);
         const __m512 neg_hi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(hi), sign));
-        __m512 a_lo = _mm512_mul_ps(lo, load16(cs, co + j, bf)), b_lo = _mm512_mul_ps(neg_hi, load16(sn, co + j, bf));
-        __m512 a_hi = _mm512_mul_ps(hi, load16(cs, co + half + j, bf));
-        __m512 b_hi = _mm512_mul_ps(lo, load16(sn, co + half + j, bf));
+        __m512 a_lo = _mm512_mul_ps(lo, ld16(cs, co + j, bf)), b_lo = _mm512_mul_ps(neg_hi, ld16(sn, co + j, bf));
+        __m512 a_hi = _mm512_mul_ps(hi, ld16(cs, co + half + j, bf));
+        __m512 b_hi = _mm512_mul_ps(lo, ld16(sn, co + half + j, bf));
         if (bf) a_lo = round_bf16(a_lo), b_lo = round_bf16(b_lo), a_hi = round_bf16(a_hi), b_hi = round_bf16(b_hi);
-        store16(dst, dof + j, _mm512_add_ps(a_lo, b_lo), bf);
-        store16(dst, dof + half + j, _mm512_add_ps(a_hi, b_hi), bf);
+        st16(dst, dof + j, _mm512_add_ps(a_lo, b_lo), bf);
+        st16(dst, dof + half + j, _mm512_add_ps(a_hi, b_hi), bf);
     }
 }
 #endif

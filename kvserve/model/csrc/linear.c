@@ -187,17 +187,6 @@ static inline __m512 swiglu16(__m512 g, __m512 u, int bf) {
     return _mm512_mul_ps(a, u);
 }
 
-/* 16 float32 lanes stored in the model dtype under mask mk. */
-static inline void store16(int bf, void *out, __m512 a, __mmask16 mk) {
-#if KVSERVE_LINEAR_BF16
-    if (bf) {
-        _mm256_mask_storeu_epi16(out, mk, _mm512_cvtepi32_epi16(round_bf16_bits(a)));
-        return;
-    }
-#endif
-    _mm512_mask_storeu_ps(out, mk, a);
-}
-
 /* The SwiGLU of a tile of one SwiGLU-packed panel: for rows m < mr and features j < count,
  * act[m * ld + j] = round(silu(g)) * u, g and u the panel's columns j and 24 + j as the linear's own outputs
  * (rounded to bf16 in bf16), stored in the model dtype. In registers: features 0-15 are acc[.][0] (gate) and
@@ -220,16 +209,16 @@ static void store_swiglu(__m512 acc[MR][3], int mr, int bf, void *act, int64_t l
 #endif
             }
         for (int i = 0; i < 1 + (n != m); ++i)
-            store16(bf, (char *)act + ((i ? n : m) * ld + f0) * e,
-                    swiglu16(a[i][0], _mm512_permutex2var_ps(a[i][1], up_lo, a[i][2]), bf), lo);
+            store16((char *)act + ((i ? n : m) * ld + f0) * e,
+                    swiglu16(a[i][0], _mm512_permutex2var_ps(a[i][1], up_lo, a[i][2]), bf), lo, bf);
         if (hi) { /* features 16-23 of both rows in one vector: row m's in lanes 0-7, row n's in 8-15 */
             const __m512 r = swiglu16(_mm512_permutex2var_ps(a[0][1], g_hi, a[1][1]),
                                       _mm512_permutex2var_ps(a[0][2], u_hi, a[1][2]), bf);
-            store16(bf, (char *)act + (m * ld + f0 + 16) * e, r, hi);
+            store16((char *)act + (m * ld + f0 + 16) * e, r, hi, bf);
             if (n != m) /* lanes 8-15 down to 0-7 */
-                store16(bf, (char *)act + (n * ld + f0 + 16) * e,
+                store16((char *)act + (n * ld + f0 + 16) * e,
                         _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(r), _mm512_castps_si512(r), 8)),
-                        hi);
+                        hi, bf);
         }
     }
 }

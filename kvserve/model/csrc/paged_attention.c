@@ -37,7 +37,6 @@ static inline int32_t ld32(const void *p) {
     return v;
 }
 
-
 /* Key blocks asked for ahead of use: a sequence's blocks sit anywhere in the pool, where the hardware
  * prefetcher cannot follow them. While an item computes, it asks for the first FETCH_AHEAD blocks of keys and
  * values of the item its thread probably takes next, a few lines per block step; its own later blocks it asks
