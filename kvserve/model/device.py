@@ -55,11 +55,8 @@ def keep_freed_memory_mapped() -> bool:
     32 MiB in the heap and the heap from shrinking; the KV pool itself (one large tensor) is still mapped on
     its own. PyTorch's CPU tuning guides get the same effect by preloading jemalloc or tcmalloc.
     """
-    path = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(path or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     ok = mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30) and mallopt(m_top_pad, 64 << 20)
@@ -76,11 +73,16 @@ def release_freed_memory() -> bool:
     step will reuse. Measured on the bundled model with a 256 MiB KV pool, resident memory after loading:
     1,357 MiB against 1,582 without the trim (bf16), 1,556 against 2,024 MiB (float32).
     """
+    malloc_trim = _glibc_function("malloc_trim")
+    return bool(malloc_trim(0)) if malloc_trim is not None else False  # not glibc: nothing to trim
+
+
+def _glibc_function(name: str):
+    """A function of the C library (glibc's allocator knobs), or None where the library lacks it."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return False
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 HUGE_PAGE = 2 << 20  # x86-64 transparent huge page

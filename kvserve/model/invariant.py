@@ -113,17 +113,16 @@ def place_in_huge_pages(linears: list[native.PackedLinear]) -> None:
     weights in turn, in-process A/B, 2-core EPYC): 6-8% faster at 32 rows in both dtypes, 0-5% at one row.
     A copy changes no number.
     """
-    sizes = [-(-w.packed.numel() * w.packed.element_size() // 64) * 64 for w in linears]  # 64-byte aligned
-    if not sizes:
+    if not linears:
         return
-    buf = huge_page_buffer(sum(sizes))
+    nbytes = [w.packed.numel() * w.packed.element_size() for w in linears]
+    buf = huge_page_buffer(sum((n + 63) // 64 * 64 for n in nbytes))  # each weight 64-byte aligned
     offset = 0
-    for w, size in zip(linears, sizes):
-        nbytes = w.packed.numel() * w.packed.element_size()
-        view = buf[offset : offset + nbytes].view(w.packed.dtype)
+    for w, n in zip(linears, nbytes):
+        view = buf[offset : offset + n].view(w.packed.dtype)
         view.copy_(w.packed)
         w.packed = view
-        offset += size
+        offset += (n + 63) // 64 * 64
     release_freed_memory()  # the copies just dropped (and the plain weights packing replaced)
 
 
