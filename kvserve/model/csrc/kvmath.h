@@ -52,18 +52,6 @@ static inline void round_row(float *v, int64_t n, int bf) {
         for (int64_t i = 0; i < n; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
-/* act = round(silu(g)) * u over n features (g, u, act float32 arrays; round: to bf16 when bf), as Hugging
- * Face's `act_fn(gate) * up` rounds in the model dtype. silu(g) = g / (1 + exp(-g)) from exp(-|g|). */
-static inline void swiglu(const float *g, const float *u, float *act, int64_t n, int bf) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float en = exp_nonpos(g[i] < 0 ? g[i] : -g[i]); /* exp(-|g|) */
-        const float num = g[i] >= 0 ? g[i] : g[i] * en;
-        act[i] = num / (1.0f + en);
-    }
-    round_row(act, n, bf);
-    for (int64_t i = 0; i < n; ++i) act[i] = act[i] * u[i];
-}
-
 #ifdef __AVX512F__
 /* kvmath.h's exp_nonpos in 16 lanes, operation for operation (no contraction), so every lane has the scalar's
  * bits; NaN stays NaN (max with -87 returns its second operand, d, when d is NaN). */

@@ -4,7 +4,7 @@
  *   x = x + a Wo^T ; h = RMSNorm(x) ; act = SwiGLU(h Wgu^T) ; x = x + act Wdown^T
  *
  * The linears and the attention are kvserve_linear_* (linear.c; gate_up packed for its SwiGLU epilogue,
- * kvmath.h's swiglu) and kvserve_paged_attention (paged_attention.c); the rest is row-wise: RMSNorm sums x^2
+ * linear.c's swiglu16) and kvserve_paged_attention (paged_attention.c); the rest is row-wise: RMSNorm sums x^2
  * in 16 lanes (lane = feature mod 16) folded in lane order; RoPE is element-wise; silu uses kvmath.h's exp.
  * A row's bits depend on nothing but its own inputs, as in the two kernels, so the layer is batch-invariant.
  * Roundings follow Hugging Face's modeling_llama in the model dtype: RMSNorm in float32, rounded before the

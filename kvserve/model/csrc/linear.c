@@ -15,7 +15,7 @@
  * SwiGLU epilogue (kvserve_linear_swiglu): gate_up packed with each panel holding 24 gate features and the same
  * 24 features' up columns (kvserve_pack_swiglu), so a tile ends with act = round(silu(g)) * u of its rows,
  * written straight out: the (M, 2I) gate/up output never goes to memory. g and u are rounded as the plain
- * linear's outputs are, and the SwiGLU is kvmath.h's, so act has the same bits as gate_up, then SwiGLU.
+ * linear's outputs are, and the SwiGLU (swiglu16) uses kvmath.h's exp, so act has the bits of gate_up, then SwiGLU.
  *
  * Built with kvserve/model/csrc/paged_attention.c's flags (-ffp-contract=off: every fused multiply-add is
  * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
@@ -172,8 +172,9 @@ static inline void store_bf16(__m512 acc[MR][3], int mr, uint16_t *y, int64_t ld
 #endif
 
 #ifdef __AVX512F__
-/* kvmath.h's swiglu in 16 lanes: act = round(silu(g)) * u, silu(g) = g / (1 + exp(-|g|)) (g * exp(-|g|) on
- * top for g < 0); g and u already rounded as the linear's outputs. */
+/* SwiGLU in 16 lanes, as Hugging Face's `act_fn(gate) * up` rounds in the model dtype: act = round(silu(g)) * u,
+ * silu(g) = g / (1 + exp(-|g|)) (g * exp(-|g|) on top for g < 0), round: to bf16 when bf; g and u already
+ * rounded as the linear's outputs. */
 static inline __m512 swiglu16(__m512 g, __m512 u, int bf) {
     const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 flipped = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN)));
@@ -181,9 +182,7 @@ static inline __m512 swiglu16(__m512 g, __m512 u, int bf) {
     const __mmask16 nonneg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
     const __m512 num = _mm512_mask_blend_ps(nonneg, _mm512_mul_ps(g, en), g);
     __m512 a = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), en));
-#if KVSERVE_LINEAR_BF16
     if (bf) a = round_bf16(a);
-#endif
     return _mm512_mul_ps(a, u);
 }
 
@@ -204,9 +203,7 @@ static void store_swiglu(__m512 acc[MR][3], int mr, int bf, void *act, int64_t l
         for (int i = 0; i < 2; ++i)
             for (int q = 0; q < 3; ++q) {
                 a[i][q] = acc[i ? n : m][q];
-#if KVSERVE_LINEAR_BF16
                 if (bf) a[i][q] = round_bf16(a[i][q]);
-#endif
             }
         for (int i = 0; i < 1 + (n != m); ++i)
             store16((char *)act + ((i ? n : m) * ld + f0) * e,
