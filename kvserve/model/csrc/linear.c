@@ -15,7 +15,8 @@
  * SwiGLU epilogue (kvserve_linear_swiglu): gate_up packed with each panel holding 24 gate features and the same
  * 24 features' up columns (kvserve_pack_swiglu), so a tile ends with act = round(silu(g)) * u of its rows,
  * written straight out: the (M, 2I) gate/up output never goes to memory. g and u are rounded as the plain
- * linear's outputs are, and the SwiGLU (swiglu16) uses kvmath.h's exp, so act has the bits of gate_up, then SwiGLU.
+ * linear's outputs are, and the SwiGLU (swiglu16) uses kvmath.h's exp, so act has the bits of gate_up, then
+ * SwiGLU.
  *
  * Built with kvserve/model/csrc/paged_attention.c's flags (-ffp-contract=off: every fused multiply-add is
  * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
