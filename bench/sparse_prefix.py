@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,19 +187,23 @@ WORKLOADS = {"document-qa": document_qa, "system-prompts": system_prompts}
 
 
 # ------------------------------------------------------------------------------------------------ policies
-class FixedDepths(PlacementPolicy):
-    """The offline optimum: depths solved once from the true distribution, never updated."""
+class OfflineOptimal(PlacementPolicy):
+    """The offline optimum: optimal:M's per-prompt-length DP on the true distribution, never updated."""
 
-    def __init__(self, depths: Sequence[int], label: str):
-        self.depths = sorted(depths)
-        self.label = label
+    def __init__(self, true: np.ndarray, budget: int, label: str):
+        self.true, self.budget, self.label = true, budget, label
+        self.depths = optimal_checkpoints(true, budget)
+        self._per_length: dict[int, list[int]] = {}
 
     @property
     def placed(self) -> list[int]:
         return list(self.depths)
 
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
-        return [d for d in self.depths if d <= num_blocks]
+        n = min(num_blocks, len(self.true) - 1)
+        if n not in self._per_length:
+            self._per_length[n] = optimal_checkpoints(self.true[: n + 1], self.budget)
+        return self._per_length[n]
 
     def describe(self) -> str:
         return f"{self.label} {self.depths}"
@@ -297,7 +301,6 @@ def run_engine(args: argparse.Namespace) -> str:
             prefill_cost=cost,
             store_budget_bytes=args.store_checkpoints * args.snapshot_bytes,
             snapshot_bytes=args.snapshot_bytes,
-            prune_stale=False,
             warmup=0,
         )
         run = engine_run(args.engine, loaded, wl, spec, args)
@@ -367,7 +370,6 @@ class RunResult:
     recompute_after_200: float = 0.0
     written_per_req: float = 0.0
     held: int = 0  # checkpoints in the store at the end
-    dropped: int = 0  # stale snapshots dropped when a learned placement changed
     placements: int = 0  # how many times the placement changed
     hit_rate: float = 0.0  # of requests with m > 0, share that resumed from a checkpoint
     ttft_mean_s: float = 0.0
@@ -389,7 +391,6 @@ def simulate(
     prefill_cost: PrefillCost,
     store_budget_bytes: int,
     snapshot_bytes: int,
-    prune_stale: bool = True,
     warmup: int = WARMUP,
     true: np.ndarray | None = None,
 ) -> RunResult:
@@ -399,7 +400,7 @@ def simulate(
     state = [torch.zeros(snapshot_bytes, dtype=torch.uint8)]  # stand-in for the per-layer conv/ssm tensors
     recompute = np.zeros(len(wl.requests))
     ttft = np.zeros(len(wl.requests))
-    written = max_per_seq = hits = with_overlap = dropped = 0
+    written = max_per_seq = hits = with_overlap = 0
     depths_at_200: list[int] = []
     version = policy.version
     j_true = np.zeros(len(wl.requests))
@@ -412,8 +413,6 @@ def simulate(
         policy.observe(m)
         if policy.version != version:
             version = policy.version
-            if prune_stale:  # placement changed: keep at most M per sequence
-                dropped += store.retain_depths(policy.placed)
             if true is not None:
                 j_now = expected_recompute(true, policy.placed) * bs
         j_true[i] = j_now
@@ -441,7 +440,6 @@ def simulate(
         recompute_after_200=float(recompute[warmup:].mean()),
         written_per_req=written / len(wl.requests),
         held=len(store),
-        dropped=dropped,
         placements=policy.version,
         hit_rate=hits / max(with_overlap, 1),
         ttft_mean_s=float(ttft.mean()),
@@ -460,7 +458,6 @@ def run_workload(wl: Workload, args: argparse.Namespace, prefill_cost: PrefillCo
         prefill_cost=prefill_cost,
         store_budget_bytes=args.store_checkpoints * args.snapshot_bytes,
         snapshot_bytes=args.snapshot_bytes,
-        prune_stale=not args.keep_stale,
     )
     learn = dict(
         max_depth_blocks=args.max_depth_blocks,
@@ -474,11 +471,11 @@ def run_workload(wl: Workload, args: argparse.Namespace, prefill_cost: PrefillCo
         ("log", "fixed", None),
     ]
     for m in BUDGETS:
-        jobs += [(f"balanced:{m}", "online", m), (f"optimal:{m}", "online", m), (f"offline-optimal:{m}", "offline", m)]
+        jobs += [(f"balanced:{m}", "fixed", m), (f"optimal:{m}", "online", m), (f"offline-optimal:{m}", "offline", m)]
 
     def build(label: str, kind: str, m: int | None) -> PlacementPolicy:
         if kind == "offline":
-            return FixedDepths(optimal_checkpoints(true, m), label)
+            return OfflineOptimal(true, m, label)
         return make_placement_policy(label, **learn)
 
     results: list[RunResult] = []
@@ -605,9 +602,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "# Sparse prefix caching for recurrent state: checkpoint placement (simulation)",
         "",
         f"`bench/sparse_prefix.py --num-requests {args.num_requests} --seed {args.seed} --block-size {args.block_size}"
-        f" --resolve-every {args.resolve_every} --decay {args.decay} --switch-margin {args.switch_margin}"
-        + (" --keep-stale" if args.keep_stale else "")
-        + "`",
+        f" --resolve-every {args.resolve_every} --decay {args.decay} --switch-margin {args.switch_margin}`",
         "",
         "Simulation: real block-hash chains, real `CheckpointStore` and placement policies, online learning as",
         "requests arrive; attention KV cached at every block (unbounded), recurrent state only at checkpoints.",
@@ -617,13 +612,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "(the bf16 512-token prefill rate and short-suffix TTFT of kvserve's bundled 135M Llama in README.md; not a",
         "hybrid model). Store budget "
         f"{args.store_checkpoints:,} snapshots: no policy comes near it, so nothing is evicted for space.",
-        (
-            "**--keep-stale: when a learned placement changes, the snapshots at depths it gave up stay (as in an"
-            " engine that leaves them to the store's LRU), so a sequence can hold more than M of them.**"
-            if args.keep_stale
-            else "When a learned placement changes, the snapshots at depths it gave up are dropped (`--keep-stale`"
-            " keeps them), so no sequence ever holds more than M."
-        ),
+        "optimal:M and offline-optimal:M give a prompt of n blocks the M depths the DP picks from the depths <= n;",
+        "snapshots stay in the store when a placement changes (prompts of other lengths may still use them).",
         "",
     ]
     for wr in report["workloads"]:
@@ -645,7 +635,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
                 f"| {name} | " + " | ".join(_fmt(res[f"{name}:{m}"]["recompute_per_req"]) for m in BUDGETS) + " |"
             )
         out.append(
-            "| every-block/sqrt/log within M (best) | "
+            "| best fixed policy within M (balanced, every-block, sqrt, log) | "
             + " | ".join(
                 _fmt(
                     min(r["recompute_per_req"] for r in wr["results"] if r["kind"] == "fixed" and r["max_per_seq"] <= m)
@@ -756,7 +746,7 @@ def plot(report: dict, path: Path) -> None:
             for r in rs:
                 ax.annotate(f"{r['budget']}", (max(r["held"], 0.8), r["recompute_per_req"]), fontsize=7)
         for r in res:
-            if r["kind"] in ("fixed", "none"):
+            if r["kind"] in ("fixed", "none") and not r["policy"].startswith("balanced:"):
                 x = max(r["held"], 0.8)
                 ax.plot(x, r["recompute_per_req"], "D", color="k", ms=5)
                 ax.annotate(
@@ -785,9 +775,6 @@ def main() -> None:
     ap.add_argument("--switch-margin", type=float, default=0.02, help="adopt a new placement only if J drops this much")
     ap.add_argument("--store-checkpoints", type=int, default=1_000_000, help="store budget, in snapshots")
     ap.add_argument("--snapshot-bytes", type=int, default=64, help="size of the stand-in snapshot tensor")
-    ap.add_argument(
-        "--keep-stale", action="store_true", help="keep snapshots a changed placement no longer places (M not enforced)"
-    )
     ap.add_argument("--overhead-ms", type=float, default=40.0, help="TTFT model: fixed cost per request")
     ap.add_argument("--per-token-ms", type=float, default=1.04, help="TTFT model: cost per computed token")
     ap.add_argument("--engine", default=None, help="measure TTFT on the hybrid engine with this model (a subset)")

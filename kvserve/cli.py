@@ -47,6 +47,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="bytes for recurrent-state checkpoints, e.g. 1GiB (default: a quarter of --kv-cache-memory)",
     )
     g.add_argument(
+        "--checkpoint-resolve-every",
+        type=int,
+        default=EngineConfig.checkpoint_resolve_every,
+        help="optimal:M: re-solve the placement every k observed overlap depths",
+    )
+    g.add_argument(
+        "--checkpoint-decay",
+        type=float,
+        default=EngineConfig.checkpoint_decay,
+        help="optimal:M: histogram decay per observation, in (0, 1]",
+    )
+    g.add_argument(
+        "--checkpoint-switch-margin",
+        type=float,
+        default=EngineConfig.checkpoint_switch_margin,
+        help="optimal:M: adopt a new placement only if it lowers expected recompute by more than this share",
+    )
+    g.add_argument(
         "--eviction-policy",
         default="lru",
         choices=["lru", "lfu", "cost-aware"],

@@ -45,6 +45,11 @@ class EngineConfig:
     # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
     checkpoint_policy: str = "none"  # none | every-block:B | balanced:M | sqrt | log | optimal:M
     checkpoint_memory: int | None = None  # bytes for state checkpoints; None -> a quarter of the KV budget
+    # optimal:M's online learning (kvserve/recurrent/placement.py): re-solve every k observed overlap depths,
+    # the histogram's decay per observation, and the J improvement a new placement must bring to be adopted.
+    checkpoint_resolve_every: int = 32
+    checkpoint_decay: float = 0.999
+    checkpoint_switch_margin: float = 0.02
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,9 +79,24 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.checkpoint_memory is not None and self.checkpoint_memory < 0:
             raise ValueError(f"checkpoint_memory must be >= 0 when given, got {self.checkpoint_memory}")
+        if self.checkpoint_resolve_every < 1:
+            raise ValueError(f"checkpoint_resolve_every must be >= 1, got {self.checkpoint_resolve_every}")
+        if not 0.0 < self.checkpoint_decay <= 1.0:
+            raise ValueError(f"checkpoint_decay must be in (0, 1], got {self.checkpoint_decay}")
+        if not 0.0 <= self.checkpoint_switch_margin < 1.0:
+            raise ValueError(f"checkpoint_switch_margin must be in [0, 1), got {self.checkpoint_switch_margin}")
+        self.placement_policy()  # a bad spec fails here, naming the choices
+
+    def placement_policy(self):
+        """A new PlacementPolicy for --checkpoint-policy and the learning knobs."""
         from kvserve.recurrent.placement import make_placement_policy
 
-        make_placement_policy(self.checkpoint_policy)  # a bad spec fails here, naming the choices
+        return make_placement_policy(
+            self.checkpoint_policy,
+            resolve_every=self.checkpoint_resolve_every,
+            decay=self.checkpoint_decay,
+            switch_margin=self.checkpoint_switch_margin,
+        )
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -135,6 +135,8 @@ class Scheduler:
             if not self.kv.allocate_slots(request, n, computed):
                 break
             self.waiting.popleft()
+            if self.recurrent is not None:
+                self.recurrent.admitted(request)
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = computed.num_tokens
                 self.kv.record_query(request, computed)

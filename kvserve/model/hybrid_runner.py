@@ -20,7 +20,6 @@ from kvserve.model.runner import ModelRunner
 from kvserve.model.sampler import SampleResult
 from kvserve.recurrent.checkpoints import CheckpointStore
 from kvserve.recurrent.manager import RecurrentCacheManager
-from kvserve.recurrent.placement import make_placement_policy
 from kvserve.recurrent.state_pool import RecurrentStatePool
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def make_hybrid_runner(config: EngineConfig, model: HybridModel, num_blocks: int
     cfg = model.config
     assert cfg.mamba is not None
     pool = RecurrentStatePool(config.max_num_seqs, len(cfg.recurrent_layers), cfg.mamba, model.dtype, model.device)
-    policy = make_placement_policy(config.checkpoint_policy)
+    policy = config.placement_policy()
     store = None
     if config.enable_prefix_caching and config.checkpoint_policy.strip().lower() != "none":
         store = CheckpointStore(config.checkpoint_bytes)

@@ -19,7 +19,7 @@ snapshot bigger than the whole budget is refused without evicting anything.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +74,11 @@ class CheckpointStore:
         return list(self._entries)
 
     def lookup_deepest(
-        self, block_hashes: Sequence[BlockHash], max_depth: int
+        self, block_hashes: Sequence[BlockHash], max_depth: int, *, count: bool = True
     ) -> tuple[int, list[torch.Tensor]] | None:
-        """Deepest stored d <= max_depth with key == block_hashes[d - 1]; marks it used. None on a miss."""
+        """Deepest stored d <= max_depth with key == block_hashes[d - 1]; marks it used. None on a miss.
+
+        count=False leaves num_hits / num_misses to the caller (a lookup whose admission may not happen)."""
         limit = min(max_depth, len(block_hashes))
         if len(self._depths) < limit:  # few distinct depths stored: try those, deepest first
             candidates = sorted((d for d in self._depths if d <= limit), reverse=True)
@@ -87,9 +89,9 @@ class CheckpointStore:
             entry = self._entries.get(key)
             if entry is not None and entry.depth == d:
                 self._entries.move_to_end(key)
-                self.num_hits += 1
+                self.num_hits += count
                 return d, list(entry.state)
-        self.num_misses += 1
+        self.num_misses += count
         return None
 
     # ------------------------------------------------------------------------------------------- mutations
@@ -123,19 +125,6 @@ class CheckpointStore:
             self._depths[entry.depth] = left
         else:
             del self._depths[entry.depth]
-
-    def retain_depths(self, depths: Collection[int]) -> int:
-        """Drop every snapshot at a depth not in depths (counted as evictions); returns how many were dropped.
-
-        For a placement that changed: the snapshots it no longer places stay exact, but keeping them would let
-        a sequence hold more than its budget of checkpoints.
-        """
-        keep = set(depths)
-        stale = [key for key, entry in self._entries.items() if entry.depth not in keep]
-        for key in stale:
-            self._drop(self._entries.pop(key))
-        self.num_evicted += len(stale)
-        return len(stale)
 
     def clear(self) -> int:
         """Drop every snapshot (counted as evictions); returns how many were dropped."""

@@ -42,9 +42,8 @@ class RecurrentCacheManager:
         self._positions: dict[str, list[int]] = {}  # request id -> checkpoint positions (tokens), ascending
         self._restore: dict[str, tuple[int, list[torch.Tensor]]] = {}  # request id -> (position, snapshot)
         self._observed: set[str] = set()
-        self._placement_version = policy.version if policy is not None else 0
+        self._looked_up: set[str] = set()  # requests whose last limit_prefix_hit looked in the store
         self.num_resumed_tokens = 0  # prompt tokens skipped thanks to checkpoints
-        self.num_stale_dropped = 0  # snapshots dropped because a learned placement moved away from their depth
 
     # ------------------------------------------------------------------------------------ scheduler side
     def limit_prefix_hit(self, request: Request, computed: ComputedBlocks) -> ComputedBlocks:
@@ -54,11 +53,13 @@ class RecurrentCacheManager:
         if self.policy is not None and rid not in self._observed:
             self._observed.add(rid)
             self.policy.observe(hit)
-            self._drop_stale()
         self._restore.pop(rid, None)
+        self._looked_up.discard(rid)
         if hit == 0 or self.store is None:
             return ComputedBlocks()
-        found = self.store.lookup_deepest(request.block_hashes, hit)
+        # Counted when the request is admitted (`admitted`): a request waiting for memory looks up every step.
+        found = self.store.lookup_deepest(request.block_hashes, hit, count=False)
+        self._looked_up.add(rid)
         if found is None:
             return ComputedBlocks()
         depth, state = found
@@ -67,21 +68,15 @@ class RecurrentCacheManager:
         shared = computed.blocks[:depth]
         return ComputedBlocks(shared, tokens, computed.loads[: depth - len(shared)])
 
-    def _drop_stale(self) -> None:
-        """A learned placement changed: drop the snapshots at depths it no longer places.
-
-        They stay exact, but keeping them would let the store hold more than M checkpoints per sequence and
-        crowd out the new depths (bench/sparse_prefix.py --keep-stale measures the difference). Requests
-        already running keep the positions they were given; their snapshots at old depths go at the next change
-        or by LRU.
-        """
-        assert self.policy is not None
-        if self.policy.version == self._placement_version:
-            return
-        self._placement_version = self.policy.version
-        placed = self.policy.placed
-        if self.store is not None and placed is not None:
-            self.num_stale_dropped += self.store.retain_depths(placed)
+    def admitted(self, request: Request) -> None:
+        """The request whose prefix hit was just limited got its KV blocks: count its checkpoint hit or miss."""
+        rid = request.request_id
+        if self.store is not None and rid in self._looked_up:
+            self._looked_up.discard(rid)
+            if rid in self._restore:
+                self.store.num_hits += 1
+            else:
+                self.store.num_misses += 1
 
     def cut_chunk(self, request: Request, start: int, num_tokens: int) -> int:
         """Shorten a chunk [start, start + num_tokens) so that it ends at the first checkpoint inside it."""
@@ -104,6 +99,7 @@ class RecurrentCacheManager:
         """The request left the running set (finished, aborted or preempted): give its slot back."""
         self.pool.free(request.request_id)
         self._restore.pop(request.request_id, None)
+        self._looked_up.discard(request.request_id)
         if request.is_finished:
             self._positions.pop(request.request_id, None)
             self._observed.discard(request.request_id)

@@ -167,7 +167,7 @@ def _checkpoint_metrics(s: EngineSnapshot) -> Iterator[Metric]:
         ("recurrent_checkpoints_stored", "Recurrent-state snapshots stored.", "stored"),
         ("recurrent_checkpoint_hits", "Admissions that resumed from a recurrent-state checkpoint.", "hits"),
         ("recurrent_checkpoint_misses", "Admissions with a KV prefix hit but no checkpoint under it.", "misses"),
-        ("recurrent_checkpoints_evicted", "Snapshots evicted from the checkpoint store for room.", "evicted"),
+        ("recurrent_checkpoints_evicted", "Snapshots evicted from the checkpoint store (LRU) or reset.", "evicted"),
         ("recurrent_resumed_tokens", "Prompt tokens skipped by resuming from checkpoints.", "resumed_tokens"),
     ]
     for name, doc, key in counters:

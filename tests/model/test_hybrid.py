@@ -291,13 +291,20 @@ def test_checkpoint_flags_reach_the_engine_config():
     from kvserve.config import EngineConfig
 
     args = build_parser().parse_args(
-        ["generate", "hi", "--checkpoint-policy", "optimal:4", "--checkpoint-memory", "64MiB"]
-    )
+        ["generate", "hi", "--checkpoint-policy", "optimal:4", "--checkpoint-memory", "64MiB",
+         "--checkpoint-resolve-every", "8", "--checkpoint-decay", "0.9", "--checkpoint-switch-margin", "0"]
+    )  # fmt: skip
     config = engine_config(args)
     assert config.checkpoint_policy == "optimal:4" and config.checkpoint_memory == 64 << 20
+    policy = config.placement_policy()
+    assert (policy.resolve_every, policy.histogram.decay, policy.switch_margin) == (8, 0.9, 0.0)
     assert EngineConfig(kv_cache_memory=1 << 30).checkpoint_bytes == 1 << 28
     with pytest.raises(ValueError, match="checkpoint policy"):
         EngineConfig(checkpoint_policy="every-block")
+    for bad in ({"checkpoint_resolve_every": 0}, {"checkpoint_decay": 0.0}, {"checkpoint_switch_margin": 1.0}):
+        for policy_spec in ("optimal:2", "none"):
+            with pytest.raises(ValueError, match="resolve_every|decay|switch_margin"):
+                EngineConfig(checkpoint_policy=policy_spec, **bad)
 
 
 @pytest.mark.parametrize("which", ["bamba", "mamba2"])
@@ -329,8 +336,9 @@ def test_recurrent_state_slots_count_against_the_kv_budget(bamba):
         _llm(path, num_kv_blocks=None, kv_cache_memory=slot_bytes - 1, max_num_seqs=8)
 
 
-def test_a_changed_placement_drops_the_snapshots_it_gave_up(bamba):
-    """optimal:1 first learns depth 2, then depth 6 dominates: the depth-2 snapshots leave the store."""
+def test_optimal_places_per_prompt_length_and_keeps_what_shorter_prompts_use(bamba):
+    """optimal:1 learns depth 2, then depth 6 dominates: prompts of 6+ blocks snapshot at 6, shorter ones
+    still at 2 (the DP on the depths below their length), so the depth-2 snapshots stay useful and stay."""
     _, path = bamba
     llm = _llm(path, checkpoint_policy="optimal:1")
     rec = llm.engine.runner.recurrent
@@ -338,19 +346,50 @@ def test_a_changed_placement_drops_the_snapshots_it_gave_up(bamba):
     base = [rng.randrange(3, VOCAB) for _ in range(6 * BS)]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
-    def ask(shared: int) -> None:
-        llm.generate(base[:shared] + [rng.randrange(3, VOCAB) for _ in range(2 * BS)], params)
+    def ask(shared: int, tail: int = 2 * BS) -> int:
+        return llm.generate(base[:shared] + [rng.randrange(3, VOCAB) for _ in range(tail)], params)[0].num_cached_tokens
 
     for _ in range(4):
         ask(2 * BS)  # overlap depth 2 blocks
     assert rec.policy.placed == [2]
-    assert {rec.store.depth_of(k) for k in rec.store.lru_order()} == {2}
+    assert 2 in {rec.store.depth_of(k) for k in rec.store.lru_order()}
     for _ in range(6):
         ask(6 * BS)  # now depth 6 carries the mass: the placement moves there (re-solved at observation 8)
-    assert rec.policy.placed == [6]
-    assert rec.num_stale_dropped > 0
-    assert {rec.store.depth_of(k) for k in rec.store.lru_order()} == {6}
+    assert rec.policy.placed == [6] and rec.policy.checkpoint_depths(5) == [2]
+    assert {2, 6} <= {rec.store.depth_of(k) for k in rec.store.lru_order()}
+    assert ask(2 * BS, tail=BS) == 2 * BS  # a 3-block prompt resumes from depth 2
+    assert ask(6 * BS) == 6 * BS
     rec.store.check_invariants()
+    _released(llm)
+
+
+def test_checkpoint_hits_count_admissions_not_lookups(bamba):
+    """A request with a checkpoint under its prefix that waits for KV memory is looked up every step; the
+    hit counter counts it once, when it is admitted (kvserve:recurrent_checkpoint_hits_total)."""
+    _, path = bamba
+    rng = random.Random(0)
+    root = [rng.randrange(3, VOCAB) for _ in range(6 * BS)]
+    others = [[rng.randrange(3, VOCAB) for _ in range(13)] for _ in range(5)]
+    late = root[: 5 * BS] + [rng.randrange(3, VOCAB) for _ in range(12)]
+    llm = _llm(path, num_kv_blocks=16, max_num_seqs=8, checkpoint_policy="every-block:5")
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate(root, params)
+    rec = llm.engine.runner.recurrent
+    store = rec.store
+    hits, misses, resumed = store.num_hits, store.num_misses, rec.num_resumed_tokens
+    waits = 0
+    real = rec.limit_prefix_hit
+
+    def spy(request, computed):
+        nonlocal waits
+        waits += request.prompt_token_ids == late
+        return real(request, computed)
+
+    rec.limit_prefix_hit = spy
+    outs = llm.generate(others + [late], params)
+    assert waits > 1  # it did wait for memory, looked up more than once
+    assert outs[-1].num_cached_tokens == 5 * BS and rec.num_resumed_tokens - resumed == 5 * BS
+    assert store.num_hits - hits == 1 and store.num_misses == misses
     _released(llm)
 
 

@@ -63,29 +63,31 @@ def test_hybrid_metrics_after_shared_prefix_requests(tiny_bamba):
     try:
         m = srv.metrics()
         assert m['kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="",policy="optimal:2"}'] == 1
-        # a: cold, observes depth 0, nothing placed -> no snapshot.
-        # b: KV hit of 5 blocks, observed -> depth 5 placed (one depth fits the budget); no checkpoint yet, so
-        #    the hit is cut to 0 and b recomputes everything, snapshotting at depth 5 (b has 5 full blocks).
+        # a: cold, observes depth 0: nothing learned, so its 2 checkpoints go on the spare grid of a 6-block
+        #    prompt (6 // 4 <= 2): a snapshots at depth 4.
+        # b: KV hit of 5 blocks, observed -> depth 5 placed (one depth fits the budget) plus the grid's depth 4;
+        #    b resumes from a's checkpoint at 4 (32 tokens), recomputes 10 and snapshots at depth 5.
         # c: KV hit 5 -> resumes from b's checkpoint at depth 5 = 40 tokens; recomputes 2.
         usages = [_complete(srv, p) for p in (a, b, c)]
         assert [u["prompt"] for u in usages] == [51, 42, 42]
-        assert [u["cached"] for u in usages] == [0, 0, 40]
+        assert [u["cached"] for u in usages] == [0, 32, 40]
         m = srv.metrics()
         info = {k: v for k, v in m.items() if k.startswith("kvserve:recurrent_checkpoint_placement_info")}
-        assert info == {'kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="5",policy="optimal:2"}': 1}
+        name = 'kvserve:recurrent_checkpoint_placement_info{block_size="8",depths="4,5",policy="optimal:2"}'
+        assert info == {name: 1}
         assert m["kvserve:recurrent_checkpoint_placement_changes_total"] == 1
         assert m["kvserve:recomputed_prompt_tokens_count"] == 3
-        assert m["kvserve:recomputed_prompt_tokens_sum"] == 51 + 42 + 2
+        assert m["kvserve:recomputed_prompt_tokens_sum"] == 51 + 10 + 2
         assert m["kvserve:recomputed_prompt_tokens_sum"] == sum(u["prompt"] - u["cached"] for u in usages)
         assert m['kvserve:recomputed_prompt_tokens_bucket{le="0.0"}'] == 0
-        assert m['kvserve:recomputed_prompt_tokens_bucket{le="16.0"}'] == 1  # c
-        assert m['kvserve:recomputed_prompt_tokens_bucket{le="32.0"}'] == 1
-        assert m['kvserve:recomputed_prompt_tokens_bucket{le="64.0"}'] == 3  # a and b
-        assert m["kvserve:recurrent_checkpoints_stored_total"] == 1
-        assert m["kvserve:recurrent_checkpoint_hits_total"] == 1  # c
-        assert m["kvserve:recurrent_checkpoint_misses_total"] == 1  # b: a KV hit, no checkpoint under it
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="16.0"}'] == 2  # b and c
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="32.0"}'] == 2
+        assert m['kvserve:recomputed_prompt_tokens_bucket{le="64.0"}'] == 3  # a
+        assert m["kvserve:recurrent_checkpoints_stored_total"] == 2
+        assert m["kvserve:recurrent_checkpoint_hits_total"] == 2  # b and c
+        assert m["kvserve:recurrent_checkpoint_misses_total"] == 0
         assert m["kvserve:recurrent_checkpoints_evicted_total"] == 0
-        assert m["kvserve:recurrent_resumed_tokens_total"] == 40
+        assert m["kvserve:recurrent_resumed_tokens_total"] == 32 + 40
         assert m["kvserve:recurrent_checkpoint_bytes"] > 0
     finally:
         srv.stop()

@@ -139,20 +139,6 @@ def test_too_big_or_duplicate_put_changes_nothing():
     store.check_invariants()
 
 
-def test_retain_depths_drops_the_rest_as_evictions():
-    store = CheckpointStore(10_000)
-    for chain in CHAINS:
-        for d in range(1, len(chain) + 1):
-            store.put(chain[d - 1], d, snapshot(float(d), 2))
-    before = {key: store.depth_of(key) for key in store.lru_order()}
-    dropped = store.retain_depths([2, 4])
-    assert dropped == sum(1 for d in before.values() if d not in (2, 4))
-    assert {key: store.depth_of(key) for key in store.lru_order()} == {k: d for k, d in before.items() if d in (2, 4)}
-    assert store.num_evicted == dropped
-    store.check_invariants()
-    assert store.lookup_deepest(CHAINS[0], 5)[0] == 4
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError):
         CheckpointStore(-1)

@@ -18,14 +18,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvserve.recurrent.placement import (
-    BalancedPlacement,
+    BalancedSpacing,
     DepthHistogram,
     EveryBlock,
     LogSpacing,
     NoCheckpoints,
     OptimalPlacement,
     SqrtSpacing,
-    balanced_checkpoints,
     expected_recompute,
     make_placement_policy,
     optimal_checkpoints,
@@ -189,23 +188,6 @@ def test_edge_cases():
             optimal_checkpoints([0.5, 0.5], bad_budget)
 
 
-# ------------------------------------------------------------------------------------------------ balanced
-@FAST
-@given(w=st.lists(st.integers(0, 9), min_size=1, max_size=25), budget=st.integers(0, 8))
-def test_balanced_is_lower_edges_of_equal_mass_bins(w, budget):
-    mass = sum(w[1:])
-    expected = set()
-    if budget and mass:
-        for i in range(budget):
-            running = 0
-            for t in range(1, len(w)):
-                running += w[t]
-                if Fraction(running, mass) > Fraction(i, budget):
-                    expected.add(t)
-                    break
-    assert balanced_checkpoints(w, budget) == sorted(expected)
-
-
 # ------------------------------------------------------------------------------------------------ policies
 @pytest.mark.parametrize(
     "spec, cls",
@@ -214,7 +196,7 @@ def test_balanced_is_lower_edges_of_equal_mass_bins(w, budget):
         ("every-block:4", EveryBlock),
         ("sqrt", SqrtSpacing),
         ("LOG", LogSpacing),
-        ("balanced:3", BalancedPlacement),
+        ("balanced:3", BalancedSpacing),
         (" optimal:8 ", OptimalPlacement),
     ],
 )
@@ -225,7 +207,7 @@ def test_specs_parse(spec, cls):
 @pytest.mark.parametrize(
     "spec",
     ["", "foo", "every-block", "every-block:0", "every-block:x", "optimal", "optimal:0", "optimal:-2",
-     "balanced:1.5", "sqrt:3", "none:1", "log:2", "optimal:4:5"],
+     "balanced:1.5", "balanced", "balanced:0", "sqrt:3", "none:1", "log:2", "optimal:4:5"],
 )  # fmt: skip
 def test_bad_specs_raise(spec):
     with pytest.raises(ValueError):
@@ -244,6 +226,10 @@ def test_fixed_policies_match_their_definitions(n, b):
     assert make_placement_policy("none").checkpoint_depths(n) == []
     assert make_placement_policy(f"every-block:{b}").checkpoint_depths(n) == [d for d in range(1, n + 1) if d % b == 0]
     assert make_placement_policy("log").checkpoint_depths(n) == [2**k for k in range(0, 13) if 2**k <= n]
+    bal = make_placement_policy(f"balanced:{b}").checkpoint_depths(n)
+    step = max(1, n // (b + 1))  # M evenly spaced over the prompt, the last one at most n * M / (M + 1)
+    assert bal == [step * i for i in range(1, b + 1) if step * i <= n]
+    assert len(bal) == (b if n >= b + 1 else n) and all(d <= n for d in bal)
     sq = make_placement_policy("sqrt").checkpoint_depths(n)
     if n == 0:
         assert sq == []
@@ -269,9 +255,11 @@ def test_learned_optimal_policy_solves_the_empirical_distribution(depths, budget
     assert ref_cost(w, policy.checkpoint_depths(64)) == best
     # With a switch margin the policy keeps its placement unless the new one is more than 2% better.
     assert float(ref_cost(w, sticky.checkpoint_depths(64))) * 0.98 <= float(best) + 1e-9
-    limit = depths[0]
-    assert policy.checkpoint_depths(limit) == [d for d in policy.checkpoint_depths(64) if d <= limit]
-    assert policy.describe() == f"optimal:{budget} {policy.checkpoint_depths(64)}"
+    for limit in {depths[0], depths[-1], max(depths) - 1, 0}:  # a shorter prompt: the DP on the depths <= it
+        short = policy.checkpoint_depths(max(limit, 0))
+        assert len(short) <= budget and all(1 <= d <= max(limit, 0) for d in short)
+        assert ref_cost(w[: max(limit, 0) + 1], short) == quadratic_best(w[: max(limit, 0) + 1], budget)
+    assert policy.describe() == f"optimal:{budget} {policy.placed}"
 
 
 @settings(max_examples=40, deadline=None)
@@ -313,7 +301,7 @@ def test_depths_hold_between_solves():
 
 
 def test_depths_beyond_the_histogram_count_as_its_deepest():
-    policy = make_placement_policy("balanced:1", max_depth_blocks=16, resolve_every=1)
+    policy = make_placement_policy("optimal:1", max_depth_blocks=16, resolve_every=1)
     policy.observe(10**6)
     assert policy.checkpoint_depths(10**6) == [16]
     with pytest.raises(ValueError):
@@ -325,7 +313,8 @@ def test_optimal_places_a_new_depth_at_once_while_the_support_fits():
     policy.observe(0)
     policy.observe(0)
     policy.observe(40)  # third observation: no solve due (1, 2, 4, ...), but the support {40} fits the budget
-    assert policy.checkpoint_depths(100) == [40]
+    assert policy.placed == [32, 40]  # and the spare checkpoint on the grid: 40 // 32 = 1 point
+    assert policy.checkpoint_depths(100) == [40, 64]  # a 100-block prompt's spare one: 100 // 64 = 1 point
     policy.observe(70)  # fourth: solved anyway
     assert policy.checkpoint_depths(100) == [40, 70]
     for d in (10, 20, 30):  # support 5 > budget 2: new depths wait for the next solve (8, then 16)
@@ -361,3 +350,43 @@ def test_switch_margin_keeps_a_placement_that_is_nearly_as_good():
     assert sticky.checkpoint_depths(100) == [12]
     with pytest.raises(ValueError):
         make_placement_policy("optimal:1", switch_margin=1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(depths=st.lists(st.integers(0, 200), min_size=1, max_size=60), budget=st.integers(1, 40))
+def test_optimal_spends_its_spare_budget_on_a_grid(depths, budget):
+    """Within budget always; the DP's optimum kept; spare checkpoints on the power-of-two grid below the deepest."""
+    policy = make_placement_policy(
+        f"optimal:{budget}", max_depth_blocks=256, resolve_every=1, decay=1.0, switch_margin=0.0
+    )
+    for d in depths:
+        policy.observe(d)
+        assert len(policy.placed) <= budget
+        for n in (d, d + 7, 256):  # every prompt length gets at most M, and all M when it has the room
+            per = policy.checkpoint_depths(n)
+            assert len(per) <= budget and all(1 <= x <= n for x in per)
+            assert len(per) == budget or len(per) == n or len(per) == len(set(per))
+    counts = Counter(depths)
+    w = [counts.get(t, 0) for t in range(257)]
+    placed = policy.placed
+    assert ref_cost(w, placed) == quadratic_best(w, budget)  # the DP's optimum (ties may pick other depths)
+    support = sorted(d for d in counts if d >= 1)
+    if len(support) >= budget:  # no spare budget: only observed depths
+        assert set(placed) <= set(support)
+        return
+    grid = next(g for g in (2**i for i in range(9)) if max(support, default=0) // g <= budget - len(support))
+    expected = set(support).union(range(grid, max(support, default=0) + 1, grid))
+    assert placed == sorted(expected)
+
+
+def test_spare_grid_serves_a_depth_not_seen_yet():
+    policy = make_placement_policy("optimal:8", max_depth_blocks=100, resolve_every=32)
+    policy.observe(0)
+    policy.observe(40)  # support {40}, 7 spare: every 8 blocks up to 40
+    assert policy.placed == [8, 16, 24, 32, 40]
+    assert policy.checkpoint_depths(100) == [16, 32, 40, 48, 64, 80, 96]  # a 100-block prompt: the grid to 100
+    # a 37-block prompt (no observed depth below it) takes its 8 on a grid: a repeat at 37 resumes from 32
+    assert policy.checkpoint_depths(37) == [8, 16, 24, 32]
+    for d in (50, 60, 70, 80, 90, 99):  # the deepest grows past 2 * 40 and the support needs 7 of 8
+        policy.observe(d)
+    assert policy.checkpoint_depths(100) == [40, 50, 60, 64, 70, 80, 90, 99]
