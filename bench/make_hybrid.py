@@ -11,7 +11,7 @@ The weights are random: outputs are meaningless text, but every shape, cost and 
 
 Default Bamba shape: hidden 768, 8 layers with attention at layers 2 and 5 (GQA 12/4 heads of 64), the other
 6 Mamba-2 mixers with 24 heads of 64, state 64, conv 4, SSD chunk 256; SwiGLU 2048; 49,152-token vocabulary
-(tied embeddings): about 104M parameters. Mamba-2: hidden 768, 16 mixer layers, no MLP: about 108M.
+(tied embeddings): 100.6M parameters. Mamba-2: hidden 768, 16 mixer layers, no MLP: 96.4M.
 """
 
 from __future__ import annotations

@@ -105,12 +105,17 @@ def bench_decode_rounds(llm: LLM, batches: list[int], steps: int, rounds: int) -
     return medians, per_round
 
 
+SUFFIX = 32  # tokens after the 2,000-token prefix (and alone) in the TTFT measurement
+
+
 def bench_ttft(llm: LLM, repeats: int) -> dict:
     prefix = prompt_ids(llm, 2000, salt=7)
-    suffixes = [
-        llm.tokenizer.encode(f" Question {i}: what changed when books became cheap? Answer briefly.")[:32]
-        for i in range(repeats + 1)
-    ]
+    question = (
+        " Question {i}: what changed when printed books became cheap, who gained and who lost, and how did the"
+        " way ordinary people learned to read change over the next two centuries? Answer briefly."
+    )
+    suffixes = [llm.tokenizer.encode(question.format(i=i))[:SUFFIX] for i in range(repeats + 1)]
+    assert all(len(s) == SUFFIX for s in suffixes), "the TTFT suffix must be exactly 32 tokens"
     llm.engine.pool.reset_prefix_cache()
     cold = timed_first_token(llm, prefix + suffixes[0])  # prefix now cached
     warm = min(timed_first_token(llm, prefix + s) for s in suffixes[1:])  # each suffix new, prefix cached

@@ -98,8 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
         print("error: give a prompt or --prompts-file", file=sys.stderr)
         return 2
     config = engine_config(args)
-    llm = LLM(**{k: v for k, v in vars(config).items()})
-    params = SamplingParams(
+    params = SamplingParams(  # bad values fail here, before the model loads
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -107,6 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=tuple(args.stop or ()),
     )
+    llm = LLM(**{k: v for k, v in vars(config).items()})
     if args.chat:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=len(prompts) > 1)
     else:

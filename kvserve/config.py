@@ -7,7 +7,9 @@ here; they are returned by the components that find them.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -20,6 +22,23 @@ def _default_kv_cache_memory() -> int:
     except (ValueError, OSError, AttributeError):
         total = 8 << 30
     return max(64 << 20, min(4 << 30, total // 10))
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value: object) -> None:
+    """value against a field annotation such as 'int', 'float' or 'str | None' (bool is not an int here)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    allowed = [t for k in kinds if k in _TYPES for t in _TYPES[k]]
+    if not allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, tuple(allowed)):
+        raise ValueError(f"{name} must be {annotation}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,10 @@ class EngineConfig:
     checkpoint_switch_margin: float = 0.02
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # types first: "16" for block_size or "no" for a flag is a clear error, not a crash
+            _check_type(f.name, str(f.type), getattr(self, f.name))
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         positive = ["block_size", "max_num_batched_tokens", "max_num_seqs"]

@@ -86,6 +86,12 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not conversations or any(not c for c in conversations):
+            raise ValueError("messages must hold at least one message per conversation")
+        for conversation in conversations:
+            for m in conversation:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                    raise ValueError(f"each message needs a 'role' (string) and a 'content', got {m!r}")
         prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm, cache_salt=cache_salt)

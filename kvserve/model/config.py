@@ -10,8 +10,11 @@ mixer's shape; the attention fields describe the attention layers (if any).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "bamba", "mamba2")
 HYBRID_ARCHITECTURES: tuple[str, ...] = ("bamba", "mamba2")
@@ -110,9 +113,24 @@ class ModelConfig:
             return _hybrid_from_hf(architecture, config)
         if config.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported (no bias on gate/up/down projections)")
+        act = config.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported: the MLP is SwiGLU (silu)")
         hidden_size = int(config["hidden_size"])
         num_heads = int(config["num_attention_heads"])
         rope_theta, rope_scaling = _hf_rope(config)
+        context = int(config.get("max_position_embeddings", 2048))
+        window = config.get("sliding_window")
+        uses_window = window is not None and (architecture != "qwen2" or bool(config.get("use_sliding_window")))
+        if uses_window and int(window) < context:
+            # Sliding-window attention is not implemented. Within the window it equals full attention, so the
+            # context is capped there and every output stays exact (Mistral 7B v0.1: 32,768 -> 4,096).
+            log.warning(
+                "%s uses sliding-window attention (window %d) which kvserve does not implement; the context "
+                "length is capped at the window (%d -> %d tokens) so outputs stay exact",
+                architecture, int(window), context, int(window),
+            )  # fmt: skip
+            context = int(window)
         return cls(
             architecture=architecture,
             vocab_size=int(config["vocab_size"]),
@@ -125,7 +143,7 @@ class ModelConfig:
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            max_position_embeddings=context,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
             bos_token_id=_optional_int(config.get("bos_token_id")),

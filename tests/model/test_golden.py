@@ -197,6 +197,18 @@ def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
         LLM(loaded=ours, block_sz=16)
     with pytest.raises(ValueError, match="block_size"):
         LLM(loaded=ours, block_size=12)
+    for kwargs, knob in (({"block_size": "16"}, "block_size"), ({"enable_prefix_caching": "no"}, "enable_prefix"),
+                         ({"device": "tpu"}, "device"), ({"max_model_len": 2.5}, "max_model_len")):  # fmt: skip
+        with pytest.raises(ValueError, match=knob):
+            LLM(loaded=ours, **kwargs)
+    for kwargs, knob in (({"temperature": float("nan")}, "temperature"), ({"max_tokens": 2.5}, "max_tokens"),
+                         ({"top_p": float("inf")}, "top_p"), ({"seed": "7"}, "seed")):  # fmt: skip
+        with pytest.raises(ValueError, match=knob):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="at least one message"):
+        llm.chat([], GREEDY)
+    with pytest.raises(ValueError, match="'content'"):
+        llm.chat([{"role": "user"}], GREEDY)
     assert llm.engine.pool.num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids  # still serves
 
