@@ -324,8 +324,8 @@ def run_engine(args: argparse.Namespace) -> str:
         "",
         f"The first {len(wl.requests)} requests of {name} (seed {args.seed}; {wl.description}); mean prompt "
         f"{np.mean([r.prompt_len for r in wl.requests]):,.0f} tokens. Each request runs alone on kvserve's engine "
-        f"in-process ({args.engine}, {args.engine_dtype}, {args.engine_threads} torch thread(s), nice 19, "
-        f"1-minute load average {load:.2f} before the run: another job shared this 2-core machine), "
+        f"in-process ({args.engine}, {args.engine_dtype}, {args.engine_threads} torch thread(s), nice "
+        f"{os.nice(0)}, 1-minute load average {load:.2f} before the run), "
         "max_tokens=1, TTFT = wall time of generate(); token ids are the workload's modulo the model's "
         "vocabulary. Every policy runs on a fresh engine whose KV pool never evicts (as the simulation assumes). "
         "The simulation of the same requests keeps stale snapshots, as the engine does (its store drops them by "
