@@ -77,6 +77,21 @@ def test_serve_flags_and_env_api_key(monkeypatch):
     monkeypatch.setattr(app_module, "build_app", lambda config, **kw: seen.update(kw, config=config) or "app")
     monkeypatch.setattr(app_module, "serve_forever", lambda app, **kw: seen.update(kw, app=app))
     monkeypatch.setenv("KVSERVE_API_KEY", "from-env")
+    frozen = []
+    monkeypatch.setattr(app_module, "freeze_startup_objects", lambda: frozen.append(("config" in seen, "app" in seen)))
     app_module.run_server(build_parser().parse_args(["serve", "--num-kv-blocks", "64"]))
     assert seen["api_key"] == "from-env" and seen["host"] == "127.0.0.1" and seen["port"] == 8000
     assert seen["config"].num_kv_blocks == 64 and seen["app"] == "app"
+    assert frozen == [(True, False)]  # start-up objects frozen once, after the app is built and before serving
+
+
+def test_freeze_startup_objects_takes_them_out_of_collections():
+    import gc
+
+    keep = [[i] for i in range(1000)]  # tracked, alive
+    try:
+        assert app_module.freeze_startup_objects() >= len(keep)
+        assert not any(gc.is_tracked(x) and x in gc.get_objects(generation=2) for x in keep[:3])
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
