@@ -8,6 +8,7 @@ here; they are returned by the components that find them.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, fields
@@ -24,7 +25,12 @@ def _default_kv_cache_memory() -> int:
     return max(64 << 20, min(4 << 30, total // 10))
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (numbers.Integral,),  # numpy integers too
+    "float": (numbers.Real,),
+    "bool": (bool,),
+    "str": (str,),
+}
 
 
 def _check_type(name: str, annotation: str, value: object) -> None:
@@ -37,7 +43,7 @@ def _check_type(name: str, annotation: str, value: object) -> None:
         return
     if isinstance(value, bool) and bool not in allowed or not isinstance(value, tuple(allowed)):
         raise ValueError(f"{name} must be {annotation}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 

@@ -83,6 +83,7 @@ used.
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -166,6 +167,15 @@ def optimal_checkpoints(probs: Sequence[float] | np.ndarray, budget: int) -> lis
 
 def _solve_dp(s: list[int], f: list[float], total: float, m: int) -> list[int]:
     """Indices into s of the best m < len(s) checkpoints (recurrence and hull trick in the module docstring)."""
+    return _pick(s, f, total, m, len(s), *_dp_tables(s, f, m))
+
+
+def _dp_tables(s: list[int], f: list[float], m: int) -> tuple[list[float], list[list[int]]]:
+    """D_m(i) for every support index i, and the argmax tables to read a placement back.
+
+    D_j(i) counts only the terms of the first j - 1 checkpoints, so it does not depend on where the depth axis
+    ends: the same tables answer the placement for the support cut at any length (`_pick` with k < len(s)),
+    exactly as a DP run on the cut support would (each value is built from lines l < i only)."""
     k = len(s)
     d = [0.0] * k  # D_1
     argmax: list[list[int]] = []  # argmax[j - 2][i]: the predecessor of the j-th checkpoint at s_i
@@ -210,6 +220,13 @@ def _solve_dp(s: list[int], f: list[float], total: float, m: int) -> list[int]:
             arg[i] = hull_l[head]
         d = new_d
         argmax.append(arg)
+    return d, argmax
+
+
+def _pick(
+    s: list[int], f: list[float], total: float, m: int, k: int, d: list[float], argmax: list[list[int]]
+) -> list[int]:
+    """The best m < k checkpoints among the first k support depths; total = the weight of depths up to the cut."""
     # The last checkpoint collects every depth from it to the end.
     best_i, best_v = -1, -math.inf
     for i in range(m - 1, k):
@@ -374,6 +391,36 @@ class BalancedSpacing(PlacementPolicy):
         return f"balanced:{self.budget}"
 
 
+class _Solution:
+    """The exact DP of one histogram, once: the placement for the support cut at any prompt length in O(K + M)
+    (`_dp_tables`), so per-length answers cost no new DP."""
+
+    def __init__(self, probs: np.ndarray, budget: int, deepest: int):
+        self.probs, self.budget, self.deepest = probs, budget, deepest
+        support = _support(probs)
+        self.support = support.tolist()
+        self.before = np.cumsum(probs)[support - 1].tolist() if len(support) else []
+        self.tables = _dp_tables(self.support, self.before, budget) if len(support) > budget else None
+
+    def depths(self, num_blocks: int, top: int) -> list[int]:
+        """optimal_checkpoints(probs[: num_blocks + 1], budget), plus the spare budget's grid up to `top`
+        (module docstring: Per prompt length, Spare budget)."""
+        k = bisect.bisect_right(self.support, num_blocks)
+        if k <= self.budget:
+            depths = self.support[:k]
+        else:
+            assert self.tables is not None
+            total = float(self.probs[: num_blocks + 1].sum())  # as optimal_checkpoints sums the cut weights
+            depths = [self.support[i] for i in _pick(self.support, self.before, total, self.budget, k, *self.tables)]
+        spare = self.budget - len(depths)
+        if spare <= 0 or top < 1:
+            return depths
+        grid = 1
+        while top // grid > spare:
+            grid *= 2
+        return sorted(set(depths).union(range(grid, top + 1, grid)))
+
+
 class OptimalPlacement(PlacementPolicy):
     """optimal:M: the exact DP on a decayed histogram of observed overlap depths, per prompt length."""
 
@@ -400,8 +447,20 @@ class OptimalPlacement(PlacementPolicy):
         self.histogram = DepthHistogram(max_depth_blocks, decay)
         self.depths: list[int] = []
         self.num_solves = 0
-        self._probs: np.ndarray | None = None  # the histogram the current placement was solved on
+        self._solution: _Solution | None = None  # the DP of the histogram the current placement was solved on
         self._per_length: dict[int, list[int]] = {}  # prompt blocks -> depths, for the current placement
+        self._learning = True  # False for OptimalPlacement.fixed
+
+    @classmethod
+    def fixed(cls, probs: Sequence[float] | np.ndarray, budget: int) -> OptimalPlacement:
+        """optimal:M solved once on a known distribution (probs[t] for depths 0..N) that never learns: the
+        offline optimum benchmarks compare the online policy with, with the same per-length answers and grid."""
+        w = _weights(probs)
+        policy = cls(budget, max_depth_blocks=max(len(w) - 1, 1))
+        policy.histogram.seen.update(int(t) for t in _support(w))
+        policy._adopt(_Solution(w, budget, max(policy.histogram.seen, default=0)))
+        policy._learning = False
+        return policy
 
     def due(self, n: int) -> bool:
         """Re-solve after observation n? (1, 2, 4, ... below resolve_every, then every resolve_every.)"""
@@ -410,6 +469,9 @@ class OptimalPlacement(PlacementPolicy):
         return n % self.resolve_every == 0
 
     def observe(self, depth: int) -> None:
+        if not self._learning:
+            super().observe(depth)  # still rejects a negative depth
+            return
         depth = min(depth, self.histogram.max_depth)
         new = depth >= 1 and depth not in self.histogram.seen
         self.histogram.observe(depth)
@@ -417,37 +479,27 @@ class OptimalPlacement(PlacementPolicy):
             self.resolve()
         elif new and len(self.histogram.seen) <= self.budget:
             # Every depth seen so far fits the budget: the whole support is the optimum, no need to wait.
-            self._adopt(self.histogram.probs())
+            self._adopt(_Solution(self.histogram.probs(), self.budget, max(self.histogram.seen)))
 
     def resolve(self) -> None:
         probs = self.histogram.probs()
         self.num_solves += 1
-        if self.depths and self.switch_margin > 0:
-            # Switch only for a real gain: every change strands the snapshots at the depths it gives up.
-            new = optimal_checkpoints(probs, self.budget)
-            if expected_recompute(probs, new) > (1 - self.switch_margin) * expected_recompute(probs, self.depths):
+        solution = _Solution(probs, self.budget, max(self.histogram.seen, default=0))
+        depths = solution.depths(self.histogram.max_depth, solution.deepest)
+        if depths != self.depths and self.depths and self.switch_margin > 0:
+            # Switch only for a real gain: each change moves where new snapshots go, chasing noise costs
+            # recomputation. (The same placement is adopted quietly: shorter prompts' answers still refresh.)
+            if expected_recompute(probs, depths) > (1 - self.switch_margin) * expected_recompute(probs, self.depths):
                 return
-        self._adopt(probs)
+        self._adopt(solution, depths)
 
-    def _adopt(self, probs: np.ndarray) -> None:
-        self._probs, self._per_length = probs, {}
-        depths = self._solve(self.histogram.max_depth, max(self.histogram.seen, default=0))
+    def _adopt(self, solution: _Solution, depths: list[int] | None = None) -> None:
+        self._solution, self._per_length = solution, {}
+        if depths is None:
+            depths = solution.depths(self.histogram.max_depth, solution.deepest)
         if depths != self.depths:
             self.depths = depths
             self.version += 1
-
-    def _solve(self, num_blocks: int, top: int) -> list[int]:
-        """The DP on the depths <= num_blocks (module docstring: Per prompt length), plus the spare budget's
-        grid up to `top` (module docstring: Spare budget)."""
-        assert self._probs is not None
-        depths = optimal_checkpoints(self._probs[: num_blocks + 1], self.budget)
-        spare = self.budget - len(depths)
-        if spare <= 0 or top < 1:
-            return depths
-        grid = 1
-        while top // grid > spare:
-            grid *= 2
-        return sorted(set(depths).union(range(grid, top + 1, grid)))
 
     @property
     def placed(self) -> list[int]:
@@ -455,12 +507,12 @@ class OptimalPlacement(PlacementPolicy):
 
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
         _check_num_blocks(num_blocks)
-        if self._probs is None:
+        if self._solution is None:
             return []
         n = min(num_blocks, self.histogram.max_depth)
         depths = self._per_length.get(n)
         if depths is None:
-            depths = self._per_length[n] = self._solve(n, n)
+            depths = self._per_length[n] = self._solution.depths(n, n)
         return list(depths)
 
     def describe(self) -> str:
@@ -489,7 +541,8 @@ def make_placement_policy(
     *,
     max_depth_blocks: int = 4096,
     resolve_every: int = 32,
-    decay: float = 0.999,  # measured best in bench/sparse_prefix.py sweeps
+    decay: float = 0.999,  # bench/sparse_prefix.py sweeps: 0.99 recomputes 4-17% less but misses the 200-request
+    # J target at more budgets and changes placement 2-3x as often
     switch_margin: float = 0.02,  # adopt a new placement only if J improves by > 2%
 ) -> PlacementPolicy:
     """The policy a --checkpoint-policy spec names; one of none, every-block:B, sqrt, log, balanced:M, optimal:M."""

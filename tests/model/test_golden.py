@@ -181,6 +181,24 @@ def test_stop_strings_and_stop_tokens(ours):
     assert eos.finish_reason == "stop" and eos.token_ids[-1] == 2 and "<|im_end|>" not in eos.text
 
 
+def test_chat_prompts_are_transformers_chat_template(ours, hf_tokenizer):
+    """llm.chat = generate on the token ids transformers' own apply_chat_template gives (one and a batch)."""
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=128)
+    convs = [
+        [{"role": "user", "content": "Name three rivers."}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
+         {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of Spain?"}],
+    ]  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = llm.chat(convs, params)
+    assert llm.chat(convs[1], params)[0].outputs[0].token_ids == got[1].outputs[0].token_ids
+    for conv, out in zip(convs, got):
+        text = hf_tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        ids = hf_tokenizer.encode(text, add_special_tokens=False)
+        assert out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == llm.generate([ids], params)[0].outputs[0].token_ids
+
+
 def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
     llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64, max_model_len=256)
     with pytest.raises(ValueError, match="max_model_len"):

@@ -362,10 +362,13 @@ def test_optimal_spends_its_spare_budget_on_a_grid(depths, budget):
     for d in depths:
         policy.observe(d)
         assert len(policy.placed) <= budget
-        for n in (d, d + 7, 256):  # every prompt length gets at most M, and all M when it has the room
+        for n in (d, d + 7, 256):  # every prompt length: the DP on the histogram cut at n, plus its grid
             per = policy.checkpoint_depths(n)
+            core = optimal_checkpoints(policy.histogram.probs()[: n + 1], budget)
+            spare = budget - len(core)
+            grid = next((g for g in (2**i for i in range(9)) if n // g <= spare), None) if spare > 0 else None
+            assert per == sorted(set(core).union(range(grid, n + 1, grid) if grid else ()))
             assert len(per) <= budget and all(1 <= x <= n for x in per)
-            assert len(per) == budget or len(per) == n or len(per) == len(set(per))
     counts = Counter(depths)
     w = [counts.get(t, 0) for t in range(257)]
     placed = policy.placed
@@ -384,9 +387,50 @@ def test_spare_grid_serves_a_depth_not_seen_yet():
     policy.observe(0)
     policy.observe(40)  # support {40}, 7 spare: every 8 blocks up to 40
     assert policy.placed == [8, 16, 24, 32, 40]
-    assert policy.checkpoint_depths(100) == [16, 32, 40, 48, 64, 80, 96]  # a 100-block prompt: the grid to 100
-    # a 37-block prompt (no observed depth below it) takes its 8 on a grid: a repeat at 37 resumes from 32
+    # a 100-block prompt: 40 and a grid to 100 (every 16: 6 points, the finest power of two within 7)
+    assert policy.checkpoint_depths(100) == [16, 32, 40, 48, 64, 80, 96]
+    # a 37-block prompt (no observed depth below it) puts its budget on a grid (every 8: 4 points, within 8);
+    # a repeat at depth 37 resumes from 32
     assert policy.checkpoint_depths(37) == [8, 16, 24, 32]
     for d in (50, 60, 70, 80, 90, 99):  # the deepest grows past 2 * 40 and the support needs 7 of 8
         policy.observe(d)
     assert policy.checkpoint_depths(100) == [40, 50, 60, 64, 70, 80, 90, 99]
+
+
+def test_the_margin_never_freezes_shorter_prompts():
+    """A re-solve that keeps the longest prompts' placement still refreshes the shorter prompts' answers (found
+    in review: with a 2% margin, depth 5 stayed unplaced for 10-block prompts behind an unchanged [100])."""
+    policy = make_placement_policy("optimal:1", max_depth_blocks=128, resolve_every=8, decay=1.0, switch_margin=0.02)
+    for i in range(200):
+        policy.observe(100 if i % 5 < 3 else 5)
+    assert policy.placed == [100]
+    assert policy.checkpoint_depths(10) == [5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.lists(st.floats(0, 5), min_size=2, max_size=40), budget=st.integers(1, 6))
+def test_per_length_answers_equal_the_dp_on_the_cut_histogram(w, budget):
+    """One DP table answers every cut exactly as a fresh optimal_checkpoints on the cut weights."""
+    from kvserve.recurrent.placement import _Solution
+
+    probs = np.asarray(w, dtype=np.float64)
+    sol = _Solution(probs, budget, deepest=0)
+    for n in range(len(w)):
+        assert sol.depths(n, top=0) == optimal_checkpoints(probs[: n + 1], budget)
+
+
+def test_fixed_optimal_never_learns_and_answers_like_the_online_one():
+    w = np.zeros(41)
+    w[[3, 10, 25, 40]] = [5.0, 1.0, 3.0, 2.0]
+    fixed = OptimalPlacement.fixed(w, 2)
+    online = make_placement_policy("optimal:2", max_depth_blocks=40, resolve_every=1, decay=1.0, switch_margin=0.0)
+    for t, count in ((3, 5), (10, 1), (25, 3), (40, 2)):
+        for _ in range(count):
+            online.observe(t)
+    assert fixed.placed == online.placed == optimal_checkpoints(w, 2)
+    assert all(fixed.checkpoint_depths(n) == online.checkpoint_depths(n) for n in range(45))
+    for _ in range(50):
+        fixed.observe(7)
+    assert fixed.placed == optimal_checkpoints(w, 2) and fixed.version == 1
+    with pytest.raises(ValueError):
+        fixed.observe(-1)
