@@ -41,7 +41,7 @@ def _check_type(name: str, annotation: str, value: object) -> None:
     allowed = [t for k in kinds if k in _TYPES for t in _TYPES[k]]
     if not allowed:
         return
-    if isinstance(value, bool) and bool not in allowed or not isinstance(value, tuple(allowed)):
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, tuple(allowed)):
         raise ValueError(f"{name} must be {annotation}, got {value!r}")
     if isinstance(value, numbers.Real) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

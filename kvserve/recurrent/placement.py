@@ -53,19 +53,22 @@ observation (the increment grows by 1/decay instead, and the histogram is rescal
 placement is re-solved after observations 1, 2, 4, 8, ... while that is below `resolve_every` (so a cold
 engine learns fast), then every `resolve_every` observations. A new solution is adopted only if it lowers J
 under the current histogram by more than `switch_margin` (make_placement_policy's default 2%; the class
-itself defaults to 0, always): each change strands the snapshots at the depths it gives up, so chasing noise
-costs recomputation. And while every depth seen so far fits the budget, a newly seen depth is placed at once
-(the whole support is then the exact optimum), so a new document is checkpointed from its second request on.
+itself defaults to 0, always): each change moves where new snapshots go (the old ones stay until the store
+evicts them), so chasing noise writes snapshots few requests use. A re-solve that keeps the placement still
+refreshes the per-length answers below. And while every depth seen so far fits the budget, a newly seen
+depth is placed at once (the whole support is then the exact optimum), so a new document is checkpointed
+from its second request on.
 
 Per prompt length. A request of n blocks can only snapshot at depths <= n, and its snapshots serve later
 requests that share its first d blocks, d <= n. So it takes the M depths that minimise J over the depths
 <= n: the same DP on the histogram cut at n (the DP's answer for a prefix of the depth axis, as the
 paper's reference code backtracks it from the sequence's length), not the global placement cut at n,
 which would leave a short prompt fewer than M. `placed` is the placement of the longest prompts (the C whose
-J the benchmarks compare). Answers are cached per length until the placement changes. Measured
-(bench/sparse_prefix.py, 2,000 requests, seed 0): recomputed tokens per request at M = 1, 4, 8 went from
-2,236 / 561 / 216 (the global placement) to about 920 / 116 / 31 on document-qa and from 731 / 228 / 110 to
-491 / 78 / 18 on system-prompts; the global placement lost to balanced:M at M = 1 on both.
+J the benchmarks compare). One DP table answers every length in O(K + M) (`_dp_tables`); answers are
+cached per length until the next re-solve. Measured (bench/sparse_prefix.py, 2,000 requests, seed 0):
+recomputed tokens per request at M = 1, 4, 8 went from 2,236 / 561 / 216 (the global placement) to
+838 / 244 / 34 on document-qa and from 731 / 228 / 110 to 411 / 84 / 22 on system-prompts; the global
+placement lost to balanced:M at M = 1 on both.
 
 Spare budget. When the exact optimum for a prompt of n blocks needs fewer than M depths (every observed
 depth <= n already has a checkpoint, J = 0 under the histogram), the spare ones go on a grid: every G
@@ -487,8 +490,8 @@ class OptimalPlacement(PlacementPolicy):
         solution = _Solution(probs, self.budget, max(self.histogram.seen, default=0))
         depths = solution.depths(self.histogram.max_depth, solution.deepest)
         if depths != self.depths and self.depths and self.switch_margin > 0:
-            # Switch only for a real gain: each change moves where new snapshots go, chasing noise costs
-            # recomputation. (The same placement is adopted quietly: shorter prompts' answers still refresh.)
+            # Switch only for a real gain (module docstring). The same placement is adopted quietly below, so
+            # shorter prompts' answers still refresh.
             if expected_recompute(probs, depths) > (1 - self.switch_margin) * expected_recompute(probs, self.depths):
                 return
         self._adopt(solution, depths)
