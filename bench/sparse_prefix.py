@@ -234,8 +234,8 @@ class EngineRun:
 
 def engine_run(model: str, loaded: LoadedModel, wl: Workload, spec: str, args: argparse.Namespace) -> EngineRun:
     """wl's requests one at a time (max_tokens=1) on a fresh engine with checkpoint policy spec; TTFT measured
-    as the wall time of each generate() call. The pool is sized so that no KV block is ever evicted, as the
-    simulation assumes."""
+    as the wall time of each generate() call. The pool holds every distinct block of the trace, as the simulation
+    assumes (blocks recomputed under a cut hit duplicate cached ones and can still evict: counted)."""
     vocab = loaded.config.vocab_size
     blocks = {h for r in wl.requests for h in r.block_hashes}
     llm = LLM(
@@ -324,7 +324,10 @@ def run_engine(args: argparse.Namespace) -> str:
         f"in-process ({args.engine}, {args.engine_dtype}, {args.engine_threads} torch thread(s), nice "
         f"{os.nice(0)}, 1-minute load average {load:.2f} before the run), "
         "max_tokens=1, TTFT = wall time of generate(); token ids are the workload's modulo the model's "
-        "vocabulary. Every policy runs on a fresh engine whose KV pool never evicts (as the simulation assumes). "
+        "vocabulary. Every policy runs on a fresh engine whose KV pool holds every distinct block of the trace "
+        "(+64), as the simulation assumes; blocks recomputed under a hit cut to a checkpoint duplicate cached ones "
+        "and can still evict (the KV evictions column; the same-resume-point column shows whether any eviction "
+        "mattered). "
         "The simulation of the same requests keeps stale snapshots, as the engine does (its store drops them by "
         f"LRU only). Engine runs took {elapsed:.0f} s in all.",
         "",
