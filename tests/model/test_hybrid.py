@@ -209,6 +209,28 @@ def test_checkpoint_policies_give_no_cache_outputs(which, request):
         _released(llm)
 
 
+def test_a_tight_checkpoint_store_evicts_and_stays_exact(bamba):
+    """A store with room for about three snapshots: every policy evicts (LRU), resumes from what is left, and
+    gives the no-cache tokens; the store's books balance and no KV block leaks."""
+    _, path = bamba
+    prompts = _shared_prefix_prompts(11, 16)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    reference = _tokens(_llm(path, enable_prefix_caching=False).generate(prompts, params))
+    probe = _llm(path, checkpoint_policy="every-block:1")
+    probe.generate(prompts[0], params)
+    store = probe.engine.runner.recurrent.store
+    snapshot = store.bytes_held // len(store)
+    for policy in POLICIES[1:]:
+        llm = _llm(path, checkpoint_policy=policy, checkpoint_memory=int(snapshot * 3.5), max_num_batched_tokens=40)
+        outs = [llm.generate(p, params)[0] for p in prompts]
+        assert _tokens(outs) == reference, policy
+        store = llm.engine.runner.recurrent.store
+        store.check_invariants()
+        assert len(store) <= 3 and store.bytes_held <= int(snapshot * 3.5), policy
+        assert store.num_evicted > 0 and store.num_hits > 0, policy
+        _released(llm)
+
+
 @pytest.mark.parametrize("which", ["bamba", "mamba2"])
 def test_resume_at_every_checkpoint_depth(which, request):
     _, path = request.getfixturevalue(which)
