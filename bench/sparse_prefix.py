@@ -288,7 +288,7 @@ def run_engine(args: argparse.Namespace) -> str:
     cost = modelled_prefill_cost(args.overhead_ms / 1e3, args.per_token_ms / 1e3)
     t0 = time.perf_counter()
     rows = []
-    for spec in ENGINE_POLICIES:
+    for spec in args.engine_policies:
         sim = simulate(
             wl,
             make_placement_policy(spec),
@@ -779,6 +779,7 @@ def main() -> None:
     ap.add_argument("--per-token-ms", type=float, default=1.04, help="TTFT model: cost per computed token")
     ap.add_argument("--engine", default=None, help="measure TTFT on the hybrid engine with this model (a subset)")
     ap.add_argument("--engine-requests", type=int, default=40, help="--engine: requests measured per policy")
+    ap.add_argument("--engine-policies", nargs="+", default=list(ENGINE_POLICIES), help="--engine: policies to run")
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--engine-threads", type=int, default=1, help="--engine: torch threads")
     ap.add_argument("--engine-checkpoint-gib", type=int, default=2, help="--engine: checkpoint store budget")
