@@ -76,7 +76,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-store",
         default=None,
-        help="persistent KV tier shared across restarts/replicas: disk:PATH or redis://127.0.0.1:6379",
+        help="persistent KV tier shared across restarts/replicas: a directory (PATH or disk:PATH) or redis://127.0.0.1:6379",
     )
     g.add_argument("--seed", type=int, default=0)
 

@@ -64,7 +64,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     eviction_policy: str = "lru"  # lru | lfu | cost-aware: which cached block leaves the pool first
     cpu_offload_gb: float = 0.0  # host-RAM tier for blocks evicted from the pool (GiB; 0 = none)
-    kv_store: str | None = None  # persistent tier: disk:PATH or redis://HOST:PORT[/DB]
+    kv_store: str | None = None  # persistent tier: PATH, disk:PATH or redis://HOST:PORT[/DB]
     seed: int = 0  # seed for requests that bring none
     max_logprobs: int = 20
     # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
@@ -102,8 +102,9 @@ class EngineConfig:
         if self.kv_store is not None and not (
             (self.kv_store.startswith("disk:") and len(self.kv_store) > 5)
             or self.kv_store.split("://")[0] in ("redis", "rediss", "unix")
+            or (self.kv_store and "://" not in self.kv_store and not self.kv_store.startswith("disk:"))  # a path
         ):
-            raise ValueError(f"kv_store must be disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
+            raise ValueError(f"kv_store must be PATH, disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.checkpoint_memory is not None and self.checkpoint_memory < 0:

@@ -127,7 +127,10 @@ class LLMEngine:
         if not cfg.enable_prefix_caching or (cfg.cpu_offload_gb <= 0 and not cfg.kv_store):
             return None
         store = open_store(cfg.kv_store) if cfg.kv_store else None
-        fingerprint = model_fingerprint(self.model_config, self.loaded.weights)
+        fingerprint = getattr(self.loaded, "_kv_fingerprint", None)  # hashing every weight: once per model
+        if fingerprint is None:
+            fingerprint = model_fingerprint(self.model_config, self.loaded.weights)
+            self.loaded._kv_fingerprint = fingerprint
         dtype = str(self.dtype).removeprefix("torch.")
         namespace = f"{fingerprint}-b{cfg.block_size}-{dtype}-{native.arithmetic_tag(self.device, self.dtype)}"
         tiers = TieredCache(self.runner.kv_cache, namespace, int(cfg.cpu_offload_gb * (1 << 30)), store)

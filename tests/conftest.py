@@ -90,19 +90,24 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, no persistence; stop() kills it mid-run."""
+    """A real redis-server on a free loopback port, no persistence; stop() kills it mid-run, start() brings it
+    back, empty, on the same port (a restart)."""
 
     def __init__(self, binary: str, workdir: Path):
+        self.binary, self.workdir = binary, workdir
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
         import subprocess
         import time
 
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(args + ["--dir", str(workdir)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
         import redis
 
+        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args + ["--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
         client = redis.Redis.from_url(self.url)
         while True:
             try:

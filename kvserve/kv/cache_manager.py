@@ -108,6 +108,9 @@ class KVCacheManager:
         if max(num_needed, 0) + num_revived > self.pool.num_free_blocks:
             return False
         self.pool.touch(computed.blocks)
+        if self.tiers is not None:  # a store that lost entries (restart, its own eviction) gets them back
+            for block in computed.blocks:
+                self.tiers.on_cached(block)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         if computed.loads:
             self._load(computed, new_blocks[: len(computed.loads)])

@@ -168,6 +168,26 @@ def test_redis_killed_mid_run_costs_only_recompute(ours, reference, redis_server
     assert llm.engine.pool.num_used_blocks == 0
 
 
+def test_redis_restarted_empty_is_filled_again(ours, reference, redis_server):
+    """Redis restarts empty while a replica runs: blocks that replica still holds in its pool are written again
+    when hit, so a second replica finds them (no stale "already written" memo)."""
+    a = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=64, kv_store=redis_server.url)
+    a.generate(DOC + QUESTIONS[0], GREEDY)
+    assert a.engine.tiers.flush(30)
+    redis_server.stop()
+    a.generate(FLUSH, GREEDY)  # its writes and lookups fail while Redis is down
+    a.engine.tiers.flush(30)
+    assert a.engine.tiers.stats["redis"].errors >= 1
+    redis_server.start()  # back, empty
+    a.engine.tiers.store._down_until = 0.0  # as if the store's 5 s back-off after a failure had passed
+    out = a.generate(DOC + QUESTIONS[1], GREEDY)[0]
+    assert out.num_cached_tokens == _shared_blocks(ours) * 16  # from a's pool
+    _check_same(out, reference[QUESTIONS[1]])
+    assert a.engine.tiers.flush(30)
+    b = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=redis_server.url)  # a second replica
+    _loaded_back(b, ours, reference, "redis")
+
+
 @contextlib.contextmanager
 def _full_disk(tmp_path: Path):
     """A directory on a 400 KiB tmpfs (fills after one block) or, without mount rights, a file-size limit."""
@@ -204,7 +224,7 @@ def test_full_disk_costs_only_recompute(ours, reference, tmp_path, caplog):
 
 
 def test_bad_store_specs_fail_at_start(ours):
-    with pytest.raises(ValueError, match="kv_store must be disk:PATH or redis://"):
+    with pytest.raises(ValueError, match="kv_store must be PATH, disk:PATH or redis://"):
         LLM(loaded=ours, kv_store="s3://bucket")
     with pytest.raises(ValueError, match="eviction_policy must be one of"):
         LLM(loaded=ours, eviction_policy="fifo")

@@ -1,14 +1,17 @@
 """Tier building blocks without a model: the block codec rejects every kind of damage, the host tier stays
-within its byte budget in LRU order, disk and Redis stores return the longest present run of keys."""
+within its byte budget in LRU order, disk and Redis stores return the longest present run of keys, the model
+fingerprint in the keys covers every weight value."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvserve.kv.tiers import DiskStore, HostTier, RedisStore, open_store
+from kvserve.kv.tiers import DiskStore, HostTier, RedisStore, model_fingerprint, open_store
 from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry
 
@@ -88,8 +91,79 @@ def test_redis_store_contract_and_batched_lookup(redis_server):
 
 def test_open_store_specs(tmp_path):
     assert isinstance(open_store(f"disk:{tmp_path}/s"), DiskStore)
+    bare = open_store(str(tmp_path / "bare"))  # a bare path is the disk store too
+    assert isinstance(bare, DiskStore) and bare.root == tmp_path / "bare"
     assert isinstance(open_store("redis://127.0.0.1:1/0"), RedisStore)  # connects lazily
     with pytest.raises(ValueError, match="disk:PATH or redis://"):
         open_store("ftp://x")
     with pytest.raises(ValueError, match="needs a directory"):
         open_store("disk:")
+
+
+def test_disk_store_spreads_keys_over_directories(tmp_path):
+    store = DiskStore(tmp_path)
+    keys = [f"kvserve-v2-ns-{i:064x}" for i in range(0, 4096, 97)]
+    for k in keys:
+        store.put(k, b"v")
+    dirs = {p.parent.name for p in tmp_path.rglob("kvserve-*")}
+    assert dirs == {k[-2:] for k in keys} and len(dirs) > 30  # by the hash's last digits, not the shared prefix
+    assert store.get_prefix(keys) == [b"v"] * len(keys)
+
+
+def test_model_fingerprint_covers_every_weight_value():
+    """Weights that differ anywhere (here past the first 256 values of one tensor) get different store keys;
+    the same values stored in another dtype (a GGUF vs a safetensors copy) get the same."""
+
+    @dataclass
+    class Cfg:
+        hidden_size: int = 8
+
+    base = torch.randn(64, 64).to(torch.bfloat16)
+    weights = {"a.weight": base, "b.weight": torch.ones(10)}
+    changed = base.clone()
+    changed[63, 63] += 1
+    fp = model_fingerprint(Cfg(), weights)
+    assert model_fingerprint(Cfg(), {**weights, "a.weight": changed}) != fp
+    assert model_fingerprint(Cfg(), {**weights, "a.weight": base.float()}) == fp
+    assert model_fingerprint(Cfg(hidden_size=9), weights) != fp
+
+
+def test_entries_found_missing_or_corrupt_are_written_again(tmp_path):
+    """The write-through memo ("already in the store") is dropped for a block a lookup finds missing or
+    corrupt, and for the rest of its chain, so recomputing the block writes it again."""
+    from types import SimpleNamespace
+
+    from kvserve.kv.hashing import hash_block_chain
+    from kvserve.kv.tiers import TieredCache
+
+    bs, layers, heads, hd = 4, 2, 1, 8
+    kv_cache = torch.randn(layers, 2, heads, 4, bs, hd)
+    tokens = list(range(1, 3 * bs + 1))
+    hashes = hash_block_chain(tokens, bs)
+    blocks = [SimpleNamespace(block_id=i, block_hash=h, token_ids=tuple(tokens[i * bs : (i + 1) * bs]))
+              for i, h in enumerate(hashes)]  # fmt: skip
+    tiers = TieredCache(kv_cache, "ns", 0, DiskStore(tmp_path))
+
+    def publish_all() -> None:
+        for b in blocks:
+            tiers.on_cached(b)
+        assert tiers.flush(10)
+
+    def found() -> int:
+        return len(tiers.lookup(hashes, tokens, bs, 0, len(hashes)))
+
+    publish_all()
+    assert found() == 3
+    path = tiers.store._path(tiers.key(hashes[1]))
+    path.write_bytes(path.read_bytes()[:-5])  # block 1 torn
+    assert found() == 1 and tiers.stats["disk"].corrupt == 1
+    publish_all()  # the engine recomputed blocks 1-2 and publishes them again
+    assert found() == 3
+    tiers.store._path(tiers.key(hashes[2])).unlink()  # lost (cleaned up, or evicted by the store itself)
+    assert found() == 2
+    publish_all()
+    assert found() == 3
+    stores = tiers.stats["disk"].stores
+    publish_all()  # all known to be there: no redundant writes
+    assert tiers.stats["disk"].stores == stores
+    tiers.close()

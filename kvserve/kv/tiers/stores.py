@@ -104,7 +104,8 @@ class PersistentStore(ABC):
 
 
 class DiskStore(PersistentStore):
-    """Files root/<key[:2]>/<key>. Crash-safe writes (temp file + rename)."""
+    """Files root/<last two hex digits of the key>/<key>: 256 directories. Crash-safe writes (temp file +
+    rename)."""
 
     name = "disk"
 
@@ -116,7 +117,7 @@ class DiskStore(PersistentStore):
             raise ValueError(f"--kv-store disk:{root}: cannot create the directory: {e}") from None
 
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / key
+        return self.root / key[-2:] / key
 
     def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
         out = []
@@ -194,7 +195,7 @@ class RedisStore(PersistentStore):
 
 
 def open_store(spec: str) -> PersistentStore:
-    """`disk:PATH` or `redis://HOST:PORT[/DB]` (also rediss:// and unix://)."""
+    """`disk:PATH` (or a bare PATH) or `redis://HOST:PORT[/DB]` (also rediss:// and unix://)."""
     if spec.startswith("disk:"):
         path = spec.removeprefix("disk:")
         if not path:
@@ -202,4 +203,6 @@ def open_store(spec: str) -> PersistentStore:
         return DiskStore(os.path.expanduser(path))
     if urlparse(spec).scheme in ("redis", "rediss", "unix"):
         return RedisStore(spec)
-    raise ValueError(f"--kv-store {spec!r}: use disk:PATH or redis://HOST:PORT")
+    if spec and "://" not in spec:  # a bare path: the embedded disk store
+        return DiskStore(os.path.expanduser(spec))
+    raise ValueError(f"--kv-store {spec!r}: use PATH, disk:PATH or redis://HOST:PORT")
