@@ -8,7 +8,6 @@ print(out[0].outputs[0].text, out[0].num_cached_tokens)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -57,7 +56,7 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 ids = []
                 for k in range(params.n):
-                    child = params if params.n == 1 else _child_params(params, k)
+                    child = params if params.n == 1 else params.child(k)
                     rid = f"gen-{id(self)}-{i}-{k}"
                     engine.add_request(prompt, child, request_id=rid, cache_salt=cache_salt)
                     ids.append(rid)
@@ -95,11 +94,6 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm, cache_salt=cache_salt)
-
-
-def _child_params(params: SamplingParams, k: int) -> SamplingParams:
-    seed = None if params.seed is None else params.seed + k
-    return dataclasses.replace(params, n=1, seed=seed)
 
 
 def _merge(outs: list[RequestOutput], prompt: Prompt) -> RequestOutput:

@@ -10,10 +10,10 @@ transformers configures it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,33 @@ class Tokenizer:
         """Vocabulary strings (byte-level spelling) of ``ids``; None for an unknown id."""
         return [self._backend.id_to_token(int(i)) for i in ids]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for, also when it is only part of a UTF-8 character (where decoding
+        it alone gives U+FFFD): OpenAI's logprobs `bytes`. Byte-level BPE tokens map back through GPT-2's
+        byte table, SentencePiece byte-fallback tokens (<0xE3>) are their byte; other tokens (special or
+        added ones, SentencePiece pieces) are the UTF-8 of their decoded text."""
+        token = self._backend.id_to_token(int(token_id))
+        if token is not None and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        if token is not None and self._byte_level and int(token_id) not in self._added_ids:
+            table = _byte_level_inverse()
+            if all(ch in table for ch in token):
+                return bytes(table[ch] for ch in token)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+        return "ByteLevel" in kinds
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._backend.get_added_tokens_decoder())
+
     # ----------------------------------------------------------------- chat
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -232,7 +259,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> FastToken
     return backend
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _byte_level_spelling() -> dict[int, str]:
     """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -253,7 +280,12 @@ def _respell(token: str, spelled: dict[int, str]) -> str:
     return "".join(spelled[byte] for byte in token.encode("utf-8"))
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
+@functools.cache
+def _byte_level_inverse() -> dict[str, int]:
+    return {ch: byte for byte, ch in _byte_level_spelling().items()}
+
+
 def _byte_level_alphabet() -> frozenset[str]:
     return frozenset(_byte_level_spelling().values())
 
@@ -355,7 +387,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson

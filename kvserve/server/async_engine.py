@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import queue
 import threading
@@ -210,7 +209,7 @@ class AsyncEngine:
         added: list[str] = []
         try:
             for index in range(stream.num_children):
-                params = cmd.params if n == 1 else _child_params(cmd.params, index % n)
+                params = cmd.params if n == 1 else cmd.params.child(index % n)
                 rid = stream.child_id(index)
                 engine.add_request(cmd.prompts[index // n], params, request_id=rid, cache_salt=cmd.cache_salt)
                 added.append(rid)
@@ -293,9 +292,3 @@ class AsyncEngine:
         self._deliver([(stream, error) for stream in streams.values()])
         if abort:
             self.metrics.set_snapshot(EngineSnapshot.capture(self.engine))
-
-
-def _child_params(params: SamplingParams, k: int) -> SamplingParams:
-    """The k-th of n samples: its own seed (seed + k) so the n choices differ yet stay reproducible."""
-    seed = None if params.seed is None else params.seed + k
-    return dataclasses.replace(params, n=1, seed=seed)

@@ -29,11 +29,20 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers
+        if code is not None:
+            self.code = code
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)

@@ -240,6 +240,8 @@ class ServerMetrics:
             ["finished_reason"],
             registry=r,
         )
+        for reason in ("stop", "length", "abort", "error"):  # series exist at 0 from the start, as vLLM's do
+            self.finished.labels(finished_reason=reason)
         self._snapshot = EngineSnapshot()
         self.registry.register(_SnapshotCollector(lambda: self._snapshot))
 

@@ -35,6 +35,17 @@ class Limits:
         room = min(self.max_model_len, self.kv_capacity_tokens) - max(len(p) for p in prompts)
         return max(room, 1)
 
+    def check_prompts(self, prompts: list[list[int]], param: str) -> None:
+        """A prompt that leaves no room for one generated token: OpenAI's context_length_exceeded."""
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's context length is {self.max_model_len} tokens, but the prompt has {longest}: at "
+                f"most {self.max_model_len - 1} prompt tokens leave room for one generated token",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def check(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         """As OpenAI does, refuse a max_tokens that cannot fit the context (the engine would cut it short)."""
         longest = max(len(p) for p in prompts)
@@ -43,6 +54,7 @@ class Limits:
                 f"this model's context length is {self.max_model_len} tokens, but {longest + max_tokens} were "
                 f"asked for ({longest} in the prompt, {max_tokens} to generate); lower {param}",
                 param=param,
+                code="context_length_exceeded",
             )
 
 
@@ -58,6 +70,8 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
         prompts = [tokenizer.encode(p) for p in prompt]
     else:
         prompts = [list(p) for p in prompt]
+    if all(prompts):  # an empty one is the engine's clear 400
+        limits.check_prompts(prompts, "prompt")
     if body.max_tokens is not None:
         limits.check(prompts, body.max_tokens, "max_tokens")
     max_tokens = body.max_tokens or limits.default_max_tokens(prompts)
@@ -71,6 +85,7 @@ def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits
     except (ValueError, jinja2.TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from None
     prompts = [tokenizer.encode(text, add_special_tokens=False)]
+    limits.check_prompts(prompts, "messages")
     if body.max_new_tokens is not None:
         limits.check(
             prompts, body.max_new_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

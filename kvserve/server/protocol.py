@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from kvserve.sampling_params import SEED_MAX, SEED_MIN
 from kvserve.server.errors import InvalidRequestError, validation_message
 
 T = TypeVar("T", bound=BaseModel)
@@ -78,6 +79,9 @@ _NEUTRAL_CHAT = {
 }
 
 
+_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -95,7 +99,7 @@ class SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1 mean off
     min_tokens: int = Field(0, ge=0)  # extension
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool = False  # extension
@@ -103,6 +107,14 @@ class SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = Field(None, min_length=1)  # extension: isolates one tenant's cached prefixes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's API (and clients such as LangChain and LiteLLM) send an explicit null for "the default"."""
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in _NULL_MEANS_DEFAULT):
+            data = {k: v for k, v in data.items() if not (k in _NULL_MEANS_DEFAULT and v is None)}
+        return data
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingRequest:

@@ -197,15 +197,14 @@ class ChatFormatter:
             top = d.top_logprobs[k] if d.top_logprobs is not None and k < len(d.top_logprobs) else {}
             text = _token_text(self.tokenizer, token_id)
             alternatives = [_top(self.tokenizer, t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
-            content.append(
-                ChatTokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=alternatives)
-            )
+            raw = list(self.tokenizer.token_bytes(token_id))
+            content.append(ChatTokenLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=alternatives))
         return ChatLogprobs(content=content)
 
 
 def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
     text = _token_text(tokenizer, token_id)
-    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+    return TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token_id)))
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:

@@ -77,6 +77,20 @@ def test_gguf_tokenizer_matches_transformers(ours, hf_tokenizer):
         assert ours.tokenizer.encode(text) == hf_tokenizer.encode(text), text
 
 
+def test_token_bytes_join_to_the_utf8_text(ours, hf_tokenizer):
+    """Per-token raw bytes (OpenAI's logprobs `bytes`): joined, the UTF-8 of the text, also where tokens split
+    a character; each token's bytes are what transformers' byte-level vocabulary spells."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = {ch: b for b, ch in bytes_to_unicode().items()}
+    for text in [*SAMPLE_TEXTS, "こんにちは、世界 ✓ émoji 🙂"]:
+        ids = ours.tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(ours.tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8"), text
+        for i in ids:
+            assert ours.tokenizer.token_bytes(i) == bytes(table[ch] for ch in hf_tokenizer.convert_ids_to_tokens(i))
+    assert ours.tokenizer.token_bytes(2) == b"<|im_end|>"  # a special token: its text
+
+
 # --------------------------------------------------------------------------- HF folders
 
 

@@ -53,6 +53,10 @@ CASES = [
     (COMP, {"prompt": "x", "max_tokens": 8192}, 400, "max_tokens"),
     (COMP, {"prompt": ["a"] * 10, "n": 64, "max_tokens": 1}, 400, None),  # 640 sequences: more than ever queue
     (COMP, {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    (COMP, {"prompt": "x", "temperature": 1, "seed": -(2**63) - 1}, 400, "seed"),  # torch's seed range
+    (COMP, {"prompt": "x", "temperature": 1, "seed": 10**20}, 400, "seed"),
+    (COMP, {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, None),
+    (COMP, {"prompt": "x", "stop_token_ids": [10**8]}, 400, None),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {"messages": "hi"}, 400, "messages"),
     (CHAT, {}, 400, "messages"),
@@ -97,6 +101,36 @@ def test_malformed_request_is_4xx_with_error_body(http, path, body, status, para
         body = json.dumps({"model": MODEL, **body} if "model" not in body else body).encode()
     error = _assert_error(http.post(path, content=body, headers={"content-type": "application/json"}), status, param)
     assert error["type"] == "invalid_request_error"
+
+
+def test_context_length_exceeded_names_param_and_code(http):
+    """OpenAI's shape for a prompt that does not fit: param names the prompt, code context_length_exceeded."""
+    for path, body, param in [
+        (COMP, {"prompt": [42] * 8192}, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),
+        (COMP, {"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+    ]:
+        error = _assert_error(http.post(path, json={"model": MODEL, **body}), 400, param)
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_explicit_nulls_mean_the_defaults(http):
+    """Clients (LangChain, LiteLLM) send null for fields they leave at the default; OpenAI accepts it."""
+    nulls = {"n": None, "stream": None, "logprobs": None, "min_tokens": None, "ignore_eos": None}
+    r = http.post(CHAT, json={"model": MODEL, "messages": MSGS, "max_tokens": 2, **nulls})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
+    r = http.post(COMP, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **nulls})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+def test_largest_seed_with_n_is_accepted(http):
+    """seed 2**64 - 1 with n = 2: the second choice's seed wraps instead of failing the engine's step."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 1, "n": 2, "seed": 2**64 - 1}
+    first, again = (http.post(COMP, json=body) for _ in range(2))
+    assert first.status_code == 200, first.text
+    assert [c["text"] for c in first.json()["choices"]] == [c["text"] for c in again.json()["choices"]]
 
 
 def test_server_still_healthy_after_bad_input(http):

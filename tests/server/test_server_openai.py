@@ -165,6 +165,21 @@ def test_logprobs(client):
     assert 0 < len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
 
 
+def test_logprob_bytes_rebuild_the_text(client):
+    """Tokens that are only part of a UTF-8 character show as U+FFFD, but their `bytes` are the raw ones:
+    joined, they are the generated text, as OpenAI's field promises."""
+    c = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Repeat exactly: こんにちは、世界 ✓"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=1,
+    )
+    content = c.choices[0].logprobs.content
+    assert bytes(b for t in content for b in t.bytes).decode("utf-8") == c.choices[0].message.content
+
+
 def test_cached_tokens_and_cache_salt(client):
     """A long shared system prompt hits the prefix cache on the second request; another salt does not."""
     system = f"Session {uuid.uuid4().hex}. " + "You are a careful assistant who answers in one short sentence. " * 6
