@@ -109,8 +109,7 @@ class KVCacheManager:
             return False
         self.pool.touch(computed.blocks)
         if self.tiers is not None:  # a store that lost entries (restart, its own eviction) gets them back
-            for block in computed.blocks:
-                self.tiers.on_cached(block)
+            self.tiers.on_cached(computed.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         if computed.loads:
             self._load(computed, new_blocks[: len(computed.loads)])
@@ -140,11 +139,14 @@ class KVCacheManager:
         blocks = self._blocks[request.request_id]
         bs = self.block_size
         hashes = request.block_hashes
+        published = []
         for i in range(start, num_full):
             parent = hashes[i - 1] if i else None
             tokens = request.all_token_ids[i * bs : (i + 1) * bs]
-            if self.pool.cache_block(blocks[i], hashes[i], tokens, parent, i) and self.tiers is not None:
-                self.tiers.on_cached(blocks[i])
+            if self.pool.cache_block(blocks[i], hashes[i], tokens, parent, i):
+                published.append(blocks[i])
+        if published and self.tiers is not None:
+            self.tiers.on_cached(published)
         self._num_indexed[request.request_id] = num_full
 
     def free(self, request: Request) -> None:

@@ -145,8 +145,7 @@ def test_entries_found_missing_or_corrupt_are_written_again(tmp_path):
     tiers = TieredCache(kv_cache, "ns", 0, DiskStore(tmp_path))
 
     def publish_all() -> None:
-        for b in blocks:
-            tiers.on_cached(b)
+        tiers.on_cached(blocks)
         assert tiers.flush(10)
 
     def found() -> int:

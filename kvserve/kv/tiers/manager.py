@@ -174,20 +174,27 @@ class TieredCache:
             st.bytes_stored += kv.nbytes
             st.evictions += self.host.num_evictions - evicted_before
 
-    def on_cached(self, block) -> None:
-        """A block was published in the pool, or hit there: write it through to the persistent store unless it
-        is known to be there (encoding and I/O run on the writer thread, off the step path)."""
-        if self.store is None or block.block_hash in self._known:
+    def on_cached(self, blocks: Sequence) -> None:
+        """Blocks were published in the pool, or hit there: write them through to the persistent store, those
+        not known to be there already. One gather and one copy to host memory for all of them (on a GPU, one
+        transfer per step rather than one per block); encoding and I/O run on the writer thread."""
+        if self.store is None:
             return
-        kv = self.kv_cache[:, :, :, block.block_id].to("cpu", copy=True)
-        try:
-            self._writes.put_nowait((block.block_hash, block.token_ids, kv))
+        new = [b for b in blocks if b.block_hash not in self._known]
+        if not new:
+            return
+        ids = torch.tensor([b.block_id for b in new], device=self.kv_cache.device)
+        kv = self.kv_cache.index_select(3, ids).to("cpu")  # (layers, 2, kv_heads, n, block_size, head_dim)
+        for i, block in enumerate(new):
+            try:
+                self._writes.put_nowait((block.block_hash, block.token_ids, kv[:, :, :, i]))
+            except queue.Full:
+                with self._lock:
+                    self.stats[self.store.name].dropped_writes += len(new) - i
+                return
             if len(self._known) >= MAX_KNOWN:  # a memo, not a ledger: forgetting costs one redundant write
                 self._known.clear()
             self._known.add(block.block_hash)
-        except queue.Full:
-            with self._lock:
-                self.stats[self.store.name].dropped_writes += 1
 
     def _write_loop(self) -> None:
         assert self.store is not None
