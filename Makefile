@@ -40,7 +40,7 @@ test: $(STAMP) redis-server
 # Peers (llama.cpp's llama-server, llama-cpp-python) build under bench/peers/ (git-ignored), then one comparison.
 bench: $(STAMP)
 	$(BIN)/python bench/peers.py install
-	$(BIN)/python bench/compare.py --workload shared-system-prompt --concurrency 8
+	$(BIN)/python bench/compare.py --workload shared-system-prompt --num-requests 48 --concurrency 8 --max-tokens 32 --threads 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvserve tests bench

@@ -133,7 +133,7 @@ def _cell(x, digits: int) -> str:
 
 
 def _ratio(ours, theirs) -> str:
-    if not ours or not theirs:
+    if ours is None or not theirs:  # a zero of ours is a real 0.00x (everything failed), not a missing value
         return "n/a"
     return f"{ours / theirs:.2f}x"
 

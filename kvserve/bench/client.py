@@ -66,6 +66,7 @@ class BenchRun:
     results: list[RequestResult]
     duration_s: float
     client_cpu_s: float  # time.process_time() over the run: this client's own cost
+    max_in_flight: int = 0  # the most requests outstanding at once (below --concurrency when dependencies wait)
 
 
 def api_root(base_url: str) -> str:
@@ -78,10 +79,15 @@ async def discover_model(base_url: str, api_key: str | None = None, timeout_s: f
     async with httpx.AsyncClient(timeout=timeout_s, headers=_headers(api_key)) as client:
         r = await client.get(api_root(base_url) + "/models")
         r.raise_for_status()
-        models = r.json().get("data") or []
-    if not models:
-        raise ValueError(f"{base_url} lists no models; give --model")
-    return models[0]["id"]
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+    models = body.get("data") if isinstance(body, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or not isinstance(first.get("id"), str):
+        raise ValueError(f"{api_root(base_url)}/models did not name a model (OpenAI's data[0].id); give --model")
+    return first["id"]
 
 
 def payload(req: BenchRequest, cfg: ClientConfig) -> dict[str, Any]:
@@ -107,9 +113,20 @@ async def send(
 ) -> RequestResult:
     """Send one streaming request and time it; never raises."""
     res = RequestResult(index=index)
-    url = root + ("/chat/completions" if req.is_chat else "/completions")
     start = time.perf_counter()
     res.start = start - t0
+    try:
+        await asyncio.wait_for(_stream(client, root, req, cfg, res, start), cfg.timeout_s)
+    except asyncio.TimeoutError:
+        res.error = f"timeout: no complete answer within {cfg.timeout_s:g} s (--timeout)"
+    return res
+
+
+async def _stream(
+    client: httpx.AsyncClient, root: str, req: BenchRequest, cfg: ClientConfig, res: RequestResult, start: float
+) -> None:
+    """send()'s body: fills in res (never raises but for the caller's timeout)."""
+    url = root + ("/chat/completions" if req.is_chat else "/completions")
     chunks = 0
     last = None
     finished = done = False
@@ -118,7 +135,7 @@ async def send(
             if r.status_code != 200:
                 body = (await r.aread())[:300].decode(errors="replace")
                 res.error = f"HTTP {r.status_code}: {body}"
-                return res
+                return
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event names
@@ -130,7 +147,7 @@ async def send(
                 event = json.loads(data)
                 if "error" in event:
                     res.error = f"error event: {str(event['error'])[:300]}"
-                    return res
+                    return
                 for choice in event.get("choices") or ():
                     if _text(choice, req.is_chat):
                         if last is None:
@@ -143,9 +160,9 @@ async def send(
                 usage = event.get("usage")
                 if usage:
                     _read_usage(res, usage)
-    except Exception as e:  # httpx errors (a cut stream, a timeout), bad JSON: all count as failures
+    except Exception as e:  # httpx errors (a cut stream, a read timeout), bad JSON: all count as failures
         res.error = f"{type(e).__name__}: {e}"[:300]
-        return res
+        return
     res.e2e = time.perf_counter() - start
     if not done:
         res.error = "stream ended before [DONE]"
@@ -154,7 +171,6 @@ async def send(
     else:
         res.ok = True
         res.output_tokens = res.output_tokens or chunks
-    return res
 
 
 def _text(choice: dict[str, Any], is_chat: bool) -> str:
@@ -199,12 +215,18 @@ async def run_requests(requests: list[BenchRequest], cfg: ClientConfig, progress
     limits = httpx.Limits(max_connections=cfg.concurrency or n, max_keepalive_connections=cfg.concurrency or n)
     async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits, headers=_headers(cfg.api_key)) as client:
         cpu0, t0 = time.process_time(), time.perf_counter()
+        in_flight = [0, 0]  # now, most
 
         async def one(i: int) -> None:
             dep = requests[i].depends_on
             if dep is not None:
                 await finished[dep].wait()
-            results[i] = await send(client, root, requests[i], cfg, i, t0)
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+            try:
+                results[i] = await send(client, root, requests[i], cfg, i, t0)
+            finally:
+                in_flight[0] -= 1
             finished[i].set()
             bar.update(1)
 
@@ -226,7 +248,8 @@ async def run_requests(requests: list[BenchRequest], cfg: ClientConfig, progress
             await asyncio.gather(*(at(i, w) for i, w in enumerate(arrival_times(requests, cfg))))
         duration, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     bar.close()
-    return BenchRun(results=[r for r in results if r is not None], duration_s=duration, client_cpu_s=cpu)
+    done = [r for r in results if r is not None]
+    return BenchRun(results=done, duration_s=duration, client_cpu_s=cpu, max_in_flight=in_flight[1])
 
 
 async def warm_up(cfg: ClientConfig, num: int) -> None:

@@ -126,7 +126,14 @@ def main(args: argparse.Namespace) -> int:
     except httpx.HTTPError as e:
         print(f"error: cannot reach {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no results written", file=sys.stderr)
+        return 130
     print(format_table(summary))
     if args.result_file:
         print(f"\nwrote {args.result_file}")
+    if summary["failed"]:
+        first = next(r["error"] for r in summary["requests"] if not r["ok"])
+        what = "all" if not summary["completed"] else f"{summary['failed']} of"
+        print(f"error: {what} {summary['num_requests']} requests failed; the first: {first}", file=sys.stderr)
     return 0 if summary["completed"] else 1

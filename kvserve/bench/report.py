@@ -72,6 +72,7 @@ def summarize(run: BenchRun, **meta: Any) -> dict[str, Any]:
         prefix_cache_hit_rate=(sum(r.cached_tokens or 0 for r in both) / both_prompt) if both_prompt else None,
         client_cpu_s=run.client_cpu_s,
         client_cpu_percent=100 * run.client_cpu_s / dur,
+        max_in_flight=run.max_in_flight,
     )
     values = {
         "ttft": [r.ttft for r in ok if r.ttft is not None],
@@ -110,7 +111,8 @@ def format_table(s: dict[str, Any]) -> str:
         f"output {_fmt(s['output_tokens_per_s'])} tok/s",
         f"tokens      prompt {s['prompt_tokens']:,}   output {s['output_tokens']:,}   cached {s['cached_tokens']:,}"
         f"   prefix-cache hit rate {'n/a' if hit is None else f'{100 * hit:.1f}%'}",
-        f"client CPU  {s['client_cpu_s']:.2f} s ({_fmt(s['client_cpu_percent'])}% of one core)",
+        f"client CPU  {s['client_cpu_s']:.2f} s ({_fmt(s['client_cpu_percent'])}% of one core)"
+        + (f"   at most {s['max_in_flight']} requests in flight" if s.get("max_in_flight") else ""),
         "",
         f"{'ms':<6}" + "".join(f"{h:>12}" for h in STATS),
     ]

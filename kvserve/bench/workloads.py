@@ -167,7 +167,11 @@ def build_workload(name: str, num_requests: int, seed: int = 0) -> list[BenchReq
 def load_trace(path: str | Path, limit: int | None = None) -> list[BenchRequest]:
     """Requests from a JSONL trace; a malformed line raises ValueError naming its line number."""
     out: list[BenchRequest] = []
-    with open(path) as f:
+    try:
+        f = open(path)  # noqa: SIM115 - closed below; OSError becomes the CLI's clear error
+    except OSError as e:
+        raise ValueError(f"cannot read the trace {path}: {e.strerror or e}") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -52,6 +52,7 @@ class FakeSettings:
     serve_metrics: bool = False
     checkpoint_metrics: bool = True
     metrics_text: str | None = None
+    models_body: object = None  # replaces /v1/models' JSON body when set
 
 
 @dataclass
@@ -110,7 +111,9 @@ def build_app(state: FakeState) -> FastAPI:
     app = FastAPI()
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models():
+        if state.settings.models_body is not None:
+            return JSONResponse(state.settings.models_body)
         return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
 
     @app.get("/metrics")

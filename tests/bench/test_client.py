@@ -26,6 +26,11 @@ def _run(requests, cfg):
 def test_discovers_model(fake):
     assert asyncio.run(discover_model(fake.base_url)) == MODEL
     assert asyncio.run(discover_model(fake.base_url + "/v1/")) == MODEL
+    for body in [{"data": [{"name": "x"}]}, [1, 2], {"data": []}, {"data": "x"}]:
+        fake.state.reset(models_body=body)
+        with pytest.raises(ValueError, match="give --model"):
+            asyncio.run(discover_model(fake.base_url))
+    fake.state.reset()
 
 
 def test_timings_and_token_counts(fake):
@@ -85,8 +90,18 @@ def test_failed_requests_are_counted_not_dropped(fake, kind):
 
 def test_concurrency_is_respected(fake):
     fake.state.reset(ttft_s=0.03)
-    _run([BenchRequest(prompt=str(i)) for i in range(12)], _cfg(fake, concurrency=3, max_tokens=2))
-    assert fake.state.max_in_flight == 3
+    run = _run([BenchRequest(prompt=str(i)) for i in range(12)], _cfg(fake, concurrency=3, max_tokens=2))
+    assert fake.state.max_in_flight == 3 == run.max_in_flight  # the client's count agrees with the server's
+
+
+def test_timeout_bounds_the_whole_request(fake):
+    """--timeout is per request, end to end: a stream that keeps sending, but too slowly, fails."""
+    fake.state.reset(ttft_s=0.05, itl_s=0.05)
+    run = _run([BenchRequest(prompt=str(i)) for i in range(3)], _cfg(fake, max_tokens=12, timeout_s=0.25))
+    assert not any(r.ok for r in run.results)
+    assert all(r.error.startswith("timeout") for r in run.results)
+    run = _run([BenchRequest(prompt="x")], _cfg(fake, max_tokens=2, timeout_s=5))
+    assert run.results[0].ok
 
 
 def test_dependent_turn_waits_for_its_parent(fake):
@@ -130,9 +145,38 @@ def test_cli_writes_result_file(fake, tmp_path, capsys):
     assert "TTFT" in capsys.readouterr().out
 
 
+def test_cli_names_the_first_error_and_a_missing_trace(fake, tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt": "[fail:500] a"}\n{"prompt": "[fail:500] b"}\n')
+    base = ["bench", "--base-url", fake.base_url, "--no-progress"]
+    assert cli_main(base + ["--trace", str(trace)]) == 1
+    assert "all 2 requests failed; the first: HTTP 500" in capsys.readouterr().err
+    assert cli_main(base + ["--trace", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read the trace" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_arguments(fake, capsys):
     base = ["bench", "--base-url", fake.base_url]
     assert cli_main(base + ["--workload", "no-sharing", "--concurrency", "0"]) == 2
     assert cli_main(base) == 2
     with pytest.raises(SystemExit):
         cli_main(base + ["--workload", "no-sharing", "--concurrency", "2", "--request-rate", "1"])
+
+
+def test_ctrl_c_exits_130_without_a_traceback(fake):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake.state.reset(ttft_s=30.0)  # every request hangs until interrupted
+    argv = [sys.executable, "-m", "kvserve.cli", "bench", "--base-url", fake.base_url, "--workload", "no-sharing"]
+    proc = subprocess.Popen(argv + ["--num-requests", "2", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not fake.state.in_flight and time.monotonic() < deadline:  # wait until its requests are out
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    fake.state.reset()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
