@@ -281,11 +281,11 @@ def _respell(token: str, spelled: dict[int, str]) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.cache
 def _byte_level_inverse() -> dict[str, int]:
     return {ch: byte for byte, ch in _byte_level_spelling().items()}
 
 
+@functools.lru_cache(maxsize=1)
 def _byte_level_alphabet() -> frozenset[str]:
     return frozenset(_byte_level_spelling().values())
 

@@ -166,3 +166,32 @@ def test_entries_found_missing_or_corrupt_are_written_again(tmp_path):
     publish_all()  # all known to be there: no redundant writes
     assert tiers.stats["disk"].stores == stores
     tiers.close()
+
+
+def test_write_through_pauses_while_the_store_fails(tmp_path):
+    """After a failed write (here the shard directory's name is taken by a file) the store is not writable for
+    its back-off, and write-through copies nothing meanwhile; the blocks stay unknown, so they are written
+    once it is writable again."""
+    from types import SimpleNamespace
+
+    from kvserve.kv.hashing import hash_block_chain
+    from kvserve.kv.tiers import TieredCache
+    from kvserve.kv.tiers.stores import StoreUnavailable
+
+    store = DiskStore(tmp_path, retry_after_s=60)
+    tiers = TieredCache(torch.randn(1, 2, 1, 2, 4, 8), "ns", 0, store)
+    (h,) = hash_block_chain([1, 2, 3, 4], 4)
+    block = SimpleNamespace(block_id=0, block_hash=h, token_ids=(1, 2, 3, 4))
+    shard = tmp_path / tiers.key(h)[-2:]
+    shard.write_text("a file where the shard directory goes")
+    with pytest.raises(StoreUnavailable):
+        store.put(tiers.key(h), b"v")
+    assert not store.writable()
+    tiers.on_cached([block])
+    assert tiers._writes.unfinished_tasks == 0 and h not in tiers._known
+    shard.unlink()
+    store._write_down_until = 0.0  # the back-off has passed
+    tiers.on_cached([block])
+    assert tiers.flush(10) and tiers.stats["disk"].stores == 1
+    assert len(tiers.lookup([h], [1, 2, 3, 4], 4, 0, 1)) == 1
+    tiers.close()

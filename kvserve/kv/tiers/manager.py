@@ -177,8 +177,9 @@ class TieredCache:
     def on_cached(self, blocks: Sequence) -> None:
         """Blocks were published in the pool, or hit there: write them through to the persistent store, those
         not known to be there already. One gather and one copy to host memory for all of them (on a GPU, one
-        transfer per step rather than one per block); encoding and I/O run on the writer thread."""
-        if self.store is None:
+        transfer per step rather than one per block); encoding and I/O run on the writer thread. Skipped while
+        the store is failing (its blocks stay unknown, and are written when next computed or hit)."""
+        if self.store is None or not self.store.writable():
             return
         new = [b for b in blocks if b.block_hash not in self._known]
         if not new:

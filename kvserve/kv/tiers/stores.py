@@ -99,6 +99,11 @@ class PersistentStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    def writable(self) -> bool:
+        """False for a few seconds after a failed write (a dead Redis, a full disk): write-through skips
+        the store meanwhile instead of copying blocks that would only fail again."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -109,8 +114,10 @@ class DiskStore(PersistentStore):
 
     name = "disk"
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, retry_after_s: float = 5.0):
         self.root = Path(root)
+        self.retry_after_s = retry_after_s
+        self._write_down_until = 0.0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -142,7 +149,11 @@ class DiskStore(PersistentStore):
         except OSError as e:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+            self._write_down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"disk write {key}: {e}") from e
+
+    def writable(self) -> bool:
+        return time.monotonic() >= self._write_down_until
 
     def delete(self, key: str) -> None:
         try:
@@ -186,6 +197,9 @@ class RedisStore(PersistentStore):
 
     def put(self, key: str, value: bytes) -> None:
         self._call("SET", self._client.set, key, value)
+
+    def writable(self) -> bool:
+        return time.monotonic() >= self._down_until
 
     def delete(self, key: str) -> None:
         self._call("DEL", self._client.delete, key)
