@@ -147,18 +147,22 @@ def _match_depths(requests: list[SimRequest], block_size: int) -> None:
         index.update(r.block_hashes)
 
 
-def document_qa(n: int, seed: int, block_size: int, num_docs: int = 24) -> Workload:
+DOC_QA = {"num_docs": 24, "zipf": 0.8, "tokens": (1000, 16000)}  # --num-docs, --doc-zipf, --doc-tokens
+
+
+def document_qa(n: int, seed: int, block_size: int) -> Workload:
+    num_docs, zipf, (lo, hi) = DOC_QA["num_docs"], DOC_QA["zipf"], DOC_QA["tokens"]
     rng = np.random.default_rng([seed, 1])
     header = _tokens(rng, 40)  # "Read the following document and answer the question at the end."
-    docs = [header + _tokens(rng, _log_uniform(rng, 1000, 16000)) for _ in range(num_docs)]
+    docs = [header + _tokens(rng, _log_uniform(rng, lo, hi)) for _ in range(num_docs)]
     reqs = _requests_over_prefixes(
-        rng, docs, [f"doc-{i}" for i in range(num_docs)], _zipf_weights(num_docs, 0.8), n, 15, 80, block_size
+        rng, docs, [f"doc-{i}" for i in range(num_docs)], _zipf_weights(num_docs, zipf), n, 15, 80, block_size
     )
     _match_depths(reqs, block_size)
     lens = sorted(len(d) for d in docs)
     desc = (
         f"{num_docs} documents of {lens[0]}-{lens[-1]} tokens (log-uniform, 40-token shared header), "
-        f"Zipf(0.8) popularity, questions of 15-80 tokens"
+        f"Zipf({zipf:g}) popularity, questions of 15-80 tokens"
     )
     return Workload("document-qa", block_size, reqs, desc)
 
@@ -602,7 +606,9 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "# Sparse prefix caching for recurrent state: checkpoint placement (simulation)",
         "",
         f"`bench/sparse_prefix.py --num-requests {args.num_requests} --seed {args.seed} --block-size {args.block_size}"
-        f" --resolve-every {args.resolve_every} --decay {args.decay} --switch-margin {args.switch_margin}`",
+        f" --resolve-every {args.resolve_every} --decay {args.decay} --switch-margin {args.switch_margin}"
+        f" --workloads {' '.join(args.workloads)} --num-docs {args.num_docs} --doc-zipf {args.doc_zipf:g}"
+        f" --doc-tokens {args.doc_tokens[0]} {args.doc_tokens[1]}`",
         "",
         "Simulation: real block-hash chains, real `CheckpointStore` and placement policies, online learning as",
         "requests arrive; attention KV cached at every block (unbounded), recurrent state only at checkpoints.",
@@ -769,6 +775,11 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-docs", type=int, default=DOC_QA["num_docs"], help="document-qa: documents")
+    ap.add_argument("--doc-zipf", type=float, default=DOC_QA["zipf"], help="document-qa: Zipf popularity exponent")
+    ap.add_argument(
+        "--doc-tokens", type=int, nargs=2, default=DOC_QA["tokens"], help="document-qa: length range (log-uniform)"
+    )
     ap.add_argument("--max-depth-blocks", type=int, default=4096)
     ap.add_argument("--resolve-every", type=int, default=32)
     ap.add_argument("--decay", type=float, default=0.999, help="histogram decay per observation")
@@ -787,6 +798,7 @@ def main() -> None:
     ap.add_argument("--no-sensitivity", dest="sensitivity", action="store_false", help="skip the decay/margin sweep")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args()
+    DOC_QA.update(num_docs=args.num_docs, zipf=args.doc_zipf, tokens=tuple(args.doc_tokens))
 
     if args.engine is not None:
         text = run_engine(args)
