@@ -19,7 +19,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument(
         "--kv-cache-memory",
-        type=parse_memory,
+        type=_memory,
         default=None,
         help="bytes for the KV pool, e.g. 2GiB (default: 10%% of RAM, at most 4 GiB)",
     )
@@ -42,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--checkpoint-memory",
-        type=parse_memory,
+        type=_memory,
         default=None,
         help="bytes for recurrent-state checkpoints, e.g. 1GiB (default: a quarter of --kv-cache-memory)",
     )
@@ -81,6 +81,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def _memory(text: str) -> int:
+    """parse_memory for argparse: its own message, not argparse's "invalid parse_memory value"."""
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = set(EngineConfig.field_names())
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -92,8 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            print(f"error: cannot read --prompts-file {args.prompts_file}: {e.strerror or e}", file=sys.stderr)
+            return 2
     if not prompts:
         print("error: give a prompt or --prompts-file", file=sys.stderr)
         return 2
@@ -173,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-waiting-requests", type=int, default=512, help="queued requests beyond which new ones get HTTP 429"
     )
     srv.add_argument(
-        "--max-body-bytes", type=parse_memory, default=1 << 20, help="largest request body, e.g. 1MiB (else HTTP 413)"
+        "--max-body-bytes", type=_memory, default=1 << 20, help="largest request body, e.g. 1MiB (else HTTP 413)"
     )
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -132,10 +132,6 @@ class EngineConfig:
     def kv_cache_bytes(self) -> int:
         return self.kv_cache_memory if self.kv_cache_memory is not None else _default_kv_cache_memory()
 
-    @property
-    def checkpoint_bytes(self) -> int:
-        return self.checkpoint_memory if self.checkpoint_memory is not None else self.kv_cache_bytes // 4
-
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -149,5 +145,5 @@ def parse_memory(text: str) -> int:
         if s and s[-1] in units:
             return int(float(s[:-1]) * units[s[-1]])
         return int(float(s))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise ValueError(f"cannot parse memory size {text!r}; use e.g. 2GiB, 512MiB or a byte count") from None

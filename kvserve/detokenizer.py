@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from kvserve.model.tokenizer import Tokenizer
 
+PROMPT_CONTEXT = 5  # prompt tokens the first output token is decoded after (as vLLM does)
+
 
 @dataclass
 class DetokenizerState:
@@ -22,6 +24,14 @@ class DetokenizerState:
     prefix_offset: int = 0
     read_offset: int = 0
     ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def after_prompt(cls, prompt_ids: list[int], skip_special_tokens: bool = True) -> DetokenizerState:
+        """A state whose first output token is decoded after the prompt's last tokens, not alone: tokenizers
+        whose decoder strips a leading space at the start of a text (SentencePiece's "▁world") would
+        otherwise drop the space of the first generated word."""
+        tail = list(prompt_ids[-PROMPT_CONTEXT:])
+        return cls(skip_special_tokens, prefix_offset=0, read_offset=len(tail), ids=tail)
 
 
 def add_token(tokenizer: Tokenizer, state: DetokenizerState, token_id: int) -> str:

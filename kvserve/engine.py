@@ -95,9 +95,17 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(limits, self.kv)
         if self.model_config.is_hybrid:  # recurrent state slots, checkpoints, scheduler hooks
-            self.runner = make_hybrid_runner(config, self.model, self.num_blocks)
+            # The checkpoint store's default: a quarter of --kv-cache-memory (or of its default), also when
+            # --num-kv-blocks sizes the pool: snapshots are far larger than KV blocks, and a small test pool
+            # should not starve them.
+            checkpoint_bytes = config.checkpoint_memory
+            if checkpoint_bytes is None:
+                checkpoint_bytes = config.kv_cache_bytes // 4
+            self.runner = make_hybrid_runner(config, self.model, self.num_blocks, checkpoint_bytes)
             self.scheduler.recurrent = self.runner.recurrent
         else:
+            if config.checkpoint_policy.strip().lower() != "none" or config.checkpoint_memory is not None:
+                log.warning("checkpoint_policy / checkpoint_memory apply to hybrid and recurrent models; ignored here")
             self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, seed=config.seed)
         self.tiers = self._make_tiers()
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
@@ -175,7 +183,7 @@ class LLMEngine:
         self._requests[request_id] = _Tracked(
             request,
             prompt if isinstance(prompt, str) else None,
-            DetokenizerState(skip_special_tokens=params.skip_special_tokens),
+            DetokenizerState.after_prompt(token_ids, skip_special_tokens=params.skip_special_tokens),
         )
         self.scheduler.add_request(request)
         self.stats.prompt_tokens += len(token_ids)
@@ -268,7 +276,11 @@ class LLMEngine:
             request.output_top_logprobs.append(result.top_logprobs)
         self.stats.generation_tokens += 1
         status = request.check_stop()
-        new_text = add_token(self.tokenizer, tracked.detok, result.token_id)
+        params = request.sampling_params
+        if status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
+            new_text = ""  # an EOS or stop token id ended it: its text is not part of the output (as in vLLM)
+        else:
+            new_text = add_token(self.tokenizer, tracked.detok, result.token_id)
         stops = request.sampling_params.stop
         if stops and new_text:
             hit = find_stop(tracked.detok.text, len(new_text), stops)
@@ -310,5 +322,6 @@ class LLMEngine:
             outputs=[completion],
             finished=request.is_finished,
             num_cached_tokens=request.num_cached_tokens or 0,
+            num_prompt_tokens_computed=request.num_prompt_tokens_computed,
             error=request.error,
         )

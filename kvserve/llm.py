@@ -8,7 +8,9 @@ print(out[0].outputs[0].text, out[0].num_cached_tokens)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -18,7 +20,45 @@ from kvserve.model.loader import LoadedModel
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int]  # also vLLM's {"prompt": str} and {"prompt_token_ids": [int, ...]}
+
+
+def _is_token_ids(x: Any) -> bool:
+    return (
+        not isinstance(x, str | bytes | Mapping)
+        and hasattr(x, "__len__")
+        and len(x) > 0
+        and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in x)
+    )
+
+
+def _one_prompt(x: Any) -> str | list[int]:
+    """A string, token ids (a list, tuple or array of integers) or vLLM's TextPrompt / TokensPrompt dict."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, Mapping):
+        keys = set(x)
+        if keys == {"prompt"} and isinstance(x["prompt"], str):
+            return x["prompt"]
+        if keys == {"prompt_token_ids"} and (_is_token_ids(x["prompt_token_ids"]) or len(x["prompt_token_ids"]) == 0):
+            return [int(t) for t in x["prompt_token_ids"]]
+        raise ValueError(
+            f"a dict prompt is {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, got keys {sorted(keys)}"
+        )
+    if _is_token_ids(x):
+        return [int(t) for t in x]
+    if isinstance(x, list | tuple) and len(x) == 0:
+        return []  # the engine's clear "the prompt is empty"
+    raise TypeError(f"a prompt is a string, a list of token ids or a prompt dict, got {type(x).__name__}")
+
+
+def _prompts(prompts: Any) -> list[str | list[int]]:
+    """generate()'s first argument as a list of prompts: one prompt, or a sequence of them."""
+    if isinstance(prompts, str | Mapping) or _is_token_ids(prompts):
+        return [_one_prompt(prompts)]
+    if isinstance(prompts, bytes) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+    return [_one_prompt(p) for p in prompts]
 
 
 class LLM:
@@ -39,10 +79,9 @@ class LLM:
         use_tqdm: bool = False,
         cache_salt: str | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (a string or a list of token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        """Generate for each prompt (a string, a list of token ids, or vLLM's {"prompt": ...} /
+        {"prompt_token_ids": ...} dicts); one prompt or a list of them; outputs come back in prompt order."""
+        prompts = _prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
         else:

@@ -29,5 +29,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    num_prompt_tokens_computed: int = 0  # prompt tokens prefilled, recomputation after a preemption included
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)

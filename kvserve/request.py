@@ -46,6 +46,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission, in tokens
     num_preemptions: int = 0
+    num_prompt_tokens_computed: int = 0  # prompt tokens prefilled so far, recomputation after preemption included
     block_hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks of all_token_ids
     stop_reason: int | str | None = None
     error: str | None = None

@@ -150,5 +150,8 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         """The step ran: advance each request's computed tokens and publish its newly full blocks."""
         for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_computed_blocks(s.request)
+            r = s.request
+            prompt_end = min(r.num_computed_tokens + s.num_new_tokens, r.num_prompt_tokens)
+            r.num_prompt_tokens_computed += max(0, prompt_end - r.num_computed_tokens)
+            r.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed_blocks(r)

@@ -20,6 +20,7 @@ from kvserve.model.runner import ModelRunner
 from kvserve.model.sampler import SampleResult
 from kvserve.recurrent.checkpoints import CheckpointStore
 from kvserve.recurrent.manager import RecurrentCacheManager
+from kvserve.recurrent.placement import NoCheckpoints
 from kvserve.recurrent.state_pool import RecurrentStatePool
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,32 @@ class HybridModelRunner(ModelRunner):
         return logits
 
 
-def make_hybrid_runner(config: EngineConfig, model: HybridModel, num_blocks: int) -> HybridModelRunner:
+def make_hybrid_runner(
+    config: EngineConfig, model: HybridModel, num_blocks: int, checkpoint_bytes: int
+) -> HybridModelRunner:
     """The runner with its state pool (max_num_seqs slots), checkpoint store and placement policy."""
     cfg = model.config
     assert cfg.mamba is not None
     pool = RecurrentStatePool(config.max_num_seqs, len(cfg.recurrent_layers), cfg.mamba, model.dtype, model.device)
-    policy = config.placement_policy()
+    policy = config.placement_policy() if config.enable_prefix_caching else NoCheckpoints()
     store = None
-    if config.enable_prefix_caching and config.checkpoint_policy.strip().lower() != "none":
-        store = CheckpointStore(config.checkpoint_bytes)
+    if not isinstance(policy, NoCheckpoints):
+        store = CheckpointStore(checkpoint_bytes)
+        if checkpoint_bytes < pool.bytes_per_slot:
+            log.warning(
+                "checkpoint memory %d B is less than one snapshot of the recurrent state (%d B): no checkpoint "
+                "can be stored; raise --checkpoint-memory",
+                checkpoint_bytes,
+                pool.bytes_per_slot,
+            )
     recurrent = RecurrentCacheManager(pool, config.block_size, store, policy)
+    held = f" in {checkpoint_bytes / (1 << 20):.1f} MiB ({checkpoint_bytes // max(pool.bytes_per_slot, 1)} snapshots)"
     log.info(
         "recurrent state: %d layers, %d slots x %.1f MiB; checkpoints: %s%s",
         len(cfg.recurrent_layers),
         pool.num_slots,
         pool.bytes_per_slot / (1 << 20),
         policy.describe(),
-        f" in {config.checkpoint_bytes / (1 << 20):.0f} MiB" if store is not None else " (off)",
+        held if store is not None else " (off" + ("" if config.enable_prefix_caching else ": prefix caching off") + ")",
     )
     return HybridModelRunner(model, num_blocks, config.block_size, recurrent, seed=config.seed)

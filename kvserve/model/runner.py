@@ -130,7 +130,8 @@ class ModelRunner:
         if not sampling:
             return {}
         params = [s.request.sampling_params for s in sampling]
-        results = sample(logits, params, [self._generator(s) for s in sampling])
+        banned = [_banned_before_min_tokens(s.request) for s in sampling]
+        results = sample(logits, params, [self._generator(s) for s in sampling], banned)
         return {s.request.request_id: r for s, r in zip(sampling, results)}
 
     def _groups(self, clusters: list[list[ScheduledRequest]], prefills: list[ScheduledRequest]) -> list:
@@ -163,3 +164,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model call (rows: decodes, then prefill chunks); a hook for runners with more state."""
         return self.model.forward(input_ids, self.kv_cache, meta, logits_rows)
+
+
+def _banned_before_min_tokens(request) -> list[int]:
+    """EOS (unless ignore_eos) and the stop token ids, while the request has fewer than min_tokens outputs: as in
+    vLLM, min_tokens keeps them from being sampled at all, not only from ending the request."""
+    p = request.sampling_params
+    if request.num_output_tokens >= p.min_tokens:
+        return []
+    return list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))

@@ -37,12 +37,22 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    banned: list[list[int]] | None = None,
 ) -> list[SampleResult]:
-    """logits: (S, V) float32, one row per sampling request."""
-    greedy_ids = native.argmax_rows(logits)  # the same indices, rows in parallel
+    """logits: (S, V) float32, one row per sampling request. banned[i]: token ids row i may not pick (EOS and
+    stop tokens before min_tokens); logprobs stay those of the raw logits."""
+    choice = logits
+    if banned is not None and any(banned):
+        choice = logits.clone()
+        for i, ids in enumerate(banned):
+            if ids:
+                choice[i, ids] = float("-inf")
+    greedy_ids = native.argmax_rows(choice)  # the same indices, rows in parallel
     if greedy_ids is None:
-        greedy_ids = logits.argmax(dim=-1).tolist()
+        greedy_ids = choice.argmax(dim=-1).tolist()
     need_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
     out = []
@@ -50,7 +60,7 @@ def sample(
         if p.greedy:
             token = greedy_ids[i]
         else:
-            probs = _filtered_probs(logits[i], p)
+            probs = _filtered_probs(choice[i], p)
             token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
         lp, top = None, None
         if logprobs is not None and p.logprobs is not None:

@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
@@ -117,6 +118,10 @@ def _weights(probs: Sequence[float] | np.ndarray) -> np.ndarray:
         raise ValueError("probs contains NaN or infinite weights")
     if np.any(w < 0):
         raise ValueError("probs contains negative weights")
+    with np.errstate(over="ignore"):
+        overflows = len(w) and not math.isfinite(float(w.sum()))
+    if overflows:  # finite weights whose sum overflows: J and the placement are scale-free
+        w = w / w.max()
     return w
 
 
@@ -136,6 +141,8 @@ def expected_recompute(probs: Sequence[float] | np.ndarray, checkpoints: Iterabl
     marks = np.zeros(len(w), dtype=bool)
     for c in checkpoints:
         c = int(c)
+        if c == 0:
+            continue  # always allowed, and free: prev_C(t) >= 0 anyway
         if not 0 <= c <= n:
             raise ValueError(f"checkpoint depth {c} outside 0..{n}")
         marks[c] = True
@@ -154,7 +161,8 @@ def optimal_checkpoints(probs: Sequence[float] | np.ndarray, budget: int) -> lis
     of depths t >= 1 of positive weight, that whole support is returned (J = 0). O(N * budget) time.
     """
     w = _weights(probs)
-    if isinstance(budget, bool) or int(budget) != budget or budget < 0:
+    integral = isinstance(budget, numbers.Real) and not isinstance(budget, bool) and float(budget).is_integer()
+    if not integral or budget < 0:
         raise ValueError(f"budget must be a nonnegative integer, got {budget!r}")
     budget = int(budget)
     support = _support(w)
@@ -388,7 +396,7 @@ class BalancedSpacing(PlacementPolicy):
     def checkpoint_depths(self, num_blocks: int) -> list[int]:
         _check_num_blocks(num_blocks)
         step = max(1, num_blocks // (self.budget + 1))
-        return [d for d in range(step, step * self.budget + 1, step) if d <= num_blocks]
+        return list(range(step, min(step * self.budget, num_blocks) + 1, step))  # O(min(M, n)), any M
 
     def describe(self) -> str:
         return f"balanced:{self.budget}"

@@ -257,7 +257,7 @@ class AsyncEngine:
                 self.metrics.observe_next_tokens(num_tokens - child.num_tokens, now - child.last_token_time)
             child.num_tokens, child.last_token_time = num_tokens, now
         if out.finished:
-            recomputed = len(out.prompt_token_ids) - out.num_cached_tokens
+            recomputed = out.num_prompt_tokens_computed
             reason = completion.finish_reason or "error"
             self.metrics.observe_finished(reason, now - child.stream.arrival_time, recomputed)
 

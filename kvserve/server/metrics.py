@@ -87,9 +87,11 @@ class EngineSnapshot:
 
 def _checkpoint_counters(engine: LLMEngine) -> dict[str, int] | None:
     recurrent = getattr(engine.runner, "recurrent", None)
-    if recurrent is None or recurrent.store is None:
+    if recurrent is None:
         return None
     store = recurrent.store
+    if store is None:  # a hybrid model without checkpoints (policy none, or prefix caching off): all zero
+        return dict.fromkeys(("stored", "hits", "misses", "evicted", "bytes", "resumed_tokens"), 0)
     return {
         "stored": store.num_stored,
         "hits": store.num_hits,
@@ -230,7 +232,8 @@ class ServerMetrics:
         )
         self.recomputed = Histogram(
             "kvserve:recomputed_prompt_tokens",
-            "Prompt tokens a finished request computed: prompt tokens minus those served from the prefix cache.",
+            "Prompt tokens a finished request computed (not served from the prefix cache), recomputation after a "
+            "preemption included.",
             buckets=RECOMPUTED_BUCKETS,
             registry=r,
         )

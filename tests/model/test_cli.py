@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvserve import LLM, SamplingParams
 from kvserve.cli import main
 
@@ -51,3 +53,8 @@ def test_generate_bad_config_exits_2_with_message(capsys):
     assert "device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     assert main(["generate", "hi", "--temperature", "nan"]) == 2
     assert "temperature must be a finite number" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", "/nonexistent/prompts.txt"]) == 2
+    assert "cannot read --prompts-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: its own usage error, with parse_memory's message
+        main(["generate", "hi", "--kv-cache-memory", "inf"])
+    assert "cannot parse memory size 'inf'" in capsys.readouterr().err

@@ -276,12 +276,12 @@ def test_failed_batch_is_retried_from_unchanged_states(bamba, monkeypatch):
     real = runner_module.sample
     state = {"calls": 0, "failures": 0}
 
-    def flaky(logits, params, generators):
+    def flaky(logits, params, generators, banned=None):
         state["calls"] += 1
         if state["calls"] > 1 and state["failures"] < 2 and len(params) > 1:
             state["failures"] += 1
             raise RuntimeError("injected failure after the forward")
-        return real(logits, params, generators)
+        return real(logits, params, generators, banned)
 
     monkeypatch.setattr(runner_module, "sample", flaky)
     outs = llm.generate(PROMPTS, params)
@@ -320,13 +320,30 @@ def test_checkpoint_flags_reach_the_engine_config():
     assert config.checkpoint_policy == "optimal:4" and config.checkpoint_memory == 64 << 20
     policy = config.placement_policy()
     assert (policy.resolve_every, policy.histogram.decay, policy.switch_margin) == (8, 0.9, 0.0)
-    assert EngineConfig(kv_cache_memory=1 << 30).checkpoint_bytes == 1 << 28
     with pytest.raises(ValueError, match="checkpoint policy"):
         EngineConfig(checkpoint_policy="every-block")
     for bad in ({"checkpoint_resolve_every": 0}, {"checkpoint_decay": 0.0}, {"checkpoint_switch_margin": 1.0}):
         for policy_spec in ("optimal:2", "none"):
             with pytest.raises(ValueError, match="resolve_every|decay|switch_margin"):
                 EngineConfig(checkpoint_policy=policy_spec, **bad)
+
+
+def test_checkpoint_store_budget_and_policy_as_configured(bamba, caplog):
+    """Default budget: a quarter of --kv-cache-memory (also when --num-kv-blocks sizes the pool);
+    --checkpoint-memory overrides it; prefix caching off means no store and policy none (as /metrics says);
+    a budget below one snapshot is warned about."""
+    _, path = bamba
+    llm = _llm(path, checkpoint_policy="every-block:2", kv_cache_memory=256 << 20)  # and num_kv_blocks=128
+    assert llm.engine.runner.recurrent.store.budget_bytes == (256 << 20) // 4
+    llm = _llm(path, checkpoint_policy="every-block:2", num_kv_blocks=None, kv_cache_memory=64 << 20)
+    assert llm.engine.runner.recurrent.store.budget_bytes == (64 << 20) // 4
+    llm = _llm(path, checkpoint_policy="every-block:2", checkpoint_memory=12345)
+    assert llm.engine.runner.recurrent.store.budget_bytes == 12345
+    llm = _llm(path, checkpoint_policy="every-block:2", enable_prefix_caching=False)
+    assert llm.engine.runner.recurrent.store is None and llm.engine.runner.recurrent.policy.spec == "none"
+    with caplog.at_level("WARNING"):
+        _llm(path, checkpoint_policy="every-block:2", checkpoint_memory=10)
+    assert any("less than one snapshot" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("which", ["bamba", "mamba2"])

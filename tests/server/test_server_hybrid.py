@@ -111,6 +111,21 @@ def test_fixed_rule_placement_has_no_depths(tiny_bamba):
         srv.stop()
 
 
+def test_no_checkpoints_still_exports_the_counters_at_zero(tiny_bamba):
+    """Policy none: the counters are there (0), so dashboards see no gap, and the placement says none."""
+    srv = _serve(tiny_bamba, "none")
+    try:
+        rng = random.Random(2)
+        _complete(srv, [rng.randrange(3, VOCAB) for _ in range(3 * BS)])
+        m = srv.metrics()
+        for name in ("checkpoints_stored", "checkpoint_hits", "checkpoint_misses", "checkpoints_evicted"):
+            assert m[f"kvserve:recurrent_{name}_total"] == 0
+        assert m["kvserve:recurrent_checkpoint_bytes"] == 0
+        assert any(k.startswith("kvserve:recurrent_checkpoint_placement_info") and 'policy="none"' in k for k in m)
+    finally:
+        srv.stop()
+
+
 def test_attention_model_observes_recomputed_tokens_without_placement(server_factory):
     srv = server_factory()
     doc = "The pool keeps every full block of sixteen tokens, addressed by a hash chain over its tokens. " * 4

@@ -183,9 +183,15 @@ def test_edge_cases():
             optimal_checkpoints(bad, 1)
         with pytest.raises(ValueError):
             expected_recompute(bad, [])
-    for bad_budget in (-1, 1.5, True):
+    for bad_budget in (-1, 1.5, True, None, "2", math.inf, math.nan):
         with pytest.raises(ValueError):
             optimal_checkpoints([0.5, 0.5], bad_budget)
+    assert expected_recompute([], [0]) == 0.0  # depth 0 is always allowed
+    # Finite weights whose sum overflows float64 answer as their scaled-down copy does (J is scale-free).
+    huge, small = [0, 1e308, 1e308, 1e308, 1e308], [0, 1, 1, 1, 1]
+    assert optimal_checkpoints(huge, 1) == optimal_checkpoints(small, 1) == [2]
+    assert expected_recompute(huge, [2]) == pytest.approx(expected_recompute(small, [2])) == pytest.approx(1.0)
+    assert expected_recompute([1e308] * 3, [1]) == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------------------------------------ policies
@@ -230,6 +236,7 @@ def test_fixed_policies_match_their_definitions(n, b):
     step = max(1, n // (b + 1))  # M evenly spaced over the prompt, the last one at most n * M / (M + 1)
     assert bal == [step * i for i in range(1, b + 1) if step * i <= n]
     assert len(bal) == (b if n >= b + 1 else n) and all(d <= n for d in bal)
+    assert make_placement_policy("balanced:1000000000").checkpoint_depths(n) == list(range(1, n + 1))  # O(n)
     sq = make_placement_policy("sqrt").checkpoint_depths(n)
     if n == 0:
         assert sq == []

@@ -106,8 +106,28 @@ def test_out_of_blocks_preempts_newest_then_resumes_it():
     sched.finish_request(a, RequestStatus.FINISHED_LENGTH)
     out = run_step(sched)
     assert [s.request for s in out.scheduled] == [b] and b.status == RequestStatus.RUNNING
+    # Prompt tokens computed count the recompute (caching is on, so b resumes from its own cached full block)
+    assert a.num_prompt_tokens_computed == 6
+    cached_on_return = 4  # b's first full block (tokens 100-103) was still in the prefix cache
+    assert b.num_prompt_tokens_computed == 6 + b.num_preemptions * (6 - cached_on_return)
     sched.finish_request(b, RequestStatus.FINISHED_ABORTED)
     assert kv.pool.num_used_blocks == 0
+
+
+def test_prompt_tokens_computed_counts_chunks_and_a_prefix_hit():
+    sched, _ = make(budget=4)
+    a = req("a", range(10))
+    sched.add_request(a)
+    for _ in range(3):
+        run_step(sched)
+    assert a.num_prompt_tokens_computed == 10 and a.num_output_tokens == 1  # 4 + 4 + 2, then decodes add none
+    run_step(sched)
+    assert a.num_prompt_tokens_computed == 10
+    b = req("b", list(range(9)) + [70])
+    sched.add_request(b)
+    run_step(sched)
+    run_step(sched)
+    assert b.num_cached_tokens == 8 and b.num_prompt_tokens_computed == 2
 
 
 def test_finish_waiting_request_frees_nothing_and_removes_it():
