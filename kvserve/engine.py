@@ -84,6 +84,14 @@ class LLMEngine:
         if self.num_blocks < 1:
             after = f" after the recurrent state slots ({slot_bytes} B)" if slot_bytes else ""
             raise ValueError(f"kv_cache_memory {config.kv_cache_bytes} B holds no KV block of {per_block} B{after}")
+        if per_block and self.num_blocks * config.block_size < self.max_model_len:
+            log.warning(
+                "the KV pool holds %d tokens (%d blocks), less than max_model_len %d: a request that could need "
+                "more (prompt + max_tokens) is refused with a clear error; vLLM refuses such a configuration",
+                self.num_blocks * config.block_size,
+                self.num_blocks,
+                self.max_model_len,
+            )
         model_cls = HybridModel if self.model_config.is_hybrid else LlamaModel
         self.model = model_cls(self.model_config, self.loaded.weights, self.dtype, self.device, self.max_model_len)
         cost_args = {"cost": self._recompute_cost(), "block_bytes": max(per_block, 1)}  # 0 B: recurrent-only

@@ -95,3 +95,12 @@ def test_first_output_token_keeps_its_leading_space_with_a_sentencepiece_decoder
     full, head = tok.decode(prompt + output), tok.decode(prompt)
     assert (full, head) == ("Hello world there!", "Hello")
     assert text == state.text == full[len(head) :] == " world there!"
+
+
+def test_a_pool_smaller_than_the_context_is_warned_about(ours, caplog):
+    with caplog.at_level("WARNING"):
+        small = LLM(loaded=ours, dtype="float32", num_kv_blocks=8)  # 128 tokens against a 8,192-token context
+    assert any("less than max_model_len 8192" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="tokens of KV"):
+        small.generate("Hello", SamplingParams(max_tokens=None))  # could need the whole context: refused
+    assert small.generate("Hello", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
