@@ -178,8 +178,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenize(prompt)
-        self._validate(token_ids, params)
+        token_ids = self.validate(prompt, params)
         request = Request(
             request_id,
             token_ids,
@@ -196,6 +195,13 @@ class LLMEngine:
         self.scheduler.add_request(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, once it passed add_request's checks (ValueError otherwise); queues nothing, so
+        a request of several prompts can be refused whole before any of them counts as accepted."""
+        token_ids = self.tokenize(prompt)
+        self._validate(token_ids, params)
+        return token_ids
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         n = len(token_ids)

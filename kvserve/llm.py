@@ -89,6 +89,8 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         engine = self.engine
+        for prompt, params in zip(prompts, params_list):  # refuse a bad prompt before any request is queued
+            engine.validate(prompt, params)
         children: list[list[str]] = []
         added: list[str] = []
         try:

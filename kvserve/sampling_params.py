@@ -1,7 +1,7 @@
 """SamplingParams: how one request picks its tokens and when it stops (no torch here).
 
-Greedy is temperature == 0. top_k None means off, top_p 1.0 means off. A seed makes a request's samples
-reproducible whatever else shares its batch (each seeded request owns its generator).
+Greedy is temperature 0 (or below 1e-5, as in vLLM). top_k None means off, top_p 1.0 means off. A seed makes a
+request's samples reproducible whatever else shares its batch (each seeded request owns its generator).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator accepts
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -81,4 +82,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """temperature 0, or so close to it (< 1e-5, as vLLM) that logits / temperature would overflow."""
+        return self.temperature < GREEDY_BELOW

@@ -29,8 +29,10 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop tokens once the mass before them already reaches top_p (the first token always stays).
+        # Drop tokens once the mass before them already reaches top_p (the first token always stays, also for a
+        # top_p that is 0 in float32).
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     return logits.softmax(-1)

@@ -208,6 +208,8 @@ class AsyncEngine:
         n = cmd.params.n
         added: list[str] = []
         try:
+            for prompt in cmd.prompts:  # all of them first: a refused prompt leaves nothing queued or counted
+                engine.validate(prompt, cmd.params)
             for index in range(stream.num_children):
                 params = cmd.params if n == 1 else cmd.params.child(index % n)
                 rid = stream.child_id(index)

@@ -26,13 +26,36 @@ def parse_request(raw: bytes, cls: type[T]) -> T:
     """Parse a JSON body into a request model (whatever the Content-Type, so `curl -d` works); 400 if bad."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, an integer of > 4,300 digits
         raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body nests JSON too deeply") from None
+    _check_unicode(data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         message, param = validation_message(e.errors(include_url=False))
         raise InvalidRequestError(message, param=param) from None
+
+
+def _check_unicode(data: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); Python then holds a string no UTF-8 text (and no
+    tokenizer) accepts. Refuse it up front, wherever it is. Iterative: json.loads bounds the nesting already."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    "the request contains a lone UTF-16 surrogate escape (such as \\ud800): not valid Unicode"
+                ) from None
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
 
 
 # ------------------------------------------------------------------------------------------------- requests

@@ -53,6 +53,12 @@ CASES = [
     (COMP, {"prompt": "x", "max_tokens": 8192}, 400, "max_tokens"),
     (COMP, {"prompt": ["a"] * 10, "n": 64, "max_tokens": 1}, 400, None),  # 640 sequences: more than ever queue
     (COMP, {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    (COMP, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # nesting past the parser's limit
+    (COMP, b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),  # past Python's int digits limit
+    (COMP, {"prompt": "hi \ud800"}, 400, None),  # a lone surrogate: no UTF-8 text, no tokenizer takes it
+    (COMP, {"prompt": ["ok", "\udc00"]}, 400, None),
+    (COMP, {"prompt": "hi", "model": "\ud800"}, 400, None),
+    (CHAT, {"messages": [{"role": "user", "content": "\udc00"}]}, 400, None),
     (COMP, {"prompt": "x", "temperature": 1, "seed": -(2**63) - 1}, 400, "seed"),  # torch's seed range
     (COMP, {"prompt": "x", "temperature": 1, "seed": 10**20}, 400, "seed"),
     (COMP, {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, None),
@@ -123,6 +129,31 @@ def test_explicit_nulls_mean_the_defaults(http):
     assert len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
     r = http.post(COMP, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+def test_tiny_temperature_and_top_p_answer(http):
+    """temperature below 1e-5 is greedy (as vLLM); a top_p that is 0 in float32 still keeps the top token."""
+    greedy = http.post(COMP, json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
+                                   "temperature": 0}).json()["choices"][0]["text"]  # fmt: skip
+    for extra in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-46}):
+        r = http.post(COMP, json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+
+
+def test_a_refused_prompt_counts_no_prompt_tokens(http):
+    """A multi-prompt request refused for one of its prompts queues and counts none of them."""
+
+    def prompt_tokens() -> float:
+        text = http.get("/metrics").text
+        return float(
+            next(line.split()[-1] for line in text.splitlines() if line.startswith("kvserve:prompt_tokens_total"))
+        )
+
+    before = prompt_tokens()
+    r = http.post(COMP, json={"model": MODEL, "prompt": [[1, 2, 3, 4, 5, 6, 7], [10**8]], "n": 3, "max_tokens": 2})
+    _assert_error(r, 400)
+    assert prompt_tokens() == before
 
 
 def test_largest_seed_with_n_is_accepted(http):
