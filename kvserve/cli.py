@@ -78,6 +78,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="persistent KV tier shared across restarts/replicas: a directory (PATH or disk:PATH) or redis://127.0.0.1:6379",
     )
+    g.add_argument(
+        "--kv-store-max-bytes",
+        type=_memory,
+        default=None,
+        help="bound of a disk --kv-store, e.g. 50GiB (least recently used files go first; default: until full)",
+    )
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -65,6 +65,7 @@ class EngineConfig:
     eviction_policy: str = "lru"  # lru | lfu | cost-aware: which cached block leaves the pool first
     cpu_offload_gb: float = 0.0  # host-RAM tier for blocks evicted from the pool (GiB; 0 = none)
     kv_store: str | None = None  # persistent tier: PATH, disk:PATH or redis://HOST:PORT[/DB]
+    kv_store_max_bytes: int | None = None  # bound of a disk store (LRU); None: until the disk is full
     seed: int = 0  # seed for requests that bring none
     max_logprobs: int = 20
     # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
@@ -105,6 +106,11 @@ class EngineConfig:
             or (self.kv_store and "://" not in self.kv_store and not self.kv_store.startswith("disk:"))  # a path
         ):
             raise ValueError(f"kv_store must be PATH, disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
+        if self.kv_store_max_bytes is not None:
+            if self.kv_store_max_bytes < 1:
+                raise ValueError(f"kv_store_max_bytes must be >= 1, got {self.kv_store_max_bytes}")
+            if self.kv_store is None or self.kv_store.split("://")[0] in ("redis", "rediss", "unix"):
+                raise ValueError("kv_store_max_bytes bounds a disk --kv-store; Redis is bounded by its maxmemory")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.checkpoint_memory is not None and self.checkpoint_memory < 0:

@@ -142,7 +142,7 @@ class LLMEngine:
         cfg = self.config
         if not cfg.enable_prefix_caching or (cfg.cpu_offload_gb <= 0 and not cfg.kv_store):
             return None
-        store = open_store(cfg.kv_store) if cfg.kv_store else None
+        store = open_store(cfg.kv_store, cfg.kv_store_max_bytes) if cfg.kv_store else None
         fingerprint = getattr(self.loaded, "_kv_fingerprint", None)  # hashing every weight: once per model
         if fingerprint is None:
             fingerprint = model_fingerprint(self.model_config, self.loaded.weights)

@@ -223,8 +223,27 @@ def test_full_disk_costs_only_recompute(ours, reference, tmp_path, caplog):
     assert not list(root.rglob(".tmp-*")), "a failed write left a temp file behind"
 
 
+def test_bounded_disk_store_stays_within_its_bytes(ours, reference, tmp_path):
+    """--kv-store-max-bytes: the files never exceed the bound (LRU out, counted), and what is left still loads
+    back exactly."""
+    block = 30 * 2 * 3 * 16 * 64 * 2  # layers x K/V x kv heads x block x head dim x bf16 bytes, before the header
+    bound = 6 * block
+    llm = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=str(tmp_path), kv_store_max_bytes=bound)
+    _warm_then_evict(llm)
+    held = sum(p.stat().st_size for p in tmp_path.rglob("kvserve-*"))
+    assert 0 < held <= bound
+    assert llm.engine.tiers.stats["disk"].evictions > 0
+    out = llm.generate(DOC + QUESTIONS[1], GREEDY)[0]  # whatever prefix survived, the answer is exact
+    _check_same(out, reference[QUESTIONS[1]])
+    llm.engine.kv.check_invariants()
+
+
 def test_bad_store_specs_fail_at_start(ours):
     with pytest.raises(ValueError, match="kv_store must be PATH, disk:PATH or redis://"):
         LLM(loaded=ours, kv_store="s3://bucket")
+    with pytest.raises(ValueError, match="kv_store_max_bytes bounds a disk"):
+        LLM(loaded=ours, kv_store="redis://127.0.0.1:1/0", kv_store_max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="kv_store_max_bytes bounds a disk"):
+        LLM(loaded=ours, kv_store_max_bytes=1 << 20)
     with pytest.raises(ValueError, match="eviction_policy must be one of"):
         LLM(loaded=ours, eviction_policy="fifo")

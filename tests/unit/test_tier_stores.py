@@ -195,3 +195,30 @@ def test_write_through_pauses_while_the_store_fails(tmp_path):
     assert tiers.flush(10) and tiers.stats["disk"].stores == 1
     assert len(tiers.lookup([h], [1, 2, 3, 4], 4, 0, 1)) == 1
     tiers.close()
+
+
+def test_bounded_disk_store_evicts_least_recently_used_files(tmp_path):
+    """max_bytes bounds the files: least recently used out (a read refreshes), the bound holds across a
+    restart (the index is rebuilt from the files' times), counted evictions."""
+    import os
+
+    value = b"x" * 1000
+    store = DiskStore(tmp_path, max_bytes=3500)
+    for i in range(3):
+        store.put(f"kvserve-k{i}", value)
+        os.utime(store._path(f"kvserve-k{i}"), (1000 + i, 1000 + i))  # distinct times for the restart below
+    assert store.get_prefix(["kvserve-k0"]) == [value]  # k0 is now the most recently used
+    store.put("kvserve-k3", value)
+    on_disk = sorted(p.name for p in tmp_path.rglob("kvserve-*"))
+    assert on_disk == ["kvserve-k0", "kvserve-k2", "kvserve-k3"] and store.num_evictions == 1
+    assert store.bytes_held == 3000 == sum(p.stat().st_size for p in tmp_path.rglob("kvserve-*"))
+    store.delete("kvserve-k3")
+    assert store.bytes_held == 2000
+    # A restart with a smaller bound keeps the most recently used files only.
+    os.utime(store._path("kvserve-k0"), (2000, 2000))
+    smaller = DiskStore(tmp_path, max_bytes=1500)
+    assert [p.name for p in tmp_path.rglob("kvserve-*")] == ["kvserve-k0"] and smaller.num_evictions == 1
+    with pytest.raises(ValueError, match="byte bound"):
+        DiskStore(tmp_path, max_bytes=0)
+    with pytest.raises(ValueError, match="maxmemory"):
+        open_store("redis://127.0.0.1:1/0", max_bytes=10)

@@ -216,6 +216,7 @@ class TieredCache:
                 with self._lock:
                     self.stats[name].stores += 1
                     self.stats[name].bytes_stored += len(value)
+                    self.stats[name].evictions = self.store.num_evictions  # a bounded disk store's LRU
             except Exception:  # noqa: BLE001 - the writer must survive anything one block does
                 log.exception("KV writer failed on one block")
             finally:

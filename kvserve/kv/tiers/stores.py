@@ -13,6 +13,7 @@ miss, so a request recomputes instead of failing. A Redis store that failed is n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -99,6 +100,8 @@ class PersistentStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    num_evictions = 0  # entries the store removed to stay within its own bound
+
     def writable(self) -> bool:
         """False for a few seconds after a failed write (a dead Redis, a full disk): write-through skips
         the store meanwhile instead of copying blocks that would only fail again."""
@@ -110,21 +113,58 @@ class PersistentStore(ABC):
 
 class DiskStore(PersistentStore):
     """Files root/<last two hex digits of the key>/<key>: 256 directories. Crash-safe writes (temp file +
-    rename)."""
+    rename).
+
+    With max_bytes, the files stay within that many bytes: least recently used first out (an in-memory LRU
+    index over the directory, built at start from the files' modification times; a read refreshes a file's
+    time, so the order survives a restart). The bound is exact for one writing process per directory; several
+    processes each keep their own index.
+    """
 
     name = "disk"
 
-    def __init__(self, root: str | Path, retry_after_s: float = 5.0):
+    def __init__(self, root: str | Path, retry_after_s: float = 5.0, max_bytes: int | None = None):
         self.root = Path(root)
         self.retry_after_s = retry_after_s
         self._write_down_until = 0.0
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"the disk store's byte bound must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._lru: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recently used first
+        self._bytes = 0
+        self._lock = threading.Lock()  # the writer and the fetch thread both touch the index
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--kv-store disk:{root}: cannot create the directory: {e}") from None
+        if max_bytes is not None:
+            files = []
+            for path in self.root.glob("*/kvserve-*"):
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                files.append((st.st_mtime, path.name, st.st_size))
+            for _, key, size in sorted(files):
+                self._lru[key] = size
+                self._bytes += size
+            with self._lock:
+                self._evict_to(max_bytes)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of the files the index holds (max_bytes set), else 0: not tracked."""
+        return self._bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key[-2:] / key
+
+    def _evict_to(self, limit: int) -> None:
+        while self._bytes > limit and self._lru:
+            key, size = self._lru.popitem(last=False)
+            self._bytes -= size
+            self._path(key).unlink(missing_ok=True)
+            self.num_evictions += 1
 
     def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
         out = []
@@ -135,6 +175,12 @@ class DiskStore(PersistentStore):
                 break
             except OSError as e:
                 raise StoreUnavailable(f"disk read {key}: {e}") from e
+            if self.max_bytes is not None:
+                with self._lock:
+                    if key in self._lru:
+                        self._lru.move_to_end(key)
+                with contextlib.suppress(OSError):
+                    os.utime(self._path(key))  # recency for the next start's index
         return out
 
     def put(self, key: str, value: bytes) -> None:
@@ -151,6 +197,11 @@ class DiskStore(PersistentStore):
                 Path(tmp).unlink(missing_ok=True)
             self._write_down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"disk write {key}: {e}") from e
+        if self.max_bytes is not None:
+            with self._lock:
+                self._bytes += len(value) - self._lru.pop(key, 0)
+                self._lru[key] = len(value)
+                self._evict_to(self.max_bytes)
 
     def writable(self) -> bool:
         return time.monotonic() >= self._write_down_until
@@ -160,6 +211,9 @@ class DiskStore(PersistentStore):
             self._path(key).unlink(missing_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"disk delete {key}: {e}") from e
+        if self.max_bytes is not None:
+            with self._lock:
+                self._bytes -= self._lru.pop(key, 0)
 
 
 class RedisStore(PersistentStore):
@@ -208,15 +262,18 @@ class RedisStore(PersistentStore):
         self._client.close()
 
 
-def open_store(spec: str) -> PersistentStore:
-    """`disk:PATH` (or a bare PATH) or `redis://HOST:PORT[/DB]` (also rediss:// and unix://)."""
+def open_store(spec: str, max_bytes: int | None = None) -> PersistentStore:
+    """`disk:PATH` (or a bare PATH) or `redis://HOST:PORT[/DB]` (also rediss:// and unix://). max_bytes bounds
+    a disk store (Redis is bounded by its own maxmemory)."""
     if spec.startswith("disk:"):
         path = spec.removeprefix("disk:")
         if not path:
             raise ValueError("--kv-store disk: needs a directory, e.g. disk:/var/cache/kvserve")
-        return DiskStore(os.path.expanduser(path))
+        return DiskStore(os.path.expanduser(path), max_bytes=max_bytes)
     if urlparse(spec).scheme in ("redis", "rediss", "unix"):
+        if max_bytes is not None:
+            raise ValueError("--kv-store-max-bytes bounds a disk store; bound Redis with its maxmemory setting")
         return RedisStore(spec)
     if spec and "://" not in spec:  # a bare path: the embedded disk store
-        return DiskStore(os.path.expanduser(spec))
+        return DiskStore(os.path.expanduser(spec), max_bytes=max_bytes)
     raise ValueError(f"--kv-store {spec!r}: use PATH, disk:PATH or redis://HOST:PORT")
