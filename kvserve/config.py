@@ -100,16 +100,13 @@ class EngineConfig:
             raise ValueError(f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}")
         if not self.cpu_offload_gb >= 0:
             raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
-        if self.kv_store is not None and not (
-            (self.kv_store.startswith("disk:") and len(self.kv_store) > 5)
-            or self.kv_store.split("://")[0] in ("redis", "rediss", "unix")
-            or (self.kv_store and "://" not in self.kv_store and not self.kv_store.startswith("disk:"))  # a path
-        ):
+        store_kind = None if self.kv_store is None else kv_store_kind(self.kv_store)
+        if self.kv_store is not None and store_kind is None:
             raise ValueError(f"kv_store must be PATH, disk:PATH or redis://HOST:PORT, got {self.kv_store!r}")
         if self.kv_store_max_bytes is not None:
             if self.kv_store_max_bytes < 1:
                 raise ValueError(f"kv_store_max_bytes must be >= 1, got {self.kv_store_max_bytes}")
-            if self.kv_store is None or self.kv_store.split("://")[0] in ("redis", "rediss", "unix"):
+            if store_kind != "disk":
                 raise ValueError("kv_store_max_bytes bounds a disk --kv-store; Redis is bounded by its maxmemory")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
@@ -141,6 +138,16 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def kv_store_kind(spec: str) -> str | None:
+    """ "disk" for disk:PATH or a bare PATH, "redis" for redis://, rediss:// or unix://, None for anything else
+    (the one place --kv-store specs are told apart: config validation and kvserve.kv.tiers.open_store)."""
+    if spec.startswith("disk:"):
+        return "disk" if len(spec) > len("disk:") else None
+    if "://" in spec:
+        return "redis" if spec.split("://", 1)[0] in ("redis", "rediss", "unix") else None
+    return "disk" if spec else None
 
 
 def parse_memory(text: str) -> int:

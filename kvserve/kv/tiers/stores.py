@@ -23,9 +23,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from kvserve.config import kv_store_kind
 
 
 class StoreUnavailable(RuntimeError):
@@ -265,15 +266,13 @@ class RedisStore(PersistentStore):
 def open_store(spec: str, max_bytes: int | None = None) -> PersistentStore:
     """`disk:PATH` (or a bare PATH) or `redis://HOST:PORT[/DB]` (also rediss:// and unix://). max_bytes bounds
     a disk store (Redis is bounded by its own maxmemory)."""
-    if spec.startswith("disk:"):
-        path = spec.removeprefix("disk:")
-        if not path:
-            raise ValueError("--kv-store disk: needs a directory, e.g. disk:/var/cache/kvserve")
-        return DiskStore(os.path.expanduser(path), max_bytes=max_bytes)
-    if urlparse(spec).scheme in ("redis", "rediss", "unix"):
+    kind = kv_store_kind(spec)
+    if spec == "disk:":
+        raise ValueError("--kv-store disk: needs a directory, e.g. disk:/var/cache/kvserve")
+    if kind == "disk":
+        return DiskStore(os.path.expanduser(spec.removeprefix("disk:")), max_bytes=max_bytes)
+    if kind == "redis":
         if max_bytes is not None:
             raise ValueError("--kv-store-max-bytes bounds a disk store; bound Redis with its maxmemory setting")
         return RedisStore(spec)
-    if spec and "://" not in spec:  # a bare path: the embedded disk store
-        return DiskStore(os.path.expanduser(spec), max_bytes=max_bytes)
     raise ValueError(f"--kv-store {spec!r}: use PATH, disk:PATH or redis://HOST:PORT")
