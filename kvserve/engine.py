@@ -172,13 +172,20 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
     ) -> Request:
-        """Validate and queue one request (params.n is handled by the APIs above). Raises ValueError."""
+        """Validate and queue one request (params.n is handled by the APIs above). Raises ValueError.
+        `prompt_token_ids`: the string prompt's ids from validate(), so it is not tokenized again."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.validate(prompt, params)
+        if prompt_token_ids is None:
+            token_ids = self.validate(prompt, params)
+        else:
+            token_ids = [int(t) for t in prompt_token_ids]
+            self._validate(token_ids, params)
         request = Request(
             request_id,
             token_ids,

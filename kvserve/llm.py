@@ -89,8 +89,8 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         engine = self.engine
-        for prompt, params in zip(prompts, params_list):  # refuse a bad prompt before any request is queued
-            engine.validate(prompt, params)
+        # Refuse a bad prompt before any request is queued; the ids are reused, so a string is tokenized once.
+        token_ids = [engine.validate(prompt, params) for prompt, params in zip(prompts, params_list)]
         children: list[list[str]] = []
         added: list[str] = []
         try:
@@ -99,7 +99,9 @@ class LLM:
                 for k in range(params.n):
                     child = params if params.n == 1 else params.child(k)
                     rid = f"gen-{id(self)}-{i}-{k}"
-                    engine.add_request(prompt, child, request_id=rid, cache_salt=cache_salt)
+                    engine.add_request(
+                        prompt, child, request_id=rid, cache_salt=cache_salt, prompt_token_ids=token_ids[i]
+                    )
                     ids.append(rid)
                     added.append(rid)
                 children.append(ids)

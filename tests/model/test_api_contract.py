@@ -45,6 +45,17 @@ def test_prompt_forms(llm):
     assert llm.engine.pool.num_used_blocks == 0
 
 
+def test_a_string_prompt_is_tokenized_once_even_with_n(llm, monkeypatch):
+    calls = []
+    encode = llm.tokenizer.encode
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text, *a, **k: calls.append(text) or encode(text, *a, **k))
+    want = llm.generate({"prompt_token_ids": encode("Hello there")}, GREEDY)[0]
+    out = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=4, n=3))[0]
+    assert calls == ["Hello there"]
+    assert out.prompt == "Hello there" and out.prompt_token_ids == want.prompt_token_ids
+    assert [c.token_ids for c in out.outputs] == [want.outputs[0].token_ids] * 3
+
+
 def test_min_tokens_keeps_eos_from_being_sampled_like_transformers(llm, hf_model):
     """transformers' min_new_tokens masks EOS until then; kvserve's min_tokens must give the same tokens."""
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Reply with just the word: hi"}])
