@@ -9,6 +9,7 @@ SmolLM2 tokenizer files) and loaded by kvserve. Asserted:
 * recurrent-state checkpoints: with every placement policy, prompts sharing prefixes of random lengths give
   the no-cache (and transformers') tokens, and resumes happen at every checkpoint depth with
   num_cached_tokens == that depth in tokens (also with the KV coming back from the host-RAM tier);
+* in bfloat16, greedy and seeded top-p sampling: resuming from checkpoints gives the no-cache tokens;
 * a step that fails after the forward commits no state (the per-request retry gives the same tokens).
 """
 
@@ -356,6 +357,28 @@ def test_bfloat16_runs_chunked_with_checkpoints(which, request):
     assert all(len(t) == 4 for t in _tokens(outs))
     assert outs[-1].num_cached_tokens == 32  # KV hit 5 blocks, deepest checkpoint (every 2 blocks) at 4
     _released(llm)
+
+
+@pytest.mark.parametrize("which", ["bamba", "mamba2"])
+def test_bfloat16_and_sampling_give_the_no_cache_tokens(which, request):
+    """bf16, greedy and seeded top-p sampling: resuming from checkpoints (one at a time and batched, chunk budgets
+    that cut SSD windows) gives the tokens of the same prompts run with caching off. Not bitwise (README,
+    Exactness): the test models' logits are peaked, so rounding does not flip a choice."""
+    _, path = request.getfixturevalue(which)
+    prompts = _shared_prefix_prompts(11, 12)
+    for params in (
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True),
+    ):
+        plain = _llm(path, dtype="bfloat16", enable_prefix_caching=False)
+        reference = _tokens([plain.generate(p, params)[0] for p in prompts])
+        for policy, budget in (("every-block:1", 40), ("optimal:3", 13)):
+            llm = _llm(path, dtype="bfloat16", checkpoint_policy=policy, max_num_batched_tokens=budget)
+            one = [llm.generate(p, params)[0] for p in prompts]
+            assert _tokens(one) == reference, (policy, params.temperature)
+            assert _tokens(llm.generate(prompts, params)) == reference, (policy, params.temperature)
+            assert llm.engine.runner.recurrent.num_resumed_tokens > 0
+            _released(llm)
 
 
 def test_recurrent_state_slots_count_against_the_kv_budget(bamba):
