@@ -123,6 +123,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed_request,
         max_tokens=args.max_tokens,
         stop=tuple(args.stop or ()),
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
     llm = LLM(**{k: v for k, v in vars(config).items()})
     if args.chat:
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed-request", type=int, default=None, help="sampling seed of each request")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages prompt and output tokens")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, subtracted once per output token seen")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, subtracted per occurrence")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)

@@ -223,9 +223,11 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        for what, ids in (("stop token id", params.stop_token_ids), ("logit_bias token id", params.logit_bias or ())):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{what} {bad[0]} is outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs {params.logprobs} exceeds max_logprobs {self.config.max_logprobs}")
         total = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)

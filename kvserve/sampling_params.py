@@ -2,6 +2,12 @@
 
 Greedy is temperature 0 (or below 1e-5, as in vLLM). top_k None means off, top_p 1.0 means off. A seed makes a
 request's samples reproducible whatever else shares its batch (each seeded request owns its generator).
+
+Logit adjustments, applied in vLLM's order before greedy or sampled choice (logprobs stay the raw model's):
+logit_bias (token id -> added to its logit, -100..100, OpenAI), then repetition_penalty (transformers' and
+vLLM's: a token in the prompt or the output has a positive logit divided by it, a negative one multiplied),
+then frequency_penalty x the token's count in the output and presence_penalty x (count > 0) are subtracted
+(OpenAI's definition, -2..2).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's logprob; k: plus the top k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience, store tuples (frozen, hashable).
@@ -40,6 +50,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
         if self.top_k is not None and self.top_k in (0, -1):
             object.__setattr__(self, "top_k", None)
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -47,7 +59,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -67,6 +79,11 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if any(not s for s in self.stop):
@@ -81,6 +98,31 @@ class SamplingParams:
         return dataclasses.replace(self, n=1, seed=seed)
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Does a penalty or a logit bias change this request's logits before its choice?"""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
+
+    @property
     def greedy(self) -> bool:
         """temperature 0, or so close to it (< 1e-5, as vLLM) that logits / temperature would overflow."""
         return self.temperature < GREEDY_BELOW
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """{token id: bias}, ids as ints (OpenAI's JSON keys are strings), biases finite and in [-100, 100]."""
+    if not hasattr(bias, "items"):
+        raise ValueError(f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            if isinstance(key, bool) or not isinstance(key, str | numbers.Integral):
+                raise TypeError
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}")
+        out[token] = float(value)
+    return out

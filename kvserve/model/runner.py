@@ -131,7 +131,8 @@ class ModelRunner:
             return {}
         params = [s.request.sampling_params for s in sampling]
         banned = [_banned_before_min_tokens(s.request) for s in sampling]
-        results = sample(logits, params, [self._generator(s) for s in sampling], banned)
+        histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
+        results = sample(logits, params, [self._generator(s) for s in sampling], banned, histories)
         return {s.request.request_id: r for s, r in zip(sampling, results)}
 
     def _groups(self, clusters: list[list[ScheduledRequest]], prefills: list[ScheduledRequest]) -> list:

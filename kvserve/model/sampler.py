@@ -38,17 +38,41 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def _adjust(row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> None:
+    """Row i's logit bias and penalties, in place, in vLLM's order (sampling_params.py)."""
+    dev = row.device
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
+        row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(prompt + output, dtype=torch.long, device=dev).unique()
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if output and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=row.shape[0])
+        counts = counts[: row.shape[0]].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     banned: list[list[int]] | None = None,
+    histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[SampleResult]:
     """logits: (S, V) float32, one row per sampling request. banned[i]: token ids row i may not pick (EOS and
-    stop tokens before min_tokens); logprobs stay those of the raw logits."""
+    stop tokens before min_tokens). histories[i]: row i's (prompt, output) token ids, for its penalties. The
+    choice sees the adjusted logits; logprobs stay those of the raw logits (vLLM's default)."""
     choice = logits
-    if banned is not None and any(banned):
+    adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if adjusted or (banned is not None and any(banned)):
         choice = logits.clone()
+    for i in adjusted:
+        if histories is None:
+            raise ValueError("a request with penalties or a logit bias needs its token history")
+        _adjust(choice[i], params[i], *histories[i])
+    if banned is not None:
         for i, ids in enumerate(banned):
             if ids:
                 choice[i, ids] = float("-inf")

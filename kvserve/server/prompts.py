@@ -109,6 +109,11 @@ def _params(body: SamplingRequest, max_tokens: int, logprobs: int | None) -> Sam
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.logit_bias or None,
         )
-    except ValueError as e:
-        raise InvalidRequestError(str(e)) from None
+    except ValueError as e:  # SamplingParams' messages start with the field's name
+        name = str(e).split(maxsplit=1)[0] if str(e) else ""
+        raise InvalidRequestError(str(e), param=name if name in type(body).model_fields else None) from None

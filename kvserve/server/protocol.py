@@ -2,8 +2,9 @@
 
 Requests are strict (``"5"`` is not an int) and closed (``extra="forbid"``): an unknown field is a 400. An
 OpenAI field that kvserve does not implement is rejected by name unless it carries its neutral value
-(``presence_penalty: 0``, ``response_format: {"type": "text"}``), so a client never gets silently different
-behaviour. Extensions beyond OpenAI: top_k, min_tokens, ignore_eos, stop_token_ids, cache_salt.
+(``tools: []``, ``response_format: {"type": "text"}``), so a client never gets silently different
+behaviour. Extensions beyond OpenAI (as vLLM names them): top_k, min_tokens, ignore_eos, stop_token_ids,
+repetition_penalty, cache_salt.
 Responses follow OpenAI's shapes field for field.
 """
 
@@ -82,14 +83,8 @@ def _reject_unsupported(data: Any, neutral: dict[str, tuple[Any, ...]]) -> Any:
     return data
 
 
-_NEUTRAL_COMMON: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "logit_bias": (None, {}),
-}
-_NEUTRAL_COMPLETION = {**_NEUTRAL_COMMON, "echo": (None, False), "best_of": (None, 1), "suffix": (None,)}
-_NEUTRAL_CHAT = {
-    **_NEUTRAL_COMMON,
+_NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {"echo": (None, False), "best_of": (None, 1), "suffix": (None,)}
+_NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),
@@ -130,6 +125,10 @@ class SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)  # extension (vLLM, transformers' definition)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys are) -> -100..100
     ignore_eos: bool = False  # extension
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -76,6 +76,114 @@ def test_min_tokens_keeps_eos_from_being_sampled_like_transformers(llm, hf_model
     assert out.token_ids == ref and 2 not in out.token_ids[:17]
 
 
+class _BruteForceAdjust:
+    """OpenAI's logit_bias and frequency/presence penalties written out token by token, as a transformers
+    logits processor (an independent reference for kvserve's vectorised version)."""
+
+    def __init__(self, prompt_len: int, bias: dict[int, float], frequency: float = 0.0, presence: float = 0.0):
+        self.prompt_len, self.bias, self.frequency, self.presence = prompt_len, bias, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        if self.bias:
+            for token, b in self.bias.items():
+                scores[0, token] += b
+        if self.frequency or self.presence:
+            counts: dict[int, int] = {}
+            for token in input_ids[0, self.prompt_len :].tolist():
+                counts[token] = counts.get(token, 0) + 1
+            for token, c in counts.items():
+                scores[0, token] -= self.frequency * c + self.presence
+        return scores
+
+
+def _hf_greedy_with(hf_model, ids: list[int], processors: list, max_new_tokens: int) -> list[int]:
+    from transformers import LogitsProcessorList
+
+    return hf_model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=2,
+        pad_token_id=2,
+        logits_processor=LogitsProcessorList(processors),
+    )[0, len(ids) :].tolist()
+
+
+def test_penalties_and_logit_bias_match_transformers(llm, hf_model):
+    """repetition_penalty against transformers' own processor; logit_bias and frequency/presence penalties
+    against a token-by-token version; all four together in vLLM's order. Greedy, float32, token for token."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    ids = llm.tokenizer.encode("List the days of the week: Monday, Tuesday,")
+    n = 24
+    plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
+    bias = {plain[0]: -5.0, plain[3]: -3.0, 28: 2.5}  # push the plain choices away, pull another token in
+    cases = [
+        (dict(repetition_penalty=1.5), [RepetitionPenaltyLogitsProcessor(1.5)]),
+        (dict(repetition_penalty=0.8), [RepetitionPenaltyLogitsProcessor(0.8)]),
+        (dict(logit_bias=bias), [_BruteForceAdjust(len(ids), bias)]),
+        (dict(frequency_penalty=1.2, presence_penalty=0.7), [_BruteForceAdjust(len(ids), {}, 1.2, 0.7)]),
+        (dict(presence_penalty=-1.5), [_BruteForceAdjust(len(ids), {}, 0.0, -1.5)]),
+        (
+            dict(logit_bias=bias, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5),
+            [
+                _BruteForceAdjust(len(ids), bias),
+                RepetitionPenaltyLogitsProcessor(1.3),
+                _BruteForceAdjust(len(ids), {}, 0.5, 0.5),
+            ],
+        ),
+    ]
+    for kwargs, processors in cases:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0, **kwargs)
+        out = llm.generate([ids], params)[0].outputs[0]
+        assert out.token_ids == _hf_greedy_with(hf_model, ids, processors, n), kwargs
+        if kwargs != {"repetition_penalty": 0.8}:  # (a penalty below 1 favours the repeats greedy makes anyway)
+            assert out.token_ids != plain, kwargs  # the case changes the output, so the comparison means something
+    # logprobs stay the raw model's (vLLM's default): the first token's equals the plain run's for the same token
+    raw = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
+    biased = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5, logit_bias={28: 100}))
+    first = biased[0].outputs[0]
+    assert first.token_ids == [28] and first.top_logprobs[0] == raw.top_logprobs[0]
+    assert llm.engine.pool.num_used_blocks == 0
+
+
+def test_penalised_sampling_does_not_depend_on_the_batch(llm):
+    """A seeded request with penalties samples the same tokens alone and next to others."""
+    ids = llm.tokenizer.encode("Write a list of fruits:")
+    params = SamplingParams(
+        temperature=0.9, seed=5, max_tokens=16, ignore_eos=True, frequency_penalty=0.8, repetition_penalty=1.2
+    )
+    alone = llm.generate([ids], params)[0].outputs[0].token_ids
+    others = [llm.tokenizer.encode(t) for t in ("Hello", "Tell me a story about a cat", "1, 2, 3,")]
+    batched = llm.generate(
+        [others[0], ids, others[1], others[2]],
+        [SamplingParams(max_tokens=12, seed=1)]
+        + [params]
+        + [SamplingParams(temperature=0, max_tokens=9, presence_penalty=1.0)] * 2,
+    )
+    assert batched[1].outputs[0].token_ids == alone
+    plain = llm.generate([ids], SamplingParams(temperature=0.9, seed=5, max_tokens=16, ignore_eos=True))
+    assert plain[0].outputs[0].token_ids != alone
+
+
+def test_bad_penalties_and_logit_bias_are_refused(llm):
+    for kwargs in (
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3),
+        dict(repetition_penalty=0),
+        dict(logit_bias={"a": 1}),
+        dict(logit_bias={1: 200}),
+        dict(logit_bias={1.5: 1}),
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="logit_bias token id"):
+        llm.generate("Hi", SamplingParams(logit_bias={10**7: 1.0}))
+    assert llm.engine.pool.num_used_blocks == 0
+
+
 def test_min_tokens_also_holds_back_stop_token_ids(llm):
     ids = llm.tokenizer.encode("The capital of France is")
     free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[30]))[0].outputs[0]

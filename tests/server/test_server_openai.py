@@ -79,6 +79,40 @@ def test_greedy_matches_offline_llm(client, aclient, reference):
     assert r.choices[0].message.content == want
 
 
+def test_penalties_and_logit_bias_match_offline_llm(client, reference):
+    """OpenAI's presence/frequency penalties and logit_bias (keys are token id strings), and vLLM's
+    repetition_penalty, reach the sampler: the server's text equals LLM.generate with the same settings."""
+    prompt = "List the days of the week: Monday, Tuesday,"
+    bias = {reference.tokenizer.encode(" Wednesday")[0]: -100.0}
+    adjust = dict(presence_penalty=0.6, frequency_penalty=0.9, repetition_penalty=1.3, logit_bias=bias)
+    want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=16, **adjust))[0].outputs[0].text
+    plain = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+    assert want != plain and "Wednesday" in plain and "Wednesday" not in want
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0,
+        presence_penalty=0.6,
+        frequency_penalty=0.9,
+        logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"repetition_penalty": 1.3},
+    )
+    assert r.choices[0].text == want
+    messages = [{"role": "user", "content": "Name three colours."}]
+    params = SamplingParams(temperature=0, max_tokens=12, frequency_penalty=1.5, logit_bias=bias)
+    want = reference.chat(messages, params)[0].outputs[0].text
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=1.5,
+        logit_bias={str(k): v for k, v in bias.items()},
+    )
+    assert r.choices[0].message.content == want
+
+
 def test_chat_stream_async_with_usage(aclient):
     async def run():
         async with aclient() as ac:
