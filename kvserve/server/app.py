@@ -29,11 +29,26 @@ from kvserve.engine import LLMEngine
 from kvserve.model.loader import LoadedModel
 from kvserve.server import serving
 from kvserve.server.async_engine import AsyncEngine
-from kvserve.server.errors import ModelNotFoundError, ServiceUnavailableError, install_error_handlers
+from kvserve.server.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    install_error_handlers,
+)
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
-from kvserve.server.prompts import EngineInput, Limits, chat_input, completion_input
-from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from kvserve.server.prompts import EngineInput, Limits, chat_input, chat_text, completion_input
+from kvserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    parse_request,
+)
 from kvserve.server.responses import ChatFormatter, ChoiceTracker, CompletionFormatter, Formatter
 
 log = logging.getLogger(__name__)
@@ -80,6 +95,8 @@ def build_app(
     app.add_api_route(
         "/v1/chat/completions", routes.chat, methods=post, openapi_extra=_json_body(ChatCompletionRequest)
     )
+    app.add_api_route("/tokenize", routes.tokenize, methods=post, openapi_extra=_json_body(TokenizeRequest))
+    app.add_api_route("/detokenize", routes.detokenize, methods=post, openapi_extra=_json_body(DetokenizeRequest))
     app.add_api_route("/v1/models", routes.models, methods=get)
     app.add_api_route("/health", routes.health, methods=get)
     app.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=get)
@@ -97,6 +114,7 @@ class _Routes:
         self.accepted_names = {model_name, engine.config.model, engine.loaded.name}
         self.limits = Limits(engine.max_model_len, engine.num_blocks * engine.config.block_size)
         self.tokenizer = engine.tokenizer
+        self.vocab_size = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(await request.body(), CompletionRequest)
@@ -112,6 +130,30 @@ class _Routes:
         inp = chat_input(body, self.tokenizer, self.limits)
         fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer)
         return await self._run(body, inp, fmt, request)
+
+    async def tokenize(self, request: Request) -> TokenizeResponse:
+        """vLLM's /tokenize: the ids a prompt (or a conversation, through the chat template) becomes."""
+        body = parse_request(await request.body(), TokenizeRequest)
+        self._check_model(body.model)
+        if body.messages is not None:
+            text = chat_text(body.messages, self.tokenizer, body.add_generation_prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        else:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=special)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.limits.max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, request: Request) -> DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids (special tokens kept, as vLLM does)."""
+        body = parse_request(await request.body(), DetokenizeRequest)
+        self._check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param="tokens"
+            )
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.limits.max_model_len)])

@@ -24,15 +24,16 @@ async def _send_error(send: Send, error: APIError) -> None:
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every path under `prefix`."""
+    """Requires `Authorization: Bearer <key>` on every path that starts with one of `prefixes` (the API and the
+    tokenizer endpoints; /health, /metrics and /version stay open for probes and scrapers)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1/"):
+    def __init__(self, app: ASGIApp, api_key: str, prefixes: tuple[str, ...] = ("/v1/", "/tokenize", "/detokenize")):
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix) and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes) and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self._expected):
                 error = AuthenticationError(

@@ -14,7 +14,7 @@ import jinja2
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.errors import InvalidRequestError
-from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,16 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
     return EngineInput(prompts, _params(body, max_tokens, body.logprobs))
 
 
-def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
-    messages = [m.template_dict() for m in body.messages]
+def chat_text(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:
+    """The conversation through the model's chat template (a 400 naming messages if the template refuses it)."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template([m.template_dict() for m in messages], add_generation_prompt)
     except (ValueError, jinja2.TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from None
-    prompts = [tokenizer.encode(text, add_special_tokens=False)]
+
+
+def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
+    prompts = [tokenizer.encode(chat_text(body.messages, tokenizer), add_special_tokens=False)]
     limits.check_prompts(prompts, "messages")
     if body.max_new_tokens is not None:
         limits.check(

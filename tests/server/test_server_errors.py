@@ -183,6 +183,20 @@ def test_json_without_content_type_is_accepted(http):
     assert r.status_code == 200
 
 
+def test_tokenize_and_detokenize_refuse_bad_input(http):
+    for path, body, param in (
+        ("/tokenize", {}, None),
+        ("/tokenize", {"prompt": "x", "messages": MSGS}, None),
+        ("/tokenize", {"messages": []}, "messages"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "model": "nope"}, "model"),
+        ("/detokenize", {"tokens": [1, 10**8]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ):
+        status = 404 if body.get("model") == "nope" else 400
+        _assert_error(http.post(path, json=body), status, param)
+
+
 def test_auth_required(server):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     with httpx.Client(base_url=server.base_url, timeout=10) as anon:
@@ -191,7 +205,9 @@ def test_auth_required(server):
         _assert_error(anon.post(COMP, json=body, headers={"Authorization": "Bearer wrong"}), 401)
         _assert_error(anon.get("/v1/models"), 401)
         _assert_error(anon.post(CHAT, content=b"{bad json"), 401)  # auth before parsing
-        assert anon.get("/health").status_code == 200  # only /v1/* is guarded
+        _assert_error(anon.post("/tokenize", json={"prompt": "x"}), 401)  # the tokenizer endpoints too
+        _assert_error(anon.post("/detokenize", json={"tokens": [1]}), 401)
+        assert anon.get("/health").status_code == 200  # probes and scrapers are not guarded
         assert anon.get("/metrics").status_code == 200
     bad = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0, timeout=10)
     with pytest.raises(openai.AuthenticationError):

@@ -251,6 +251,26 @@ def test_models_health_version_metrics(client, server):
     assert m["kvserve:batch_retries_total"] == 0  # every step so far ran as one batch
 
 
+def test_tokenize_and_detokenize_like_vllm(server, reference):
+    """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize round trip."""
+    tok = reference.tokenizer
+    with server.client() as http:
+        r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello there, world", "return_token_strs": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == tok.encode("Hello there, world") and body["count"] == len(body["tokens"])
+        assert body["max_model_len"] == reference.engine.max_model_len
+        assert body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+        messages = [{"role": "user", "content": "What is 2 + 2?"}]
+        body = http.post("/tokenize", json={"messages": messages}).json()
+        chat = reference.chat(messages, SamplingParams(max_tokens=1))[0]
+        assert body["tokens"] == chat.prompt_token_ids  # exactly what a chat completion feeds the engine
+        assert body["token_strs"] is None
+        r = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+        assert r.status_code == 200 and r.json()["prompt"] == tok.decode(body["tokens"], skip_special_tokens=False)
+        assert "What is 2 + 2?" in r.json()["prompt"]
+
+
 def test_served_model_name(server_factory):
     srv = server_factory(served_model_name="house-model")
     client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=30)
