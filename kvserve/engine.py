@@ -228,8 +228,10 @@ class LLMEngine:
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{what} {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs {params.logprobs} exceeds max_logprobs {self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name} {k} exceeds max_logprobs {self.config.max_logprobs}")
         total = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
         capacity = self.num_blocks * self.config.block_size
         if total > capacity:
@@ -347,4 +349,16 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens or 0,
             num_prompt_tokens_computed=request.num_prompt_tokens_computed,
             error=request.error,
+            **_prompt_logprobs(request),
         )
+
+
+def _prompt_logprobs(request: Request) -> dict:
+    """RequestOutput's prompt logprob fields, once all are computed (None when not asked for)."""
+    k = request.sampling_params.prompt_logprobs
+    if k is None or request.needs_prompt_logprobs:
+        return {}
+    return {
+        "prompt_logprobs": list(request.prompt_logprobs),
+        "prompt_top_logprobs": list(request.prompt_top_logprobs) if k > 0 else None,
+    }

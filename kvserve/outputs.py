@@ -30,5 +30,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     num_prompt_tokens_computed: int = 0  # prompt tokens prefilled, recomputation after a preemption included
+    # With SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first) and top-k alternatives
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)

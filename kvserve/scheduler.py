@@ -29,6 +29,8 @@ from kvserve.request import Request, RequestStatus
 if TYPE_CHECKING:
     from kvserve.recurrent.manager import RecurrentCacheManager
 
+PROMPT_LOGPROBS_CHUNK = 512  # most prompt tokens per step of a request scoring its prompt
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -100,6 +102,8 @@ class Scheduler:
         n = min(request.num_tokens - start, budget)
         if self.limits.long_prefill_token_threshold is not None:
             n = min(n, self.limits.long_prefill_token_threshold)
+        if request.needs_prompt_logprobs:  # every position's logits are kept: bound them (rows x vocab floats)
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
         if self.recurrent is not None:
             n = self.recurrent.cut_chunk(request, start, n)
         return n

@@ -17,6 +17,7 @@ from kvserve.model.config import ModelConfig
 from kvserve.model.device import huge_page_buffer
 from kvserve.model.llama import LlamaModel
 from kvserve.model.sampler import SampleResult, sample
+from kvserve.request import Request
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -100,8 +101,15 @@ class ModelRunner:
                 positions.append(pos)
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
         logits_rows = list(range(len(decodes)))
+        prompt_rows: list[tuple[Request, int, int]] = []  # (request, row, prompt index its logits score)
         row = len(decodes)
         for s in prefills:
+            r = s.request
+            if r.needs_prompt_logprobs:  # logits at position p score prompt token p + 1 (each recorded once)
+                first = max(s.start, len(r.prompt_logprobs) - 1)
+                prompt_rows += [
+                    (r, row + p - s.start, p + 1) for p in range(first, min(s.end, r.num_prompt_tokens - 1))
+                ]
             row += s.num_new_tokens
             if s.samples:
                 logits_rows.append(row - 1)
@@ -120,13 +128,17 @@ class ModelRunner:
             native=kernel_meta,
         )
         sampling = [s for s in seqs if s.samples]
+        rows = logits_rows + [r for _, r, _ in prompt_rows]
         logits = self._forward(
             torch.tensor(token_ids, device=dev),
             meta,
-            torch.tensor(logits_rows or [0], device=dev),  # a step of only partial chunks samples nothing
+            torch.tensor(rows or [0], device=dev),  # a step of only partial chunks samples nothing
             decodes,
             prefills,
         )
+        if prompt_rows:
+            _record_prompt_logprobs(logits[len(logits_rows) :], prompt_rows)
+            logits = logits[: len(logits_rows)]
         if not sampling:
             return {}
         params = [s.request.sampling_params for s in sampling]
@@ -165,6 +177,29 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model call (rows: decodes, then prefill chunks); a hook for runners with more state."""
         return self.model.forward(input_ids, self.kv_cache, meta, logits_rows)
+
+
+PROMPT_LOGPROB_ROWS = 256  # rows per log_softmax when scoring prompt tokens (bounds the temporary)
+
+
+def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Request, int, int]]) -> None:
+    """Each prompt token's logprob (and top-k) from the logits of the position before it, appended to its
+    request once: a retried batch or a recomputation after preemption finds it recorded and skips it."""
+    for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+        part = rows[lo : lo + PROMPT_LOGPROB_ROWS]
+        logprobs = torch.log_softmax(logits[lo : lo + len(part)].float(), dim=-1)
+        targets = torch.tensor([r.prompt_token_ids[j] for r, _, j in part], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        for i, (r, _, j) in enumerate(part):
+            if j != len(r.prompt_logprobs):
+                continue
+            k = r.sampling_params.prompt_logprobs
+            top = None
+            if k:
+                values, ids = torch.topk(logprobs[i], k)
+                top = dict(zip(ids.tolist(), values.tolist()))
+            r.prompt_logprobs.append(chosen[i])
+            r.prompt_top_logprobs.append(top)
 
 
 def _banned_before_min_tokens(request) -> list[int]:

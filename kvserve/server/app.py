@@ -37,7 +37,7 @@ from kvserve.server.errors import (
 )
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
-from kvserve.server.prompts import EngineInput, Limits, chat_input, chat_text, completion_input
+from kvserve.server.prompts import EngineInput, Limits, chat_input, chat_text, completion_input, echo_texts
 from kvserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -120,9 +120,9 @@ class _Routes:
         body = parse_request(await request.body(), CompletionRequest)
         self._check_model(body.model)
         inp = completion_input(body, self.tokenizer, self.limits)
-        return await self._run(
-            body, inp, CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer), request
-        )
+        echo = echo_texts(body, inp.prompts, self.tokenizer) if body.echo else None
+        fmt = CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer, echo, body.n)
+        return await self._run(body, inp, fmt, request)
 
     async def chat(self, request: Request) -> Response:
         body = parse_request(await request.body(), ChatCompletionRequest)

@@ -75,7 +75,19 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
     if body.max_tokens is not None:
         limits.check(prompts, body.max_tokens, "max_tokens")
     max_tokens = body.max_tokens or limits.default_max_tokens(prompts)
-    return EngineInput(prompts, _params(body, max_tokens, body.logprobs))
+    prompt_logprobs = body.logprobs if body.echo else None  # an echoed prompt's tokens are scored too
+    return EngineInput(prompts, _params(body, max_tokens, body.logprobs, prompt_logprobs))
+
+
+def echo_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    """Each prompt's text as echo shows it (a string prompt as sent, token ids decoded) and its ids."""
+    if isinstance(body.prompt, str):
+        texts = [body.prompt]
+    elif body.prompt and isinstance(body.prompt[0], str):
+        texts = list(body.prompt)
+    else:
+        texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    return list(zip(texts, prompts))
 
 
 def chat_text(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:
@@ -98,7 +110,9 @@ def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits
     return EngineInput(prompts, _params(body, max_tokens, logprobs))
 
 
-def _params(body: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(
+    body: SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     try:
         return SamplingParams(
             n=body.n,
@@ -112,6 +126,7 @@ def _params(body: SamplingRequest, max_tokens: int, logprobs: int | None) -> Sam
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,

@@ -83,7 +83,7 @@ def _reject_unsupported(data: Any, neutral: dict[str, tuple[Any, ...]]) -> Any:
     return data
 
 
-_NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {"echo": (None, False), "best_of": (None, 1), "suffix": (None,)}
+_NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {"best_of": (None, 1), "suffix": (None,)}
 _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -102,7 +102,7 @@ _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
 }
 
 
-_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos")
+_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos", "echo")
 
 
 class _Strict(BaseModel):
@@ -167,6 +167,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False  # the prompt in front of the text; with logprobs, its tokens scored too
 
     @model_validator(mode="before")
     @classmethod
@@ -243,8 +244,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -40,12 +40,16 @@ class Delta:
     logprobs: list[float] | None
     top_logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    first: bool = False  # the choice's first delta: an echoed prompt goes in front of it
+    prompt_logprobs: list[float | None] | None = None  # with the first delta, when the prompt was scored
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
 class _ChoiceState:
     sent_chars: int = 0
     sent_tokens: int = 0
+    started: bool = False
     last: RequestOutput | None = None
 
 
@@ -75,9 +79,29 @@ class ChoiceTracker:
             logprobs=c.logprobs[start_tok:] if c.logprobs is not None else None,
             top_logprobs=c.top_logprobs[start_tok:] if c.top_logprobs is not None else None,
             finish_reason=c.finish_reason,
+            first=not state.started,
+            prompt_logprobs=out.prompt_logprobs if not state.started else None,
+            prompt_top_logprobs=out.prompt_top_logprobs if not state.started else None,
         )
-        state.sent_chars, state.sent_tokens = end, len(c.token_ids)
+        state.sent_chars, state.sent_tokens, state.started = end, len(c.token_ids), True
         return delta
+
+    def final_delta(self, index: int) -> Delta:
+        """The whole choice as one delta (for a response that is not streamed)."""
+        last = self._choices[index].last
+        assert last is not None and last.finished, f"choice {index} has not finished"
+        c = last.outputs[0]
+        return Delta(
+            index,
+            c.text,
+            c.token_ids,
+            c.logprobs,
+            c.top_logprobs,
+            c.finish_reason,
+            first=True,
+            prompt_logprobs=last.prompt_logprobs,
+            prompt_top_logprobs=last.prompt_top_logprobs,
+        )
 
     def final(self, index: int) -> CompletionOutput:
         last = self._choices[index].last
@@ -106,19 +130,42 @@ def _finish(reason: str | None) -> str | None:
 
 
 class CompletionFormatter:
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer):
+    """echo: each prompt's (text, token ids), put in front of its choices' text (and, with logprobs, its tokens
+    with their prompt logprobs, the first one None), as OpenAI's legacy completions and vLLM do."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Tokenizer,
+        echo: list[tuple[str, list[int]]] | None = None,
+        n: int = 1,
+    ):
         self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
         self.id = f"cmpl-{request_id}"
         self._offsets: dict[int, int] = {}
+        self.echo, self.n = echo, n
 
     def start_chunks(self, num_choices: int) -> list[CompletionResponse]:
         return []
 
     def chunk(self, d: Delta) -> CompletionResponse:
+        d = self._echoed(d)
         choice = CompletionChoice(
             index=d.index, text=d.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
         )
         return CompletionResponse(id=self.id, model=self.model, choices=[choice])
+
+    def _echoed(self, d: Delta) -> Delta:
+        if self.echo is None or not d.first:
+            return d
+        text, ids = self.echo[d.index // self.n]
+        logprobs = tops = None
+        if d.logprobs is not None:
+            logprobs = list(d.prompt_logprobs or [None] * len(ids)) + d.logprobs
+        if d.top_logprobs is not None:
+            tops = list(d.prompt_top_logprobs or [None] * len(ids)) + d.top_logprobs
+        return Delta(d.index, text + d.text, ids + d.token_ids, logprobs, tops, d.finish_reason)
 
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
         return CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage)
@@ -126,11 +173,10 @@ class CompletionFormatter:
     def response(self, tracker: ChoiceTracker) -> CompletionResponse:
         choices = []
         for index in range(tracker.num_choices):
-            c = tracker.final(index)
-            d = Delta(index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason)
+            d = self._echoed(tracker.final_delta(index))
             choices.append(
                 CompletionChoice(
-                    index=index, text=c.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
+                    index=index, text=d.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
                 )
             )
         return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage())
@@ -146,7 +192,10 @@ class CompletionFormatter:
         self._offsets[d.index] = pos
         tops = None
         if d.top_logprobs is not None:
-            tops = [{_token_text(self.tokenizer, t): lp for t, lp in top.items()} for top in d.top_logprobs]
+            tops = [
+                None if top is None else {_token_text(self.tokenizer, t): lp for t, lp in top.items()}
+                for top in d.top_logprobs
+            ]
         return CompletionLogprobs(tokens=tokens, token_logprobs=d.logprobs, top_logprobs=tops, text_offset=offsets)
 
 

@@ -184,6 +184,41 @@ def test_bad_penalties_and_logit_bias_are_refused(llm):
     assert llm.engine.pool.num_used_blocks == 0
 
 
+def test_prompt_logprobs_match_transformers(ours, hf_model):
+    """prompt_logprobs (vLLM's): each prompt token's logprob given the ones before it, and the top-k, equal
+    log_softmax of transformers' logits; also in small chunks, next to other requests, and when the prompt is
+    already in the prefix cache (such a request recomputes it: cached positions have no logits)."""
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64, max_num_batched_tokens=20)  # chunks of <= 20
+    text = "The quick brown fox jumps over the lazy dog. Then the dog wakes up and chases the fox around the yard."
+    ids = llm.tokenizer.encode(text + " The fox hides in a hollow log until the dog gives up and goes home.")
+    assert len(ids) >= 40
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [ref[j - 1, ids[j]].item() for j in range(1, len(ids))]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    for outs in (
+        llm.generate([ids], params),  # cold
+        llm.generate([ids, "Hello", ids[:20]], [params, SamplingParams(max_tokens=3), params])[::2],  # warm, batched
+    ):
+        out = outs[0]
+        assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None
+        assert len(out.prompt_logprobs) == len(ids) == len(out.prompt_top_logprobs)
+        np.testing.assert_allclose(out.prompt_logprobs[1:], want, atol=2e-4, rtol=0)
+        for j in (1, 17, len(ids) - 1):
+            top = out.prompt_top_logprobs[j]
+            values, top_ids = torch.topk(ref[j - 1], 3)
+            assert list(top) == top_ids.tolist()
+            np.testing.assert_allclose(list(top.values()), values.tolist(), atol=2e-4, rtol=0)
+    short = outs[1]
+    assert len(short.prompt_logprobs) == 20
+    np.testing.assert_allclose(short.prompt_logprobs[1:], want[:19], atol=2e-4, rtol=0)
+    plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert plain.prompt_logprobs is None and plain.num_cached_tokens > 0  # others still hit the cache
+    assert llm.engine.pool.num_used_blocks == 0
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate([ids], SamplingParams(prompt_logprobs=10**6))
+
+
 def test_min_tokens_also_holds_back_stop_token_ids(llm):
     ids = llm.tokenizer.encode("The capital of France is")
     free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[30]))[0].outputs[0]

@@ -277,12 +277,12 @@ def test_failed_batch_is_retried_from_unchanged_states(bamba, monkeypatch):
     real = runner_module.sample
     state = {"calls": 0, "failures": 0}
 
-    def flaky(logits, params, generators, banned=None):
+    def flaky(logits, params, *args):
         state["calls"] += 1
         if state["calls"] > 1 and state["failures"] < 2 and len(params) > 1:
             state["failures"] += 1
             raise RuntimeError("injected failure after the forward")
-        return real(logits, params, generators, banned)
+        return real(logits, params, *args)
 
     monkeypatch.setattr(runner_module, "sample", flaky)
     outs = llm.generate(PROMPTS, params)

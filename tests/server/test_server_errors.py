@@ -37,7 +37,7 @@ CASES = [
     (COMP, {"prompt": "x", "stop": [""]}, 400, "stop"),
     (COMP, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (COMP, {"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, 400, "stream_options.bogus"),
-    (COMP, {"prompt": "x", "echo": True}, 400, "echo"),
+    (COMP, {"prompt": "x", "echo": "yes"}, 400, "echo"),
     (COMP, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     (COMP, {"prompt": "x", "suffix": "end"}, 400, "suffix"),
     (COMP, {"prompt": "x", "logit_bias": {"50256": 101}}, 400, "logit_bias"),

@@ -251,6 +251,41 @@ def test_models_health_version_metrics(client, server):
     assert m["kvserve:batch_retries_total"] == 0  # every step so far ran as one batch
 
 
+def test_echo_puts_the_scored_prompt_in_front(client, server, reference):
+    """Legacy completions' echo (as lm-eval-harness uses it to score text): the prompt's text and tokens come
+    first, with logprobs each prompt token's logprob given the ones before it (the first None), equal to the
+    offline API's prompt_logprobs; streamed the same; without logprobs only the text is prepended."""
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    ref = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2))[0]
+    ids = ref.prompt_token_ids
+    tok = reference.tokenizer
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    (choice,) = r.choices
+    assert choice.text == prompt + ref.outputs[0].text
+    lp = choice.logprobs
+    assert lp.tokens[: len(ids)] == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref.prompt_logprobs[1:], abs=1e-6)
+    assert lp.token_logprobs[len(ids) :] == pytest.approx(ref.outputs[0].logprobs, abs=1e-6)
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(prompt)
+    top = lp.top_logprobs[5]
+    want = {tok.decode([t], skip_special_tokens=False): v for t, v in ref.prompt_top_logprobs[5].items()}
+    assert top.keys() == want.keys() and list(top.values()) == pytest.approx(list(want.values()), abs=1e-6)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # scoring the prompt recomputes it
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+    plain = client.completions.create(model=MODEL, prompt=[ids, ids[:5]], max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(tok.decode(ids, skip_special_tokens=False))
+    assert plain.choices[1].text.startswith(tok.decode(ids[:5], skip_special_tokens=False))
+    assert plain.choices[0].logprobs is None
+
+
 def test_tokenize_and_detokenize_like_vllm(server, reference):
     """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize round trip."""
     tok = reference.tokenizer

@@ -6,7 +6,7 @@ from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.cache_manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
-from kvserve.scheduler import Scheduler, SchedulerLimits
+from kvserve.scheduler import PROMPT_LOGPROBS_CHUNK, Scheduler, SchedulerLimits
 
 BS = 4
 
@@ -69,6 +69,26 @@ def test_prefix_hit_is_counted_at_admission_and_skips_compute():
     assert b.num_cached_tokens == 8 and sb.num_new_tokens == 3
     assert kv.block_ids(a)[:2] == kv.block_ids(b)[:2]  # shared, not copied
     assert kv.prefix_hits == 8 and kv.prefix_queries == 21
+
+
+def test_a_request_scoring_its_prompt_takes_no_prefix_hit_and_small_chunks():
+    """prompt_logprobs needs logits at every prompt position: no prefix hit until they are all recorded, and
+    chunks of at most PROMPT_LOGPROBS_CHUNK tokens (their logits are kept)."""
+    sched, kv = make(num_blocks=400, budget=2048)
+    a = req("a", list(range(600)))
+    sched.add_request(a)
+    run_step(sched)
+    b = Request("b", list(range(600)), SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0))
+    sched.add_request(b)
+    out = run_step(sched)
+    assert b.num_cached_tokens == 0 and [s.num_new_tokens for s in out.scheduled if s.request is b] == [
+        PROMPT_LOGPROBS_CHUNK
+    ]
+    assert b.needs_prompt_logprobs  # nothing recorded them here (no model)
+    b.prompt_logprobs += [0.0] * 599  # as the runner does, once all are scored
+    assert not b.needs_prompt_logprobs
+    c = Request("c", list(range(600)), SamplingParams(temperature=0, max_tokens=2))
+    assert kv.get_computed_blocks(c).num_tokens == 596  # the others hit the cache as before
 
 
 def test_identical_prompt_still_recomputes_last_token():
