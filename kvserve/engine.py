@@ -358,7 +358,7 @@ def _prompt_logprobs(request: Request) -> dict:
     k = request.sampling_params.prompt_logprobs
     if k is None or request.needs_prompt_logprobs:
         return {}
-    return {
-        "prompt_logprobs": list(request.prompt_logprobs),
-        "prompt_top_logprobs": list(request.prompt_top_logprobs) if k > 0 else None,
+    return {  # the request's own lists, not copies: complete, so never appended to again (O(1) per step)
+        "prompt_logprobs": request.prompt_logprobs,
+        "prompt_top_logprobs": request.prompt_top_logprobs if k > 0 else None,
     }

@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch.Generator accepts
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0  # beyond, logits / p or * p can overflow
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX:  # logits stay finite
+            raise ValueError(
+                f"repetition_penalty must be in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}], "
+                f"got {self.repetition_penalty}"
+            )
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -118,12 +123,11 @@ def _logit_bias(bias) -> dict[int, float]:
         raise ValueError(f"logit_bias must map token ids to biases, got {type(bias).__name__}")
     out = {}
     for key, value in bias.items():
-        try:
-            if isinstance(key, bool) or not isinstance(key, str | numbers.Integral):
-                raise TypeError
-            token = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if isinstance(key, bool) or not (
+            isinstance(key, numbers.Integral) or (isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key))
+        ):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        token = int(key)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
             raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}")
         out[token] = float(value)

@@ -29,7 +29,7 @@ from kvserve.request import Request, RequestStatus
 if TYPE_CHECKING:
     from kvserve.recurrent.manager import RecurrentCacheManager
 
-PROMPT_LOGPROBS_CHUNK = 512  # most prompt tokens per step of a request scoring its prompt
+PROMPT_LOGPROBS_CHUNK = 512  # most prompt tokens scored (logits kept) per step, over all requests
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.recurrent: RecurrentCacheManager | None = None  # set for models with recurrent layers
+        self._scored_left = PROMPT_LOGPROBS_CHUNK  # prompt tokens this step may still score (reset per step)
 
     # ------------------------------------------------------------------------------------------ queues
     def add_request(self, request: Request) -> None:
@@ -79,11 +80,15 @@ class Scheduler:
         """Pick this step's requests and token counts; allocate their KV blocks."""
         out = SchedulerOutput()
         budget = self.limits.max_num_batched_tokens
+        self._scored_left = PROMPT_LOGPROBS_CHUNK
         scheduled: list[ScheduledRequest] = []
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, request.num_computed_tokens, budget)
+            if n == 0:  # scoring its prompt, and this step's scored rows are spent
+                i += 1
+                continue
             if not self._allocate_or_preempt(request, n, out):
                 break  # request itself was preempted; nothing after it runs either
             scheduled.append(ScheduledRequest(request, n, []))
@@ -102,8 +107,11 @@ class Scheduler:
         n = min(request.num_tokens - start, budget)
         if self.limits.long_prefill_token_threshold is not None:
             n = min(n, self.limits.long_prefill_token_threshold)
-        if request.needs_prompt_logprobs:  # every position's logits are kept: bound them (rows x vocab floats)
-            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        if request.needs_prompt_logprobs:  # every position's logits are kept: bound them per step (rows x vocab)
+            n = min(n, self._scored_left)
+            self._scored_left -= n
+            if n == 0:
+                return 0
         if self.recurrent is not None:
             n = self.recurrent.cut_chunk(request, start, n)
         return n
@@ -136,14 +144,15 @@ class Scheduler:
             if self.recurrent is not None:
                 computed = self.recurrent.limit_prefix_hit(request, computed)
             n = self._chunk(request, computed.num_tokens, budget)
-            if not self.kv.allocate_slots(request, n, computed):
+            if n == 0 or not self.kv.allocate_slots(request, n, computed):
                 break
             self.waiting.popleft()
             if self.recurrent is not None:
                 self.recurrent.admitted(request)
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = computed.num_tokens
-                self.kv.record_query(request, computed)
+                if not request.needs_prompt_logprobs:  # it did not look the cache up
+                    self.kv.record_query(request, computed)
             request.num_computed_tokens = computed.num_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)

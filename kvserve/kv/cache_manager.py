@@ -66,9 +66,11 @@ class KVCacheManager:
         num_tokens - 1 tokens (rounded down to whole blocks) can hit. With wait=False, a lower-tier lookup
         still in flight gives `pending=True` (and only the pool hits) instead of blocking.
         """
-        if not self.enable_caching or request.needs_prompt_logprobs:  # cached positions have no logits
+        if not self.enable_caching:
             return ComputedBlocks()
-        self.update_block_hashes(request)
+        self.update_block_hashes(request)  # also for the next case: checkpoints are stored at their hashes
+        if request.needs_prompt_logprobs:  # cached positions have no logits
+            return ComputedBlocks()
         max_blocks = (request.num_tokens - 1) // self.block_size
         hit: list[Block] = []
         bs = self.block_size

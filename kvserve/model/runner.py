@@ -190,14 +190,16 @@ def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Request, int,
         logprobs = torch.log_softmax(logits[lo : lo + len(part)].float(), dim=-1)
         targets = torch.tensor([r.prompt_token_ids[j] for r, _, j in part], device=logprobs.device)
         chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        kmax = max(r.sampling_params.prompt_logprobs or 0 for r, _, _ in part)
+        top_values = top_ids = None
+        if kmax:  # one top-k and one copy to the host for all rows (a GPU would sync once per row otherwise)
+            values, ids = torch.topk(logprobs, kmax, dim=-1)
+            top_values, top_ids = values.tolist(), ids.tolist()
         for i, (r, _, j) in enumerate(part):
             if j != len(r.prompt_logprobs):
                 continue
             k = r.sampling_params.prompt_logprobs
-            top = None
-            if k:
-                values, ids = torch.topk(logprobs[i], k)
-                top = dict(zip(ids.tolist(), values.tolist()))
+            top = dict(zip(top_ids[i][:k], top_values[i][:k])) if k else None
             r.prompt_logprobs.append(chosen[i])
             r.prompt_top_logprobs.append(top)
 

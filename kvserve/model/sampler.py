@@ -38,12 +38,25 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def _bias_tensors(p: SamplingParams, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logit_bias as (ids, values) tensors, built once per SamplingParams and device (not on every step)."""
+    cache = p.__dict__.setdefault("_bias_tensors", {})  # a frozen dataclass: a private memo beside the fields
+    key = (device, dtype)
+    if key not in cache:
+        bias = p.logit_bias or {}
+        cache[key] = (
+            torch.tensor(list(bias), dtype=torch.long, device=device),
+            torch.tensor(list(bias.values()), dtype=dtype, device=device),
+        )
+    return cache[key]
+
+
 def _adjust(row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> None:
     """Row i's logit bias and penalties, in place, in vLLM's order (sampling_params.py)."""
     dev = row.device
     if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
-        row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=dev))
+        ids, values = _bias_tensors(p, dev, row.dtype)
+        row.index_add_(0, ids, values)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(prompt + output, dtype=torch.long, device=dev).unique()
         values = row[seen]

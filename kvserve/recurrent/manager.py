@@ -52,7 +52,8 @@ class RecurrentCacheManager:
         hit = computed.num_tokens // self.block_size  # pool blocks, then blocks loaded from lower KV tiers
         if self.policy is not None and rid not in self._observed:
             self._observed.add(rid)
-            self.policy.observe(hit)
+            if not request.needs_prompt_logprobs:  # one scoring its prompt did not look up: 0 is no overlap depth
+                self.policy.observe(hit)
         self._restore.pop(rid, None)
         self._looked_up.discard(rid)
         if hit == 0 or self.store is None:

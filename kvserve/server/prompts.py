@@ -79,13 +79,18 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
     return EngineInput(prompts, _params(body, max_tokens, body.logprobs, prompt_logprobs))
 
 
-def echo_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+def echo_texts(
+    body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer, vocab_size: int
+) -> list[tuple[str, list[int]]]:
     """Each prompt's text as echo shows it (a string prompt as sent, token ids decoded) and its ids."""
     if isinstance(body.prompt, str):
         texts = [body.prompt]
     elif body.prompt and isinstance(body.prompt[0], str):
         texts = list(body.prompt)
     else:
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
+        if bad:  # the engine refuses these too; the decoder would raise first (OverflowError: a 500)
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     return list(zip(texts, prompts))
 

@@ -85,6 +85,7 @@ def _reject_unsupported(data: Any, neutral: dict[str, tuple[Any, ...]]) -> Any:
 
 _NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {"best_of": (None, 1), "suffix": (None,)}
 _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
+    "echo": (None, False),  # vLLM's chat echo (the last message in front) is not implemented
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),

@@ -381,6 +381,29 @@ def test_bfloat16_and_sampling_give_the_no_cache_tokens(which, request):
             _released(llm)
 
 
+def test_prompt_logprobs_on_a_hybrid_model(bamba):
+    """prompt_logprobs equal log_softmax of transformers' logits; the scoring request still stores its
+    checkpoints (a later prompt resumes from them) and is not observed as an overlap depth of 0."""
+    model, path = bamba
+    ids = PROMPTS[-1]
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [ref[j - 1, ids[j]].item() for j in range(1, len(ids))]
+    llm = _llm(path, checkpoint_policy="every-block:1", max_num_batched_tokens=13)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0))[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), torch.tensor(want), atol=1e-4, rtol=0)
+    store = llm.engine.runner.recurrent.store
+    assert store.num_stored == (len(ids) - 1) // BS  # a snapshot at every full block of the prompt, the first too
+    later = llm.generate([ids[:20] + [7, 8, 9]], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert later.num_cached_tokens == 16
+    _released(llm)
+    opt = _llm(path, checkpoint_policy="optimal:2")
+    opt.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    assert opt.engine.runner.recurrent.policy.histogram.num_observed == 0
+    _released(opt)
+
+
 def test_recurrent_state_slots_count_against_the_kv_budget(bamba):
     """--kv-cache-memory bounds the KV blocks and the per-sequence state slots together."""
     _, path = bamba

@@ -33,7 +33,11 @@ def test_unsupported_values_name_their_field():
     e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
              ChatCompletionRequest)  # fmt: skip
     assert e.param == "response_format" and "not supported" in e.message and e.status_code == 400
-    assert _bad(b'{"prompt": "x", "echo": true}').param == "echo"
+    assert _bad(b'{"prompt": "x", "best_of": 2}').param == "best_of"
+    chat = b'{"messages": [{"role": "user", "content": "x"}], "echo": %s}'
+    assert _bad(chat % b"true", ChatCompletionRequest).param == "echo"  # vLLM's chat echo: not implemented
+    for neutral in (b"false", b"null"):
+        assert parse_request(chat % neutral, ChatCompletionRequest).messages[0].content == "x"
 
 
 def test_strict_types_and_messages():

@@ -89,6 +89,27 @@ def test_a_request_scoring_its_prompt_takes_no_prefix_hit_and_small_chunks():
     assert not b.needs_prompt_logprobs
     c = Request("c", list(range(600)), SamplingParams(temperature=0, max_tokens=2))
     assert kv.get_computed_blocks(c).num_tokens == 596  # the others hit the cache as before
+    assert kv.prefix_queries == 600  # b did not look the cache up, so it is not counted as a miss
+
+
+def test_prompt_scoring_rows_are_bounded_per_step_over_all_requests():
+    sched, _ = make(num_blocks=800, budget=2048)
+    scoring = [
+        Request(f"s{i}", list(range(1000 * i, 1000 * i + 400)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+        for i in range(3)
+    ]
+    plain = req("p", range(5000, 5300))
+    for r in scoring + [plain]:
+        sched.add_request(r)
+    out = run_step(sched)
+    sizes = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+    assert sizes == {"s0": 400, "s1": PROMPT_LOGPROBS_CHUNK - 400}  # s2 waits (FIFO), and so does p behind it
+    out = run_step(sched)  # s1 goes on, s2 gets the rest of this step's rows, p its tokens
+    sizes = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+    assert (
+        sizes["s1"] == 400 - (PROMPT_LOGPROBS_CHUNK - 400)
+        and sum(n for rid, n in sizes.items() if rid.startswith("s")) <= PROMPT_LOGPROBS_CHUNK
+    )
 
 
 def test_identical_prompt_still_recomputes_last_token():
