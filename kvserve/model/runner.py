@@ -63,11 +63,24 @@ class ModelRunner:
         # The fused CPU kernel where it builds; else the torch path (never both: they round differently).
         self.native = native.enabled(self.device, model.dtype)
         self._generators: dict[str, torch.Generator] = {}
+        self._prompt_ids: dict[str, torch.Tensor] = {}  # distinct prompt ids of requests with a repetition penalty
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator."""
+        """Forget a finished request's generator and prompt ids."""
         self._generators.pop(request_id, None)
+        self._prompt_ids.pop(request_id, None)
+
+    def _history(self, request: Request) -> tuple[torch.Tensor | None, list[int]]:
+        """What the sampler's penalties read: the distinct prompt ids (made once per request, only for a
+        repetition penalty) and the output ids."""
+        prompt = None
+        if request.sampling_params.repetition_penalty != 1.0:
+            prompt = self._prompt_ids.get(request.request_id)
+            if prompt is None:
+                ids = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device).unique()
+                prompt = self._prompt_ids[request.request_id] = ids
+        return prompt, request.output_token_ids
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
         params = s.request.sampling_params
@@ -143,7 +156,7 @@ class ModelRunner:
             return {}
         params = [s.request.sampling_params for s in sampling]
         banned = [_banned_before_min_tokens(s.request) for s in sampling]
-        histories = [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling]
+        histories = [self._history(s.request) for s in sampling]
         results = sample(logits, params, [self._generator(s) for s in sampling], banned, histories)
         return {s.request.request_id: r for s, r in zip(sampling, results)}
 

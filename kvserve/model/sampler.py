@@ -51,15 +51,17 @@ def _bias_tensors(p: SamplingParams, device: torch.device, dtype: torch.dtype) -
     return cache[key]
 
 
-def _adjust(row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> None:
-    """Row i's logit bias and penalties, in place, in vLLM's order (sampling_params.py)."""
+def _adjust(row: torch.Tensor, p: SamplingParams, prompt: torch.Tensor | None, output: list[int]) -> None:
+    """Row i's logit bias and penalties, in place, in vLLM's order (sampling_params.py). prompt: the distinct
+    prompt ids (for the repetition penalty)."""
     dev = row.device
     if p.logit_bias:
         ids, values = _bias_tensors(p, dev, row.dtype)
         row.index_add_(0, ids, values)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(prompt + output, dtype=torch.long, device=dev).unique()
-        values = row[seen]
+        assert prompt is not None
+        seen = torch.cat([prompt, torch.tensor(output, dtype=torch.long, device=dev)]) if output else prompt
+        values = row[seen]  # an id twice (prompt and output) reads the same value and writes the same result
         row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if output and (p.frequency_penalty or p.presence_penalty):
         counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=row.shape[0])
@@ -72,10 +74,10 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     banned: list[list[int]] | None = None,
-    histories: list[tuple[list[int], list[int]]] | None = None,
+    histories: list[tuple[torch.Tensor | None, list[int]]] | None = None,
 ) -> list[SampleResult]:
     """logits: (S, V) float32, one row per sampling request. banned[i]: token ids row i may not pick (EOS and
-    stop tokens before min_tokens). histories[i]: row i's (prompt, output) token ids, for its penalties. The
+    stop tokens before min_tokens). histories[i]: row i's (distinct prompt ids, output ids), for its penalties. The
     choice sees the adjusted logits; logprobs stay those of the raw logits (vLLM's default)."""
     choice = logits
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]

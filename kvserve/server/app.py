@@ -120,7 +120,7 @@ class _Routes:
         body = parse_request(await request.body(), CompletionRequest)
         self._check_model(body.model)
         inp = completion_input(body, self.tokenizer, self.limits)
-        echo = echo_texts(body, inp.prompts, self.tokenizer, self.vocab_size) if body.echo else None
+        echo = echo_texts(body, inp.prompts) if body.echo else None
         fmt = CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer, echo, body.n)
         return await self._run(body, inp, fmt, request)
 

@@ -79,20 +79,14 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
     return EngineInput(prompts, _params(body, max_tokens, body.logprobs, prompt_logprobs))
 
 
-def echo_texts(
-    body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer, vocab_size: int
-) -> list[tuple[str, list[int]]]:
-    """Each prompt's text as echo shows it (a string prompt as sent, token ids decoded) and its ids."""
+def echo_texts(body: CompletionRequest, prompts: list[list[int]]) -> list[tuple[str | None, list[int]]]:
+    """Each prompt's text as echo shows it (a string prompt as sent; None for token ids, which the formatter
+    decodes once the engine has accepted them) and its ids."""
     if isinstance(body.prompt, str):
-        texts = [body.prompt]
-    elif body.prompt and isinstance(body.prompt[0], str):
-        texts = list(body.prompt)
-    else:
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
-        if bad:  # the engine refuses these too; the decoder would raise first (OverflowError: a 500)
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
-        texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-    return list(zip(texts, prompts))
+        return [(body.prompt, prompts[0])]
+    if body.prompt and isinstance(body.prompt[0], str):
+        return list(zip(body.prompt, prompts))
+    return [(None, p) for p in prompts]
 
 
 def chat_text(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:

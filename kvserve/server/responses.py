@@ -138,7 +138,7 @@ class CompletionFormatter:
         request_id: str,
         model: str,
         tokenizer: Tokenizer,
-        echo: list[tuple[str, list[int]]] | None = None,
+        echo: list[tuple[str | None, list[int]]] | None = None,
         n: int = 1,
     ):
         self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
@@ -160,6 +160,9 @@ class CompletionFormatter:
         if self.echo is None or not d.first:
             return d
         text, ids = self.echo[d.index // self.n]
+        if text is None:  # token ids: decoded now, after the engine accepted them (out-of-vocabulary ids are a 400)
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            self.echo[d.index // self.n] = (text, ids)  # once for the prompt's n choices
         logprobs = tops = None
         if d.logprobs is not None:
             logprobs = list(d.prompt_logprobs or [None] * len(ids)) + d.logprobs
