@@ -107,13 +107,13 @@ class Scheduler:
         n = min(request.num_tokens - start, budget)
         if self.limits.long_prefill_token_threshold is not None:
             n = min(n, self.limits.long_prefill_token_threshold)
-        if request.needs_prompt_logprobs:  # every position's logits are kept: bound them per step (rows x vocab)
+        scoring = request.needs_prompt_logprobs  # every position's logits are kept: bound them per step
+        if scoring:
             n = min(n, self._scored_left)
-            self._scored_left -= n
-            if n == 0:
-                return 0
-        if self.recurrent is not None:
+        if self.recurrent is not None and n > 0:
             n = self.recurrent.cut_chunk(request, start, n)
+        if scoring:
+            self._scored_left -= n  # what the chunk really scores, after a checkpoint cut
         return n
 
     def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
