@@ -38,6 +38,7 @@ class Block:
     depth: int = 0  # index of the block in its chain (0 = first block of a prompt)
     hits: int = 0  # times it was taken since it was cached (1 = its own request); read by LFU/cost policies
     evict_priority: float = 0.0  # rank a priority policy gave it when it became evictable
+    evict_seq: int = 0  # and its tie-break: the order in which blocks became evictable
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -145,16 +145,16 @@ class GreedyDualPolicy(EvictionPolicy):
         return self.inflation + self._value(block)
 
     def add(self, block: Block) -> None:
-        self._push(block, self.priority(block))
+        self._push(block, self.priority(block), next(self._seq))
 
     def readd(self, block: Block) -> None:
-        self._push(block, block.evict_priority)
+        """Back with the priority and the tie-break rank it had: older than equal-priority blocks added since."""
+        self._push(block, block.evict_priority, block.evict_seq)
 
-    def _push(self, block: Block, priority: float) -> None:
+    def _push(self, block: Block, priority: float, seq: int) -> None:
         assert block.block_id not in self._live, f"block {block.block_id} already evictable"
-        seq = next(self._seq)
         self._live[block.block_id] = seq
-        block.evict_priority = priority
+        block.evict_priority, block.evict_seq = priority, seq
         heapq.heappush(self._heap, (priority, seq, block))
         if len(self._heap) > 2 * len(self._live) + 64:  # drop stale entries so the heap stays O(live)
             self._heap = [e for e in self._heap if self._live.get(e[2].block_id) == e[1]]

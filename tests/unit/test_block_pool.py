@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvserve.kv.block_pool import BlockPool, NoFreeBlocksError
+from kvserve.kv.block_pool import Block, BlockPool, NoFreeBlocksError
 from kvserve.kv.eviction import LRUPolicy, make_policy
 from kvserve.kv.hashing import BlockHash, hash_block, hash_block_chain
 
@@ -240,18 +240,47 @@ def test_unknown_policy_is_a_clear_error():
         make_policy("fifo")
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cost-aware"])
+def test_a_readded_block_keeps_its_tie_break(policy):
+    """Equal priorities go to the block that became evictable first; a block popped and handed back through
+    `readd` is still older than one of equal priority added after it."""
+    policy_ = make_policy(policy)
+    first, second = Block(0, hits=2, depth=1), Block(1, hits=2, depth=1)
+    policy_.add(first)
+    policy_.add(second)
+    assert policy_.pop() is first
+    policy_.readd(first)
+    assert [policy_.pop(), policy_.pop()] == [first, second]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cost-aware"])
 def test_a_chain_keeps_its_rank_while_its_leaves_are_evicted(policy):
-    """Regression: a parent that became a leaf must not jump ahead of blocks freed after it (a dead scan
-    would otherwise outlive a hot system prompt, one block at a time)."""
-    pool = BlockPool(5, policy=make_policy(policy))
+    """Regression: a parent the pool set aside (the policy offered it while a cached child still chained from
+    it) must come back through `readd` at the rank it had, not behind blocks freed after it: a dead scan would
+    otherwise outlive a hot system prompt, one block at a time.
+
+    The scan is freed root first, so the policy offers its root and middle block before their leaf: both are
+    set aside and return through `readd` as the blocks below them go. Each scan block was used twice, the hot
+    block three times and last: re-ranking a returning block as if newly added (LRU: behind `hot`; LFU and
+    cost-aware: its value on top of the aged L) would evict `hot` before the rest of the scan."""
+    policy_ = make_policy(policy)
+    readded = []
+    readd = policy_.readd
+    policy_.readd = lambda block: (readded.append(block.block_id), readd(block))
+    pool = BlockPool(5, policy=policy_)
     scan = _cache_chain(pool, 10, 3)
-    pool.free(reversed(scan))
-    (hot,) = _cache_chain(pool, 50, 1)  # freed after the whole scan
+    pool.free(scan)
+    pool.touch(scan)
+    pool.free(scan)
+    (hot,) = _cache_chain(pool, 50, 1)  # freed after the whole scan, and used more often
+    for _ in range(2):
+        pool.free([hot])
+        pool.touch([hot])
     pool.free([hot])
     evicted = []
     pool.on_evict = lambda b: evicted.append(b.block_id)
     pool.allocate(4)  # one empty block, then three victims: the scan, leaf upwards
+    assert readded == [scan[1].block_id, scan[0].block_id]  # the path under test was taken
     assert evicted == [scan[2].block_id, scan[1].block_id, scan[0].block_id]
     assert pool.lookup(H(50), (50,)) is hot
     pool.check_invariants()
