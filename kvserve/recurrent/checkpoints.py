@@ -13,18 +13,21 @@ bytes of whatever memory they live in.
 
 Eviction is LRU: a hit or a new snapshot makes an entry the most recent, a `put` that does not fit evicts
 least recently used entries until it does. A duplicate `put` changes nothing (not even recency), and a
-snapshot bigger than the whole budget is refused without evicting anything.
+snapshot bigger than the whole budget is refused without evicting anything. The LRU itself is the one every
+byte-bounded store uses (`kvserve.kv.lru.ByteLRU`); this class adds the depth index and the counters.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvserve.kv.hashing import BlockHash
+from kvserve.kv.lru import ByteLRU
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +48,21 @@ class CheckpointStore:
         if budget_bytes < 0:
             raise ValueError(f"checkpoint budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = int(budget_bytes)
-        self._entries: OrderedDict[BlockHash, Checkpoint] = OrderedDict()  # least recently used first
+        self._entries: ByteLRU[BlockHash, Checkpoint] = ByteLRU(self.budget_bytes, on_evict=self._drop)
         self._depths: dict[int, int] = {}  # depth -> number of entries at that depth
-        self._bytes = 0
         self.num_stored = 0  # successful puts, ever
         self.num_hits = 0
         self.num_misses = 0
-        self.num_evicted = 0
 
     # ----------------------------------------------------------------------------------------------- queries
     @property
     def bytes_held(self) -> int:
-        return self._bytes
+        return self._entries.bytes_held
+
+    @property
+    def num_evicted(self) -> int:
+        """Snapshots evicted for room or dropped by `clear`, ever."""
+        return self._entries.num_evictions
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,12 +72,12 @@ class CheckpointStore:
 
     def depth_of(self, block_hash: BlockHash) -> int | None:
         """The stored depth under this key (no recency change), or None."""
-        entry = self._entries.get(block_hash)
+        entry = self._entries.peek(block_hash)
         return None if entry is None else entry.depth
 
     def lru_order(self) -> list[BlockHash]:
         """Keys from the next victim to the most recently used."""
-        return list(self._entries)
+        return self._entries.keys()
 
     def lookup_deepest(
         self, block_hashes: Sequence[BlockHash], max_depth: int, *, count: bool = True
@@ -86,9 +92,9 @@ class CheckpointStore:
             candidates = range(limit, 0, -1)
         for d in candidates:
             key = block_hashes[d - 1]
-            entry = self._entries.get(key)
+            entry = self._entries.peek(key)
             if entry is not None and entry.depth == d:
-                self._entries.move_to_end(key)
+                self._entries.touch(key)
                 self.num_hits += count
                 return d, list(entry.state)
         self.num_misses += count
@@ -103,23 +109,15 @@ class CheckpointStore:
             return False
         nbytes = state_nbytes(state)
         if nbytes > self.budget_bytes:
-            return False
-        while self._bytes + nbytes > self.budget_bytes:
-            self._evict_one()
+            return False  # before cloning: a refused snapshot costs no copy
         snapshot = tuple(t.detach().clone() for t in state)
-        self._entries[block_hash] = Checkpoint(depth, snapshot, nbytes)
+        self._entries.put(block_hash, Checkpoint(depth, snapshot, nbytes), nbytes)
         self._depths[depth] = self._depths.get(depth, 0) + 1
-        self._bytes += nbytes
         self.num_stored += 1
         return True
 
-    def _evict_one(self) -> None:
-        _, entry = self._entries.popitem(last=False)
-        self._drop(entry)
-        self.num_evicted += 1
-
-    def _drop(self, entry: Checkpoint) -> None:
-        self._bytes -= entry.nbytes
+    def _drop(self, _key: BlockHash, entry: Checkpoint) -> None:
+        """The LRU evicted entry: take it out of the depth index."""
         left = self._depths[entry.depth] - 1
         if left:
             self._depths[entry.depth] = left
@@ -128,21 +126,18 @@ class CheckpointStore:
 
     def clear(self) -> int:
         """Drop every snapshot (counted as evictions); returns how many were dropped."""
-        n = len(self._entries)
-        self._entries.clear()
         self._depths.clear()
-        self._bytes = 0
-        self.num_evicted += n
-        return n
+        return self._entries.clear()
 
     # ------------------------------------------------------------------------------------------ invariants
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent."""
-        assert 0 <= self._bytes <= self.budget_bytes, f"{self._bytes} bytes held, budget {self.budget_bytes}"
-        assert self._bytes == sum(e.nbytes for e in self._entries.values()), "byte count drifted"
+        self._entries.check_invariants()
         assert self.num_stored - self.num_evicted == len(self._entries), "an entry was lost or double counted"
         depths: dict[int, int] = {}
-        for entry in self._entries.values():
+        entries = [self._entries.peek(key) for key in self._entries.keys()]
+        assert sum(e.nbytes for e in entries) == self.bytes_held, "an entry's recorded size drifted"
+        for entry in entries:
             assert entry.depth >= 1, f"checkpoint at depth {entry.depth}"
             assert entry.nbytes == state_nbytes(entry.state), "an entry's size changed"
             depths[entry.depth] = depths.get(entry.depth, 0) + 1

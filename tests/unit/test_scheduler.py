@@ -187,6 +187,7 @@ def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_pa
     from kvserve.kv.hashing import hash_block_chain
     from kvserve.kv.tiers import DiskStore, TieredCache
     from kvserve.kv.tiers.codec import encode_block
+    from kvserve.model.block_io import TorchBlockIO
 
     gate = threading.Event()
 
@@ -196,14 +197,15 @@ def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_pa
             return super().get_prefix(keys)
 
     kv_tensor = torch.zeros(1, 2, 1, 32, BS, 2)  # (layers, K/V, kv_heads, blocks, block_size, head_dim)
-    tiers = TieredCache(kv_tensor, "test", store=SlowDisk(tmp_path))
+    io = TorchBlockIO(kv_tensor)
+    tiers = TieredCache(io, "test", store=SlowDisk(tmp_path))
     sched, kv = make()
     kv.tiers = tiers
     prompt = list(range(100, 111))  # two full blocks can hit, the last token is recomputed
     stored = []
     for i, h in enumerate(hash_block_chain(prompt, BS)):
         block = torch.full((1, 2, 1, BS, 2), float(i + 1))
-        tiers.store.put(tiers.key(h), encode_block(prompt[i * BS : (i + 1) * BS], block))
+        tiers.store.put(tiers.key(h), encode_block(prompt[i * BS : (i + 1) * BS], io.to_bytes(block), io.layout))
         stored.append(block)
     a, b = req("a", range(3)), req("b", prompt)  # a is shorter than a block: no lookup of its own
     sched.add_request(a)

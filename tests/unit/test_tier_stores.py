@@ -1,6 +1,7 @@
-"""Tier building blocks without a model: the block codec rejects every kind of damage, the host tier stays
-within its byte budget in LRU order, disk and Redis stores return the longest present run of keys, the model
-fingerprint in the keys covers every weight value."""
+"""Tier building blocks without a model: the block codec rejects every kind of damage and still reads values
+written before it moved to bytes, the torch BlockIO round-trips blocks bit for bit, the host tier stays within
+its byte budget in LRU order, disk and Redis stores return the longest present run of keys, the model
+fingerprint in the keys covers every weight value, and the tier manager runs on a BlockIO without torch."""
 
 from __future__ import annotations
 
@@ -11,48 +12,82 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvserve.kv.tiers import DiskStore, HostTier, RedisStore, model_fingerprint, open_store
+from kvserve.kv.tiers import BlockIO, BlockLayout, DiskStore, HostTier, RedisStore, open_store
 from kvserve.kv.tiers.codec import CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry
+from kvserve.model.block_io import TorchBlockIO
+from kvserve.model.fingerprint import model_fingerprint
 
 SHAPE = (2, 2, 1, 4, 8)  # layers, K/V, kv_heads, block_size, head_dim (one block)
 TOKENS = [5, 6, 7, 8]
+F32 = BlockLayout("float32", SHAPE, 4)
+
+
+def _encode(kv: torch.Tensor) -> bytes:
+    return encode_block(TOKENS, kv.contiguous().view(torch.uint8).numpy().tobytes(), F32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_codec_round_trip_is_bit_exact(dtype):
-    kv = torch.randn(SHAPE).to(dtype)
-    out = decode_block(encode_block(TOKENS, kv), TOKENS, dtype, SHAPE)
-    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+def test_codec_round_trip_through_the_torch_block_io_is_bit_exact(dtype):
+    """A pool block read out, encoded, decoded and written into another block is the same bits."""
+    cache = torch.randn(2, 2, 1, 3, 4, 8).to(dtype)  # (layers, 2, kv_heads, blocks, block_size, head_dim)
+    io = TorchBlockIO(cache)
+    assert io.layout == BlockLayout(str(dtype).removeprefix("torch."), SHAPE, cache.element_size())
+    (payload,) = io.read([1])
+    value = encode_block(TOKENS, io.to_bytes(payload), io.layout)
+    io.write([2], [io.from_bytes(decode_block(value, TOKENS, io.layout))])
+    assert torch.equal(cache[:, :, :, 2].view(torch.uint8), cache[:, :, :, 1].view(torch.uint8))
+    assert io.nbytes(payload) == io.layout.nbytes
+    cache[:, :, :, 1] += 1  # payloads own their memory
+    assert torch.equal(payload.view(torch.uint8), cache[:, :, :, 2].view(torch.uint8))
+    many = io.read([2, 0])  # one gather for several blocks
+    assert torch.equal(many[0], cache[:, :, :, 2]) and torch.equal(many[1], cache[:, :, :, 0])
+
+
+def test_codec_reads_values_written_before_the_block_io():
+    """The on-disk format is unchanged: a value the torch-based codec wrote (bfloat16, tokens 3 1 4 1,
+    KV = arange(16) / 4) still decodes to the same bytes."""
+    old = bytes.fromhex(
+        "4b56534202000000c0140b957005e399065cfe5f51a205f02f0000007b226474797065223a202262666c6f61743136222c"
+        "20227368617065223a205b312c20322c20312c20322c20345d7d0400000003000000010000000400000001000000000080"
+        "3e003f403f803fa03fc03fe03f00401040204030404040504060407040"
+    )
+    layout = BlockLayout("bfloat16", (1, 2, 1, 2, 4), 2)
+    kv = (torch.arange(16, dtype=torch.float32).reshape(layout.shape) / 4).to(torch.bfloat16)
+    raw = bytes(decode_block(old, [3, 1, 4, 1], layout))
+    assert raw == kv.view(torch.uint8).numpy().tobytes()
+    assert encode_block([3, 1, 4, 1], raw, layout) == old
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_codec_rejects_any_flipped_byte_or_truncation(data):
-    value = bytearray(encode_block(TOKENS, torch.randn(SHAPE)))
+    value = bytearray(_encode(torch.randn(SHAPE)))
     if data.draw(st.booleans()):
         i = data.draw(st.integers(0, 63) | st.integers(0, len(value) - 1))  # the header often
         value[i] ^= data.draw(st.integers(1, 255))
     else:
         value = value[: data.draw(st.integers(0, len(value) - 1))]
     with pytest.raises(CorruptEntry):
-        decode_block(bytes(value), TOKENS, torch.float32, SHAPE)
+        decode_block(bytes(value), TOKENS, F32)
 
 
 def test_codec_rejects_other_tokens_dtype_or_shape():
-    value = encode_block(TOKENS, torch.randn(SHAPE))
+    value = _encode(torch.randn(SHAPE))
     with pytest.raises(CorruptEntry, match="token ids differ"):
-        decode_block(value, [5, 6, 7, 9], torch.float32, SHAPE)
+        decode_block(value, [5, 6, 7, 9], F32)
     with pytest.raises(CorruptEntry, match="layout"):
-        decode_block(value, TOKENS, torch.bfloat16, SHAPE)
+        decode_block(value, TOKENS, BlockLayout("bfloat16", SHAPE, 2))
     with pytest.raises(CorruptEntry, match="layout"):
-        decode_block(value, TOKENS, torch.float32, (2, 2, 4, 2, 4))
+        decode_block(value, TOKENS, BlockLayout("float32", (2, 2, 4, 2, 4), 4))
+    with pytest.raises(ValueError, match="payload has"):
+        encode_block(TOKENS, b"short", F32)
 
 
 def test_host_tier_is_byte_bounded_and_lru():
     one = torch.zeros(SHAPE).nbytes
     tier = HostTier(3 * one)
-    entries = {k: HostEntry(tuple(TOKENS), torch.full(SHAPE, float(k))) for k in range(5)}
+    entries = {k: HostEntry(tuple(TOKENS), torch.full(SHAPE, float(k)), one) for k in range(5)}
     for k in range(3):
         tier.put(bytes([k]), entries[k])
     assert tier.get(bytes([0])) is entries[0]  # 0 becomes most recent
@@ -142,7 +177,7 @@ def test_entries_found_missing_or_corrupt_are_written_again(tmp_path):
     hashes = hash_block_chain(tokens, bs)
     blocks = [SimpleNamespace(block_id=i, block_hash=h, token_ids=tuple(tokens[i * bs : (i + 1) * bs]))
               for i, h in enumerate(hashes)]  # fmt: skip
-    tiers = TieredCache(kv_cache, "ns", 0, DiskStore(tmp_path))
+    tiers = TieredCache(TorchBlockIO(kv_cache), "ns", 0, DiskStore(tmp_path))
 
     def publish_all() -> None:
         tiers.on_cached(blocks)
@@ -179,7 +214,7 @@ def test_write_through_pauses_while_the_store_fails(tmp_path):
     from kvserve.kv.tiers.stores import StoreUnavailable
 
     store = DiskStore(tmp_path, retry_after_s=60)
-    tiers = TieredCache(torch.randn(1, 2, 1, 2, 4, 8), "ns", 0, store)
+    tiers = TieredCache(TorchBlockIO(torch.randn(1, 2, 1, 2, 4, 8)), "ns", 0, store)
     (h,) = hash_block_chain([1, 2, 3, 4], 4)
     block = SimpleNamespace(block_id=0, block_hash=h, token_ids=(1, 2, 3, 4))
     shard = tmp_path / tiers.key(h)[-2:]
@@ -222,3 +257,84 @@ def test_bounded_disk_store_evicts_least_recently_used_files(tmp_path):
         DiskStore(tmp_path, max_bytes=0)
     with pytest.raises(ValueError, match="maxmemory"):
         open_store("redis://127.0.0.1:1/0", max_bytes=10)
+
+
+class BytesBlockIO(BlockIO):
+    """A pool of plain bytes objects: the BlockIO contract with no tensor library at all."""
+
+    def __init__(self, num_blocks: int, block_bytes: int):
+        self.blocks = [bytes([i]) * block_bytes for i in range(num_blocks)]
+        self._layout = BlockLayout("uint8", (block_bytes,), 1)
+        self.reads: list[list[int]] = []
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self._layout
+
+    def read(self, block_ids):
+        self.reads.append(list(block_ids))
+        return [self.blocks[b] for b in block_ids]
+
+    def write(self, block_ids, payloads):
+        for b, p in zip(block_ids, payloads, strict=True):
+            self.blocks[b] = bytes(p)
+
+    def to_bytes(self, payload):
+        return payload
+
+    def from_bytes(self, data):
+        return bytes(data)
+
+    def nbytes(self, payload):
+        return len(payload)
+
+
+def test_tiered_cache_moves_blocks_only_through_its_block_io(tmp_path):
+    """Host tier and disk store on a BlockIO of bytes: evicted and published blocks come back bit for bit,
+    published blocks are read in one call, and the host tier's byte budget counts BlockIO.nbytes."""
+    from types import SimpleNamespace
+
+    from kvserve.kv.hashing import hash_block_chain
+    from kvserve.kv.tiers import TieredCache
+
+    bs = 2
+    io = BytesBlockIO(num_blocks=6, block_bytes=16)
+    tokens = list(range(1, 3 * bs + 1))
+    hashes = hash_block_chain(tokens, bs)
+    blocks = [SimpleNamespace(block_id=i, block_hash=h, token_ids=tuple(tokens[i * bs : (i + 1) * bs]))
+              for i, h in enumerate(hashes)]  # fmt: skip
+    tiers = TieredCache(io, "ns", host_bytes=2 * 16, store=DiskStore(tmp_path))
+    tiers.on_cached(blocks)
+    assert io.reads == [[0, 1, 2]] and tiers.flush(10)
+    for b in blocks:
+        tiers.on_evict(b)  # the host tier holds two blocks: block 0 is evicted from it
+    assert tiers.host.bytes_held == 32 and tiers.stats["cpu"].evictions == 1
+    found = tiers.lookup(hashes, tokens, bs, 0, 3)
+    assert [(b.tier, b.index) for b in found] == [("disk", 0), ("disk", 1), ("disk", 2)]  # 0 left the host
+    found = tiers.lookup(hashes, tokens, bs, 1, 3)
+    assert [(b.tier, b.index) for b in found] == [("cpu", 1), ("cpu", 2)]
+    tiers.load_into([4, 5], found)
+    assert io.blocks[4] == bytes([1]) * 16 and io.blocks[5] == bytes([2]) * 16
+    tiers.close()
+
+
+def test_byte_lru_contract():
+    """Refused when bigger than the capacity (nothing evicted), replaced in place (not an eviction), evicted
+    least recently used first with the callback, get/touch refresh and peek does not."""
+    from kvserve.kv.lru import ByteLRU
+
+    evicted = []
+    lru = ByteLRU(10, on_evict=lambda k, v: evicted.append((k, v)))
+    assert lru.put("a", 1, 4) and lru.put("b", 2, 4)
+    assert not lru.put("big", 0, 11) and lru.keys() == ["a", "b"]
+    assert lru.put("a", 10, 5) and lru.num_evictions == 0 and lru.bytes_held == 9
+    assert lru.keys() == ["b", "a"] and lru.peek("b") == 2 and lru.keys() == ["b", "a"]
+    assert lru.touch("b") and lru.keys() == ["a", "b"]
+    assert lru.put("c", 3, 6)  # a, the least recent, goes: 4 + 6 = 10 fits
+    assert evicted == [("a", 10)] and lru.keys() == ["b", "c"] and lru.bytes_held == 10
+    assert lru.get("b") == 2 and lru.keys() == ["c", "b"]
+    assert lru.pop("c") == 3 and lru.pop("c") is None and lru.num_evictions == 1
+    lru.check_invariants()
+    assert lru.clear() == 1 and lru.num_evictions == 2 and lru.bytes_held == 0 and len(lru) == 0
+    with pytest.raises(ValueError):
+        ByteLRU(-1)

@@ -1,11 +1,11 @@
 """The byte format of one KV block in a persistent store: self-describing, checksummed, verified on read.
 
     b"KVSB" | version u8 | 3 zero bytes | blake2b-128 digest of everything after it | meta length u32 |
-    meta (JSON: dtype, shape, number of tokens) | token ids (int32) | KV payload (the block's raw bytes)
+    meta (JSON: dtype, shape) | number of tokens u32 | token ids (int32) | KV payload (the block's raw bytes)
 
 A value that is truncated, has a wrong digest, another dtype/shape than this engine's blocks, or tokens other
 than the ones the request has is rejected (`CorruptEntry`), so the caller recomputes; nothing unverified is
-ever served.
+ever served. Works on bytes and a `BlockLayout` only: turning the payload into a tensor is the BlockIO's job.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Sequence
 
-import torch
+from kvserve.kv.tiers.block_io import BlockLayout
 
 MAGIC = b"KVSB"
 VERSION = 2  # 2: KV block laid out (layers, 2, kv_heads, block_size, head_dim); 1 had heads after tokens
@@ -33,18 +33,18 @@ def _digest(*parts: bytes) -> bytes:
     return h.digest()
 
 
-def encode_block(token_ids: Sequence[int], kv: torch.Tensor) -> bytes:
-    """kv: one block's KV, (layers, 2, block_size, kv_heads, head_dim), any device/dtype."""
-    kv = kv.detach().to("cpu").contiguous()
-    meta = json.dumps({"dtype": str(kv.dtype).removeprefix("torch."), "shape": list(kv.shape)}).encode()
+def encode_block(token_ids: Sequence[int], payload: bytes | memoryview, layout: BlockLayout) -> bytes:
+    """payload: one block's raw KV bytes, laid out as `layout` says (BlockIO.to_bytes)."""
+    if memoryview(payload).nbytes != layout.nbytes:
+        raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, layout {layout} has {layout.nbytes}")
+    meta = json.dumps({"dtype": layout.dtype, "shape": list(layout.shape)}).encode()
     tokens = struct.pack(f"<{len(token_ids)}i", *token_ids)
-    payload = kv.view(torch.uint8).numpy().tobytes()
     meta_tokens = struct.pack("<I", len(meta)) + meta + struct.pack("<I", len(token_ids)) + tokens
     return _HEAD.pack(MAGIC, VERSION, bytes(3), _digest(meta_tokens, payload), len(meta)) + meta_tokens[4:] + payload
 
 
-def decode_block(value: bytes, token_ids: Sequence[int], dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """The block's KV as a CPU tensor, after checking everything; raises CorruptEntry."""
+def decode_block(value: bytes, token_ids: Sequence[int], layout: BlockLayout) -> memoryview:
+    """The block's raw KV bytes (a view into value), after checking everything; raises CorruptEntry."""
     if len(value) < _HEAD.size:
         raise CorruptEntry("truncated header")
     magic, version, pad, digest, meta_len = _HEAD.unpack_from(value)
@@ -65,13 +65,11 @@ def decode_block(value: bytes, token_ids: Sequence[int], dtype: torch.dtype, sha
         meta = json.loads(meta_b)
     except ValueError as e:
         raise CorruptEntry(f"bad meta: {e}") from None
-    want_dtype = str(dtype).removeprefix("torch.")
-    if meta.get("dtype") != want_dtype or meta.get("shape") != list(shape):
-        raise CorruptEntry(f"layout {meta} is not {want_dtype} {list(shape)}")
+    if meta.get("dtype") != layout.dtype or meta.get("shape") != list(layout.shape):
+        raise CorruptEntry(f"layout {meta} is not {layout.dtype} {list(layout.shape)}")
     stored = struct.unpack_from(f"<{n_tokens}i", rest, meta_len + 4)
     if tuple(stored) != tuple(token_ids):
         raise CorruptEntry("token ids differ (hash collision or foreign entry)")
-    expected = torch.empty(shape, dtype=dtype).nbytes
-    if len(payload) != expected:
-        raise CorruptEntry(f"payload has {len(payload)} bytes, expected {expected}")
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+    if len(payload) != layout.nbytes:
+        raise CorruptEntry(f"payload has {len(payload)} bytes, expected {layout.nbytes}")
+    return payload

@@ -1,6 +1,6 @@
 """TieredCache: the levels below the fast KV pool, and the moves between them.
 
-    fast pool (the engine's KV tensor)
+    fast pool (the engine's KV tensor, reached only through a BlockIO: block_io.py)
         │ evicted block ──(sync copy, ~0.1 ms)──► host RAM tier (`--cpu-offload-gb`, LRU in bytes)
         │ published block ─(async, writer thread)─► persistent store (`--kv-store disk:PATH | redis://...`)
         ▼
@@ -15,15 +15,14 @@ eviction never waits for I/O. The writer thread encodes and writes off the step 
 `max_pending_writes` blocks, further writes are dropped (counted), never queued without bound.
 
 Keys commit to everything that makes KV valid: the block's chain hash (which covers every earlier token and the
-tenant's cache salt, an extra key of block 0), the model's fingerprint (config plus samples of every weight),
-block size and dtype. A value is verified on read (codec.py); anything corrupt, truncated, foreign or
-unreadable is a miss and is recomputed. Backend failures are counted per tier and logged once per kind.
+tenant's cache salt, an extra key of block 0) and the namespace the engine gives: the model's fingerprint
+(kvserve/model/fingerprint.py), block size, dtype and attention arithmetic. A value is verified on read
+(codec.py); anything corrupt, truncated, foreign or unreadable is a miss and is recomputed. Backend failures
+are counted per tier and logged once per kind. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import queue
 import threading
@@ -32,31 +31,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from kvserve.kv.hashing import BlockHash
+from kvserve.kv.tiers.block_io import BlockIO, Payload
 from kvserve.kv.tiers.codec import VERSION, CorruptEntry, decode_block, encode_block
 from kvserve.kv.tiers.stores import HostEntry, HostTier, PersistentStore, StoreUnavailable
+from kvserve.stats import TierCounters
 
 log = logging.getLogger(__name__)
 MAX_KNOWN = 1 << 20  # block hashes remembered as already in the store (~100 MB at most)
-
-
-@dataclass
-class TierStats:
-    """Counters of one tier (blocks and bytes since start)."""
-
-    hits: int = 0  # blocks found and loaded back
-    misses: int = 0  # lookups that reached this tier and stopped in it
-    bytes_loaded: int = 0
-    bytes_stored: int = 0
-    stores: int = 0  # blocks written
-    evictions: int = 0  # blocks dropped by this tier for room (host RAM only)
-    loads: int = 0  # lookups that loaded at least one block
-    load_seconds: float = 0.0  # sum over those lookups: fetch + verify + copy into the pool
-    errors: int = 0  # backend failures (I/O error, full disk, Redis down)
-    corrupt: int = 0  # entries that failed verification
-    dropped_writes: int = 0  # writes skipped because the writer was behind
 
 
 @dataclass
@@ -67,54 +49,31 @@ class LoadedBlock:
     index: int  # position of the block in the request's chain
     block_hash: BlockHash
     token_ids: tuple[int, ...]
-    kv: torch.Tensor  # (layers, 2, block_size, kv_heads, head_dim), host memory
+    payload: Payload  # the block's KV in host memory, as the BlockIO reads and writes it
     parent_hash: BlockHash | None = None  # the chain hash before it (None for block 0)
 
 
-def model_fingerprint(config: object, weights: dict[str, torch.Tensor]) -> str:
-    """A short stable id of a model's weights: SHA-256 of its config and of every tensor, all of its values.
-
-    Independent of file format, storage dtype and path (each tensor is hashed as float32), so the same weights
-    loaded from GGUF or safetensors on any replica share entries, and weights that differ anywhere never do.
-    Reads every weight once: about 0.3 s per GB of float32 on one core (the engine computes it once per
-    loaded model, and only when a KV tier is configured).
-    """
-    h = hashlib.sha256(
-        json.dumps(
-            config.__dict__ if hasattr(config, "__dict__") else str(config), sort_keys=True, default=str
-        ).encode()
-    )
-    for name in sorted(weights):
-        t = weights[name]
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy().data)
-    return h.hexdigest()[:16]
-
-
 class TieredCache:
-    """Host RAM and persistent tiers under one engine's KV tensor."""
+    """Host RAM and persistent tiers under one engine's KV pool, which block_io reads and writes."""
 
     def __init__(
         self,
-        kv_cache: torch.Tensor,  # (layers, 2, kv_heads, blocks, block_size, head_dim)
+        block_io: BlockIO,
         namespace: str,
         host_bytes: int = 0,
         store: PersistentStore | None = None,
         max_pending_writes: int = 512,
     ):
-        self.kv_cache = kv_cache
+        self.block_io = block_io
+        self.layout = block_io.layout  # what every stored value must match
         self.namespace = namespace
-        shape = list(kv_cache.shape)
-        self.block_shape = [*shape[:3], *shape[4:]]
-        self.dtype = kv_cache.dtype
         self.host = HostTier(host_bytes) if host_bytes > 0 else None
         self.store = store
-        self.stats: dict[str, TierStats] = {}
+        self.stats: dict[str, TierCounters] = {}
         if self.host is not None:
-            self.stats[self.host.name] = TierStats()
+            self.stats[self.host.name] = TierCounters()
         if store is not None:
-            self.stats[store.name] = TierStats()
+            self.stats[store.name] = TierCounters()
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # stats written by the writer thread
         self._known: set[BlockHash] = set()  # in the store already (written or read by us)
@@ -166,12 +125,13 @@ class TieredCache:
         """Pool hook: block is about to lose its KV; keep a copy in host RAM."""
         if self.host is None:
             return
-        kv = self.kv_cache[:, :, :, block.block_id].to("cpu", copy=True)
+        (payload,) = self.block_io.read([block.block_id])
+        nbytes = self.block_io.nbytes(payload)
         evicted_before = self.host.num_evictions
-        if self.host.put(block.block_hash, HostEntry(block.token_ids, kv)):
+        if self.host.put(block.block_hash, HostEntry(block.token_ids, payload, nbytes)):
             st = self.stats[self.host.name]
             st.stores += 1
-            st.bytes_stored += kv.nbytes
+            st.bytes_stored += nbytes
             st.evictions += self.host.num_evictions - evicted_before
 
     def on_cached(self, blocks: Sequence) -> None:
@@ -184,11 +144,10 @@ class TieredCache:
         new = [b for b in blocks if b.block_hash not in self._known]
         if not new:
             return
-        ids = torch.tensor([b.block_id for b in new], device=self.kv_cache.device)
-        kv = self.kv_cache.index_select(3, ids).to("cpu")  # (layers, 2, kv_heads, n, block_size, head_dim)
+        payloads = self.block_io.read([b.block_id for b in new])
         for i, block in enumerate(new):
             try:
-                self._writes.put_nowait((block.block_hash, block.token_ids, kv[:, :, :, i]))
+                self._writes.put_nowait((block.block_hash, block.token_ids, payloads[i]))
             except queue.Full:
                 with self._lock:
                     self.stats[self.store.name].dropped_writes += len(new) - i
@@ -205,8 +164,8 @@ class TieredCache:
             try:
                 if item is None:
                     return
-                block_hash, token_ids, kv = item
-                value = encode_block(token_ids, kv)
+                block_hash, token_ids, payload = item
+                value = encode_block(token_ids, self.block_io.to_bytes(payload), self.layout)
                 try:
                     self.store.put(self.key(block_hash), value)
                 except StoreUnavailable as e:
@@ -277,7 +236,7 @@ class TieredCache:
                 if entry is None or entry.token_ids != tokens(i):
                     break
                 parent = block_hashes[i - 1] if i else None
-                found.append(LoadedBlock(self.host.name, i, block_hashes[i], entry.token_ids, entry.kv, parent))
+                found.append(LoadedBlock(self.host.name, i, block_hashes[i], entry.token_ids, entry.payload, parent))
                 i += 1
             self._count(self.host.name, found, i < stop, time.perf_counter() - t0)
         if self.store is not None and i < stop:
@@ -295,7 +254,7 @@ class TieredCache:
             from_store: list[LoadedBlock] = []
             for j, value in enumerate(values, start=i):
                 try:
-                    kv = decode_block(value, tokens(j), self.dtype, self.block_shape)
+                    payload = self.block_io.from_bytes(decode_block(value, tokens(j), self.layout))
                 except CorruptEntry as e:
                     self._unknown(block_hashes[j:stop])  # the recomputed blocks are written again
                     self._fault(name, "corrupt", f"entry {keys[j - i]}: {e}")
@@ -305,7 +264,7 @@ class TieredCache:
                         pass
                     break
                 parent = block_hashes[j - 1] if j else None
-                from_store.append(LoadedBlock(name, j, block_hashes[j], tokens(j), kv, parent))
+                from_store.append(LoadedBlock(name, j, block_hashes[j], tokens(j), payload, parent))
                 self._known.add(block_hashes[j])
                 self.stats[name].bytes_loaded += len(value)
             found.extend(from_store)
@@ -321,13 +280,12 @@ class TieredCache:
             st.loads += 1
             st.load_seconds += seconds
             if tier == "cpu":
-                st.bytes_loaded += sum(b.kv.nbytes for b in got)
+                st.bytes_loaded += sum(self.block_io.nbytes(b.payload) for b in got)
 
     def load_into(self, block_ids: Sequence[int], loaded: Sequence[LoadedBlock]) -> None:
         """Copy loaded blocks into the pool blocks given (same order)."""
         t0 = time.perf_counter()
-        for bid, lb in zip(block_ids, loaded, strict=True):
-            self.kv_cache[:, :, :, bid].copy_(lb.kv, non_blocking=False)
+        self.block_io.write(block_ids, [lb.payload for lb in loaded])
         dt = time.perf_counter() - t0
         if loaded:  # attribute the copy to the tier of the deepest block (the one that made the lookup slow)
             self.stats[loaded[-1].tier].load_seconds += dt

@@ -1,6 +1,7 @@
 """Where evicted KV blocks live below the fast pool.
 
-  HostTier     host RAM, bounded in bytes, LRU; holds tensors (no encoding), so a hit is one copy.
+  HostTier     host RAM, bounded in bytes, LRU; holds BlockIO payloads as they are (CPU tensors, no
+               encoding), so a hit is one copy.
   DiskStore    one file per block under a directory, written to a temp name and renamed (a reader never sees
                half a file); the embedded default for `--kv-store disk:PATH`.
   RedisStore   a Redis server shared by replicas (`--kv-store redis://HOST:PORT/DB`); MGET for lookups.
@@ -9,6 +10,9 @@ Persistent stores (disk, Redis) hold encoded values (see codec.py) and raise `St
 backend fails (I/O error, full disk, Redis down): the tier manager counts it, logs it once, and treats it as a
 miss, so a request recomputes instead of failing. A Redis store that failed is not asked again for
 `retry_after_s` seconds, so a dead Redis costs one timeout, not one per request.
+
+Both bounded stores (the host tier, a disk store with max_bytes) keep their LRU order in one `ByteLRU`
+(kvserve/kv/lru.py). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,17 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kvserve.config import kv_store_kind
+from kvserve.kv.lru import ByteLRU
+from kvserve.kv.tiers.block_io import Payload
 
 
 class StoreUnavailable(RuntimeError):
@@ -36,12 +38,11 @@ class StoreUnavailable(RuntimeError):
 # -------------------------------------------------------------------------------------------- host RAM
 @dataclass(frozen=True)
 class HostEntry:
-    token_ids: tuple[int, ...]
-    kv: torch.Tensor  # (layers, 2, block_size, kv_heads, head_dim) on the host
+    """One block in host RAM: its tokens (checked on a hit) and its KV as the BlockIO read it."""
 
-    @property
-    def nbytes(self) -> int:
-        return self.kv.nbytes
+    token_ids: tuple[int, ...]
+    payload: Payload  # BlockIO.read's value, e.g. a CPU tensor (layers, 2, kv_heads, block_size, head_dim)
+    nbytes: int  # BlockIO.nbytes(payload)
 
 
 class HostTier:
@@ -50,39 +51,33 @@ class HostTier:
     name = "cpu"
 
     def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[bytes, HostEntry] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes_held = 0
-        self.num_evictions = 0
+        self._lru: ByteLRU[bytes, HostEntry] = ByteLRU(capacity_bytes)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._lru.capacity_bytes
+
+    @property
+    def bytes_held(self) -> int:
+        return self._lru.bytes_held
+
+    @property
+    def num_evictions(self) -> int:
+        return self._lru.num_evictions
 
     def put(self, key: bytes, entry: HostEntry) -> bool:
-        if entry.nbytes > self.capacity_bytes:
-            return False
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes_held -= old.nbytes
-            while self.bytes_held + entry.nbytes > self.capacity_bytes:
-                _, victim = self._entries.popitem(last=False)
-                self.bytes_held -= victim.nbytes
-                self.num_evictions += 1
-            self._entries[key] = entry
-            self.bytes_held += entry.nbytes
-        return True
+        """Keep entry as the most recent, evicting LRU entries for room; False if it exceeds the whole tier."""
+        return self._lru.put(key, entry, entry.nbytes)
 
     def get(self, key: bytes) -> HostEntry | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
+        """The entry, made the most recent; None if absent."""
+        return self._lru.get(key)
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._entries
+        return key in self._lru
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
 
 # ------------------------------------------------------------------------------------ persistent stores
@@ -119,7 +114,8 @@ class DiskStore(PersistentStore):
     With max_bytes, the files stay within that many bytes: least recently used first out (an in-memory LRU
     index over the directory, built at start from the files' modification times; a read refreshes a file's
     time, so the order survives a restart). The bound is exact for one writing process per directory; several
-    processes each keep their own index.
+    processes each keep their own index. A value bigger than the whole bound is written and removed at once
+    (counted as an eviction), evicting nothing else.
     """
 
     name = "disk"
@@ -131,14 +127,15 @@ class DiskStore(PersistentStore):
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"the disk store's byte bound must be >= 1, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._lru: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recently used first
-        self._bytes = 0
-        self._lock = threading.Lock()  # the writer and the fetch thread both touch the index
+        # key -> None, sized by the file; thread-safe (the writer and the fetch thread both touch it)
+        self._lru: ByteLRU[str, None] | None = None
+        self._refused = 0  # values bigger than max_bytes, removed as soon as written
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--kv-store disk:{root}: cannot create the directory: {e}") from None
         if max_bytes is not None:
+            self._lru = ByteLRU(max_bytes, on_evict=lambda key, _: self._path(key).unlink(missing_ok=True))
             files = []
             for path in self.root.glob("*/kvserve-*"):
                 try:
@@ -146,26 +143,29 @@ class DiskStore(PersistentStore):
                 except OSError:
                     continue
                 files.append((st.st_mtime, path.name, st.st_size))
-            for _, key, size in sorted(files):
-                self._lru[key] = size
-                self._bytes += size
-            with self._lock:
-                self._evict_to(max_bytes)
+            for _, key, size in sorted(files):  # oldest first: what does not fit is the least recently used
+                self._index(key, size)
 
     @property
     def bytes_held(self) -> int:
         """Bytes of the files the index holds (max_bytes set), else 0: not tracked."""
-        return self._bytes
+        return self._lru.bytes_held if self._lru is not None else 0
+
+    @property
+    def num_evictions(self) -> int:
+        """Files removed to stay within max_bytes."""
+        return self._lru.num_evictions + self._refused if self._lru is not None else 0
 
     def _path(self, key: str) -> Path:
         return self.root / key[-2:] / key
 
-    def _evict_to(self, limit: int) -> None:
-        while self._bytes > limit and self._lru:
-            key, size = self._lru.popitem(last=False)
-            self._bytes -= size
+    def _index(self, key: str, size: int) -> None:
+        """A file of this size was written under key: make it the most recent, evicting LRU files for room."""
+        assert self._lru is not None
+        if not self._lru.put(key, None, size):
+            self._lru.pop(key)
             self._path(key).unlink(missing_ok=True)
-            self.num_evictions += 1
+            self._refused += 1
 
     def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
         out = []
@@ -176,10 +176,8 @@ class DiskStore(PersistentStore):
                 break
             except OSError as e:
                 raise StoreUnavailable(f"disk read {key}: {e}") from e
-            if self.max_bytes is not None:
-                with self._lock:
-                    if key in self._lru:
-                        self._lru.move_to_end(key)
+            if self._lru is not None:
+                self._lru.touch(key)
                 with contextlib.suppress(OSError):
                     os.utime(self._path(key))  # recency for the next start's index
         return out
@@ -198,11 +196,8 @@ class DiskStore(PersistentStore):
                 Path(tmp).unlink(missing_ok=True)
             self._write_down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"disk write {key}: {e}") from e
-        if self.max_bytes is not None:
-            with self._lock:
-                self._bytes += len(value) - self._lru.pop(key, 0)
-                self._lru[key] = len(value)
-                self._evict_to(self.max_bytes)
+        if self._lru is not None:
+            self._index(key, len(value))
 
     def writable(self) -> bool:
         return time.monotonic() >= self._write_down_until
@@ -212,9 +207,8 @@ class DiskStore(PersistentStore):
             self._path(key).unlink(missing_ok=True)
         except OSError as e:
             raise StoreUnavailable(f"disk delete {key}: {e}") from e
-        if self.max_bytes is not None:
-            with self._lock:
-                self._bytes -= self._lru.pop(key, 0)
+        if self._lru is not None:
+            self._lru.pop(key)
 
 
 class RedisStore(PersistentStore):
