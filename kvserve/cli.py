@@ -6,85 +6,39 @@ Engine flags are the EngineConfig fields, spelled with dashes (--block-size, --k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 
 from kvserve.config import EngineConfig, parse_memory
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (but `model`, which each command takes its own way), derived from the
+    field: --block-size from block_size, its type, default, choices and help; booleans get --no-X too."""
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument(
-        "--kv-cache-memory",
-        type=_memory,
-        default=None,
-        help="bytes for the KV pool, e.g. 2GiB (default: 10%% of RAM, at most 4 GiB)",
-    )
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size; overrides --kv-cache-memory")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument(
-        "--long-prefill-token-threshold",
-        type=int,
-        default=None,
-        help="most prompt tokens one request may compute per step",
-    )
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument(
-        "--checkpoint-policy",
-        default="none",
-        help="hybrid/recurrent models: where prefill snapshots recurrent state for prefix reuse: "
-        "none | every-block:B | balanced:M | sqrt | log | optimal:M",
-    )
-    g.add_argument(
-        "--checkpoint-memory",
-        type=_memory,
-        default=None,
-        help="bytes for recurrent-state checkpoints, e.g. 1GiB (default: a quarter of --kv-cache-memory)",
-    )
-    g.add_argument(
-        "--checkpoint-resolve-every",
-        type=int,
-        default=EngineConfig.checkpoint_resolve_every,
-        help="optimal:M: re-solve the placement every k observed overlap depths",
-    )
-    g.add_argument(
-        "--checkpoint-decay",
-        type=float,
-        default=EngineConfig.checkpoint_decay,
-        help="optimal:M: histogram decay per observation, in (0, 1]",
-    )
-    g.add_argument(
-        "--checkpoint-switch-margin",
-        type=float,
-        default=EngineConfig.checkpoint_switch_margin,
-        help="optimal:M: adopt a new placement only if it lowers expected recompute by more than this share",
-    )
-    g.add_argument(
-        "--eviction-policy",
-        default="lru",
-        choices=["lru", "lfu", "cost-aware"],
-        help="which cached KV block leaves the pool first (leaves of the prefix tree always go first)",
-    )
-    g.add_argument(
-        "--cpu-offload-gb", type=float, default=0.0, help="host-RAM tier for KV blocks evicted from the pool (GiB)"
-    )
-    g.add_argument(
-        "--kv-store",
-        default=None,
-        help="persistent KV tier shared across restarts/replicas: a directory (PATH or disk:PATH) or redis://127.0.0.1:6379",
-    )
-    g.add_argument(
-        "--kv-store-max-bytes",
-        type=_memory,
-        default=None,
-        help="bound of a disk --kv-store, e.g. 50GiB (least recently used files go first; default: until full)",
-    )
-    g.add_argument("--seed", type=int, default=0)
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict = {"default": f.default, "help": f.metadata.get("help")}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        if hints[f.name] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("memory"):
+            kwargs["type"] = _memory
+        else:
+            kwargs["type"] = _scalar(hints[f.name])
+        g.add_argument(flag, **kwargs)
+
+
+def _scalar(hint: object) -> type:
+    """int for `int` and `int | None`, and so on."""
+    kinds = typing.get_args(hint) or (hint,)
+    return next(t for t in (int, float, str) if t in kinds)
 
 
 def _memory(text: str) -> int:
@@ -152,9 +106,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvserve.server.app import run_server
+    from kvserve.server.app import ServerOptions, run_server
 
-    run_server(args)
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        max_body_bytes=args.max_body_bytes,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+    )
+    run_server(engine_config(args), options)
     return 0
 
 
@@ -170,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text offline")
     gen.add_argument("prompt", nargs="*", help="prompt(s)")
-    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--model", default=EngineConfig.model)
     gen.add_argument("--prompts-file", help="one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -187,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    srv.add_argument("model", nargs="?", default="smollm2-135m")
+    srv.add_argument("model", nargs="?", default=EngineConfig.model)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(

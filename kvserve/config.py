@@ -1,19 +1,28 @@
-"""EngineConfig: the one frozen dataclass that carries every engine knob.
+"""EngineConfig: the one frozen dataclass that carries every engine knob, and the one place flags are declared.
 
-Defaults and validation live here, so an invalid configuration fails at start with a message naming the knob.
-Values discovered at run time (number of KV blocks, the EOS ids, the resolved dtype) are *not* written back
-here; they are returned by the components that find them.
+Defaults, help texts and validation live here: `kvserve.cli` derives every engine flag (name, type, default,
+choices, help) from these fields, so a knob is written once. Types are checked by pydantic (strict: "16" is
+not a block size, "no" is not a flag); ranges and relations in __post_init__, each error naming its knob.
+Values discovered at run time (number of KV blocks, the EOS ids, the resolved dtype and backends) are *not*
+written back here; they are returned by the components that find them.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
 import os
 import re
+import typing
 from dataclasses import dataclass, fields
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from kvserve.kv.eviction import POLICIES
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "native", "torch")
+LINEAR_BACKENDS = ("auto", "native", "onednn")
 
 
 def _default_kv_cache_memory() -> int:
@@ -25,65 +34,82 @@ def _default_kv_cache_memory() -> int:
     return max(64 << 20, min(4 << 30, total // 10))
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (numbers.Integral,),  # numpy integers too
-    "float": (numbers.Real,),
-    "bool": (bool,),
-    "str": (str,),
-}
-
-
-def _check_type(name: str, annotation: str, value: object) -> None:
-    """value against a field annotation such as 'int', 'float' or 'str | None' (bool is not an int here)."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None and "None" in kinds:
-        return
-    allowed = [t for k in kinds if k in _TYPES for t in _TYPES[k]]
-    if not allowed:
-        return
-    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, tuple(allowed)):
-        raise ValueError(f"{name} must be {annotation}, got {value!r}")
-    if isinstance(value, numbers.Real) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+def knob(default: object, help: str, *, choices: tuple[str, ...] | None = None, memory: bool = False):
+    """A config field with what its CLI flag needs: help text, choices, and whether it parses sizes (2GiB)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "memory": memory})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Every knob of the engine. Construct it once; it never changes afterwards."""
 
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None -> _default_kv_cache_memory()
-    num_kv_blocks: int | None = None  # exact pool size; overrides kv_cache_memory (tests, benchmarks)
-    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
-    max_num_seqs: int = 64  # most requests running at once
-    max_model_len: int | None = None  # None -> the model's context length
-    long_prefill_token_threshold: int | None = None  # most prompt tokens one request may take per step
-    enable_prefix_caching: bool = True
-    eviction_policy: str = "lru"  # lru | lfu | cost-aware: which cached block leaves the pool first
-    cpu_offload_gb: float = 0.0  # host-RAM tier for blocks evicted from the pool (GiB; 0 = none)
-    kv_store: str | None = None  # persistent tier: PATH, disk:PATH or redis://HOST:PORT[/DB]
-    kv_store_max_bytes: int | None = None  # bound of a disk store (LRU); None: until the disk is full
-    seed: int = 0  # seed for requests that bring none
-    max_logprobs: int = 20
+    model: str = knob("smollm2-135m", "model: a bundled name, a GGUF file or a Hugging Face folder")
+    dtype: str = knob("auto", "weights, activations and KV cache dtype", choices=DTYPES)
+    device: str = knob("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    attention_backend: str = knob(
+        "auto",
+        "attention: kvserve's CPU kernel (native) or torch; auto = $KVSERVE_ATTENTION, else native where it builds",
+        choices=ATTENTION_BACKENDS,
+    )
+    linear_backend: str = knob(
+        "auto",
+        "CPU linear layers: kvserve's kernel (native) or oneDNN; auto = $KVSERVE_LINEAR, else native where it builds",
+        choices=LINEAR_BACKENDS,
+    )
+    block_size: int = knob(16, "tokens per KV block (a power of two <= 256)")
+    kv_cache_memory: int | None = knob(
+        None, "bytes for the KV pool, e.g. 2GiB (default: 10%% of RAM, at most 4 GiB)", memory=True
+    )
+    num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks; overrides --kv-cache-memory")
+    max_num_batched_tokens: int = knob(2048, "token budget of one step (prefill chunks + decodes)")
+    max_num_seqs: int = knob(64, "most requests running at once")
+    max_model_len: int | None = knob(None, "context length (default: the model's)")
+    long_prefill_token_threshold: int | None = knob(None, "most prompt tokens one request may compute per step")
+    enable_prefix_caching: bool = knob(True, "reuse the KV of cached prompt prefixes")
+    eviction_policy: str = knob(
+        "lru",
+        "which cached KV block leaves the pool first (leaves of the prefix tree always go first)",
+        choices=tuple(POLICIES),
+    )
+    cpu_offload_gb: float = knob(0.0, "host-RAM tier for KV blocks evicted from the pool (GiB; 0 = none)")
+    kv_store: str | None = knob(
+        None,
+        "persistent KV tier shared across restarts/replicas: a directory (PATH or disk:PATH) or redis://127.0.0.1:6379",
+    )
+    kv_store_max_bytes: int | None = knob(
+        None,
+        "bound of a disk --kv-store, e.g. 50GiB (least recently used files go first; default: until full)",
+        memory=True,
+    )
+    seed: int = knob(0, "sampling seed of requests that bring none")
+    max_logprobs: int = knob(20, "most logprobs / prompt_logprobs a request may ask for")
     # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
-    checkpoint_policy: str = "none"  # none | every-block:B | balanced:M | sqrt | log | optimal:M
-    checkpoint_memory: int | None = None  # bytes for state checkpoints; None -> a quarter of the KV budget
+    checkpoint_policy: str = knob(
+        "none",
+        "hybrid/recurrent models: where prefill snapshots recurrent state for prefix reuse: "
+        "none | every-block:B | balanced:M | sqrt | log | optimal:M",
+    )
+    checkpoint_memory: int | None = knob(
+        None,
+        "bytes for recurrent-state checkpoints, e.g. 1GiB (default: a quarter of --kv-cache-memory)",
+        memory=True,
+    )
     # optimal:M's online learning (kvserve/recurrent/placement.py): re-solve every k observed overlap depths,
     # the histogram's decay per observation, and the J improvement a new placement must bring to be adopted.
-    checkpoint_resolve_every: int = 32
-    checkpoint_decay: float = 0.999
-    checkpoint_switch_margin: float = 0.02
+    checkpoint_resolve_every: int = knob(32, "optimal:M: re-solve the placement every k observed overlap depths")
+    checkpoint_decay: float = knob(0.999, "optimal:M: histogram decay per observation, in (0, 1]")
+    checkpoint_switch_margin: float = knob(
+        0.02, "optimal:M: adopt a new placement only if it lowers expected recompute by more than this share"
+    )
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # types first: "16" for block_size or "no" for a flag is a clear error, not a crash
-            _check_type(f.name, str(f.type), getattr(self, f.name))
+        self._check_types()  # first: "16" for block_size or "no" for a flag is a clear error, not a crash
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         positive = ["block_size", "max_num_batched_tokens", "max_num_seqs"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -94,10 +120,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two <= 256, got {self.block_size}")
-        from kvserve.kv.eviction import POLICIES
-
-        if self.eviction_policy not in POLICIES:
-            raise ValueError(f"eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}")
         if not self.cpu_offload_gb >= 0:
             raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
         store_kind = None if self.kv_store is None else kv_store_kind(self.kv_store)
@@ -120,6 +142,22 @@ class EngineConfig:
             raise ValueError(f"checkpoint_switch_margin must be in [0, 1), got {self.checkpoint_switch_margin}")
         self.placement_policy()  # a bad spec fails here, naming the choices
 
+    def _check_types(self) -> None:
+        """Each field against its annotation, by pydantic in strict mode (no str -> int, bool is not an int,
+        no inf/nan); numpy integers and floats are taken as the Python numbers they are."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+                value = int(value)
+            elif isinstance(value, numbers.Real) and not isinstance(value, int | float):
+                value = float(value)
+            try:
+                checked = _adapters()[f.name].validate_python(value)
+            except ValidationError as e:
+                reason = e.errors()[0]["msg"].lower()
+                raise ValueError(f"{f.name} must be {_type_names()[f.name]} ({reason}), got {value!r}") from None
+            object.__setattr__(self, f.name, checked)  # frozen; int -> float for float fields
+
     def placement_policy(self):
         """A new PlacementPolicy for --checkpoint-policy and the learning knobs."""
         from kvserve.recurrent.placement import make_placement_policy
@@ -138,6 +176,28 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _hints() -> dict[str, object]:
+    return typing.get_type_hints(EngineConfig)
+
+
+_ADAPTERS: dict[str, TypeAdapter] = {}
+
+
+def _adapters() -> dict[str, TypeAdapter]:
+    """One pydantic TypeAdapter per field, built once from the real annotations (not their strings)."""
+    if not _ADAPTERS:
+        for name, hint in _hints().items():
+            _ADAPTERS[name] = TypeAdapter(hint, config=_STRICT)
+    return _ADAPTERS
+
+
+def _type_names() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(EngineConfig)}
 
 
 def kv_store_kind(spec: str) -> str | None:

@@ -15,9 +15,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvserve.config import EngineConfig
-from kvserve.engine import LLMEngine
+from kvserve.engine import LLMEngine, NewRequest
 from kvserve.model.loader import LoadedModel
-from kvserve.outputs import RequestOutput
+from kvserve.outputs import OutputAccumulator, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
 Prompt = str | list[int]  # also vLLM's {"prompt": str} and {"prompt_token_ids": [int, ...]}
@@ -69,7 +69,7 @@ class LLM:
             raise ValueError(f"unknown LLM option(s) {sorted(unknown)}; valid: {EngineConfig.field_names()}")
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.config, loaded=loaded)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = self.engine.get_tokenizer()
 
     def generate(
         self,
@@ -89,28 +89,23 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         engine = self.engine
-        # Refuse a bad prompt before any request is queued; the ids are reused, so a string is tokenized once.
-        token_ids = [engine.validate(prompt, params) for prompt, params in zip(prompts, params_list)]
         children: list[list[str]] = []
-        added: list[str] = []
+        new: list[NewRequest] = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            ids = [f"gen-{id(self)}-{i}-{k}" for k in range(params.n)]
+            children.append(ids)
+            for k, rid in enumerate(ids):
+                new.append(NewRequest(prompt, params if params.n == 1 else params.child(k), rid, cache_salt))
+        added = engine.add_requests(new)  # all or none: a bad prompt is refused before any is queued
+        outputs = {rid: OutputAccumulator() for rid in added}
+        finished: dict[str, RequestOutput] = {}
         try:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-                ids = []
-                for k in range(params.n):
-                    child = params if params.n == 1 else params.child(k)
-                    rid = f"gen-{id(self)}-{i}-{k}"
-                    engine.add_request(
-                        prompt, child, request_id=rid, cache_salt=cache_salt, prompt_token_ids=token_ids[i]
-                    )
-                    ids.append(rid)
-                    added.append(rid)
-                children.append(ids)
-            finished: dict[str, RequestOutput] = {}
             with tqdm(total=len(added), desc="generate", disable=not use_tqdm, unit="req") as bar:
                 while engine.has_unfinished_requests():
                     for out in engine.step():
+                        outputs[out.request_id].add(out)
                         if out.finished:
-                            finished[out.request_id] = out
+                            finished[out.request_id] = outputs.pop(out.request_id).result()
                             bar.update(1)
         except BaseException:
             for rid in added:

@@ -11,8 +11,8 @@ When a running request can't get a block, the newest running request is preempte
 (they stay in the prefix cache until evicted) and it goes back to the front of the waiting queue, to be
 recomputed later. Nothing fails for want of memory.
 
-Models with recurrent layers set `recurrent` (a RecurrentCacheManager): it cuts prefix hits to the deepest
-recurrent-state checkpoint, ends prefill chunks at checkpoint positions, and frees a request's state slot
+Models with recurrent layers set `recurrent` (RecurrentHooks, a RecurrentCacheManager): it cuts prefix hits to
+the deepest recurrent-state checkpoint, ends prefill chunks at checkpoint positions, and frees a request's state slot
 wherever its KV blocks are freed.
 """
 
@@ -20,16 +20,29 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvserve.batch import ScheduledRequest, SchedulerOutput
-from kvserve.kv.cache_manager import KVCacheManager
+from kvserve.kv.cache_manager import ComputedBlocks, KVCacheManager
 from kvserve.request import Request, RequestStatus
 
-if TYPE_CHECKING:
-    from kvserve.recurrent.manager import RecurrentCacheManager
-
 PROMPT_LOGPROBS_CHUNK = 512  # most prompt tokens scored (logits kept) per step, over all requests
+
+
+class RecurrentHooks(Protocol):
+    """What the scheduler asks of a model's recurrent state (kvserve/recurrent/manager.py implements it)."""
+
+    def limit_prefix_hit(self, request: Request, computed: ComputedBlocks) -> ComputedBlocks:
+        """Cut a KV prefix hit to a point the recurrent state can resume from."""
+
+    def admitted(self, request: Request) -> None:
+        """The request whose hit was just limited got its KV blocks."""
+
+    def cut_chunk(self, request: Request, start: int, num_tokens: int) -> int:
+        """Shorten a chunk so that it ends where the state is to be snapshotted."""
+
+    def free(self, request: Request) -> None:
+        """The request left the running set: give its state back."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.recurrent: RecurrentCacheManager | None = None  # set for models with recurrent layers
+        self.recurrent: RecurrentHooks | None = None  # set for models with recurrent layers
         self._scored_left = PROMPT_LOGPROBS_CHUNK  # prompt tokens this step may still score (reset per step)
 
     # ------------------------------------------------------------------------------------------ queues

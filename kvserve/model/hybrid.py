@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.config import MAMBA, ModelConfig
 from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
 from kvserve.model.mamba2 import MixerStates, MixerWeights, mamba_mixer
@@ -107,11 +108,14 @@ class HybridModel:
         dtype: torch.dtype,
         device: torch.device,
         max_len: int,
+        backends: Backends | None = None,
     ):
         assert config.mamba is not None
         self.config = config
         self.dtype = dtype
         self.device = device
+        backends = backends or resolve_backends(device, dtype)  # the `auto` choice
+        self.native_attention = backends.native_attention
         self.names = _names(config)
 
         def w(name: str, dt: torch.dtype = dtype) -> torch.Tensor:
@@ -123,8 +127,9 @@ class HybridModel:
         self.final_norm = w(self.names["final_norm"])
         self.layers = [self._layer(i) for i in range(config.num_hidden_layers)]
         del self._w  # drop the reference to the float32 source weights
-        if packs_linears(device, dtype):  # the kernel's panels (else oneDNN's blocked layout): faster
-            prepack_model_linears(self)
+        # the kernel's panels (else oneDNN's blocked layout): faster
+        if packs_linears(device, dtype, backends.native_linear):
+            prepack_model_linears(self, backends.native_linear)
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         self.cos = self.sin = torch.empty(0)
         if config.num_attention_layers and self.rotary_dim:

@@ -2,7 +2,7 @@
 
 Linear layers on CPU run on kvserve's own kernel (kvserve/model/csrc/linear.c, via native.PackedLinear) where
 it builds: one fixed chain of fused multiply-adds per output, so invariant by construction, with no padding
-row; as fast as oneDNN at 32 rows and up and up to 2x faster at 1-2 rows (bench/gemm_backends.py).
+row; as fast as oneDNN at 32 rows and up and up to 2x faster at 1-2 rows (bench/experiments/gemm_backends.py).
 Elsewhere (no compiler, no AVX-512, or KVSERVE_LINEAR=onednn) they run on oneDNN's inner-product kernels
 (`torch.ops.mkldnn._linear_pointwise`, the op torch's own inductor emits for CPU linears), not on F.linear.
 Measured on this project's torch 2.13 CPU build
@@ -10,10 +10,14 @@ Measured on this project's torch 2.13 CPU build
   * rows are bit-identical for every row count M >= 2 (M up to 4,200 and row offsets tried); one row takes a
     GEMV kernel that sums in another order (in bfloat16 that shows only where an output rounds the other way:
     seen with the real down_proj weights, K = 1,536), so a one-row call is padded to two rows;
+  * except bfloat16 on CPUs with AMX (Xeon 4th generation and later): there oneDNN picks kernels by row count
+    (one up to 32 rows, AMX tiles above) whose sums differ, so no padding makes rows invariant.
+    `onednn_rows_invariant` probes this once; the engine then refuses the oneDNN linear backend in bfloat16
+    (model/backends.py) and runs kvserve's kernel;
   * on this project's AMD EPYC machines it is about 2.2x faster than F.linear in float32 (F.linear calls
     MKL's sgemm, which takes a slow path on non-Intel CPUs): the model's linear layers at 2,048 rows 1.06 s
     vs 2.20 s, a batch-1 decode step's weights 20.9 ms at two rows vs 52.2 ms at MKL's four
-    (bench/gemm_backends.py). bfloat16 is the same speed either way (F.linear already calls oneDNN there);
+    (bench/experiments/gemm_backends.py). bfloat16 is the same speed either way (F.linear already calls oneDNN there);
     prepack_linear_weight gains more in both dtypes.
 float16 (no oneDNN fp16 kernel on CPUs without AVX512-FP16) and non-CPU devices keep F.linear. Under MKL a
 float32 row count below 12 that is not a multiple of 4 takes a small-M kernel with another summation order,
@@ -52,15 +56,26 @@ def uses_onednn(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:
+@functools.cache
+def onednn_rows_invariant(dtype: torch.dtype) -> bool:
+    """Whether this CPU's linear path for dtype (oneDNN or F.linear) gives a row the same bits at any row count:
+    probed once on a (960, 576) weight, prefixes of a 160-row call against the whole call."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(960, 576, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(160, 576, generator=gen).to(dtype)
+    ref = _linear(x, w, None)
+    return all(torch.equal(_linear(x[:m], w, None), ref[:m]) for m in (1, 2, 3, 5, 17, 33, 64))
+
+
+def packs_linears(device: torch.device, dtype: torch.dtype, native_linear: bool) -> bool:
     """Whether a model of this device and dtype packs its linear weights (for the kernel or for oneDNN)."""
-    return device.type == "cpu" and (native.linear_enabled(device, dtype) or uses_onednn(dtype))
+    return device.type == "cpu" and (native_linear or uses_onednn(dtype))
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | native.PackedLinear:
+def pack_linear_weight(weight: torch.Tensor, native_linear: bool) -> torch.Tensor | native.PackedLinear:
     """weight in the layout `linear` runs fastest on: the kernel's panels, else oneDNN's blocked layout."""
     odd_bf16 = weight.dtype == torch.bfloat16 and weight.shape[1] % 2  # VDPBF16PS takes pairs of features
-    if native.linear_enabled(weight.device, weight.dtype) and not odd_bf16:
+    if native_linear and not odd_bf16:
         return native.PackedLinear(weight)
     return prepack_linear_weight(weight)
 
@@ -70,30 +85,30 @@ def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
     Same bits as the plain weight for every row count (tests/unit/test_invariant_gemm.py), and faster where
     weights stream from RAM: the bundled model's linears at two rows 7.9 vs 16.4 ms in bfloat16 and 16.1 vs
-    20.9 ms in float32, at 2,048 rows 503 vs 590 ms and 975 vs 1,059 ms (bench/gemm_backends.py).
+    20.9 ms in float32, at 2,048 rows 503 vs 590 ms and 975 vs 1,059 ms (bench/experiments/gemm_backends.py).
     The layout is chosen for a two-row call (a padded decode step) and measured as fast at every row count.
     """
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 2)
 
 
-def prepack_linears(owner: object, names: tuple[str, ...]) -> None:
+def prepack_linears(owner: object, names: tuple[str, ...], native_linear: bool) -> None:
     """Replace owner's named weight attributes (None ones and ones packed already skipped) with
     pack_linear_weight copies."""
     for name in names:
         weight = getattr(owner, name)
         if weight is not None and not isinstance(weight, native.PackedLinear):
-            setattr(owner, name, pack_linear_weight(weight))
+            setattr(owner, name, pack_linear_weight(weight, native_linear))
 
 
-def prepack_model_linears(model: object) -> None:
+def prepack_model_linears(model: object, native_linear: bool) -> None:
     """Every linear weight of a Llama or hybrid model (its `layers`, their Mamba-2 mixers, its `lm_head`)
     prepacked. The lm_head gets its own packed copy even when tied: the embedding lookup needs the table."""
     for layer in model.layers:
-        prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"))
+        prepack_linears(layer, ("qkv", "o_proj", "gate_up", "down"), native_linear)
         mixer = getattr(layer, "mixer", None)
         if mixer is not None:
-            prepack_linears(mixer, ("in_proj", "out_proj"))
-    prepack_linears(model, ("lm_head",))
+            prepack_linears(mixer, ("in_proj", "out_proj"), native_linear)
+    prepack_linears(model, ("lm_head",), native_linear)
     place_in_huge_pages(packed_linears(model))
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kvserve.model import native
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.config import ModelConfig
 from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
@@ -42,10 +43,13 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         max_len: int,
+        backends: Backends | None = None,
     ):
         self.config = config
         self.dtype = dtype
         self.device = device
+        backends = backends or resolve_backends(device, dtype)  # the `auto` choice
+        self.native_attention = backends.native_attention
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype).contiguous()
@@ -57,8 +61,8 @@ class LlamaModel:
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
         # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
         fusable = (
-            native.enabled(device, dtype)
-            and native.linear_enabled(device, dtype)
+            backends.native_attention
+            and backends.native_linear
             and config.head_dim % 2 == 0
             and config.partial_rotary_factor == 1.0
             # VDPBF16PS takes input features in pairs: every linear's input width even in bf16
@@ -67,8 +71,9 @@ class LlamaModel:
         if fusable:  # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up
             for layer in self.layers:
                 layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
-        if packs_linears(device, dtype):  # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
-            prepack_model_linears(self)
+        # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
+        if packs_linears(device, dtype, backends.native_linear):
+            prepack_model_linears(self, backends.native_linear)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
         self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
         self.sin = sin.to(device=device, dtype=dtype)

@@ -3,15 +3,15 @@
 
 The kernel reads K/V straight from the paged cache through the block tables (no gathered copy, no float32
 copy of bf16 blocks) and computes every query row from its own inputs in one fixed order, so it is batch-
-invariant by construction (see the C file). It is chosen once per process: on CPU when a C compiler with
-OpenMP is found and the cache is float32 or bfloat16, unless KVSERVE_ATTENTION=torch; everything else runs
-the torch path in kvserve/model/attention.py. The two paths round differently, so one process never mixes
-them (a cached block written under one is read under the same one).
+invariant by construction (see the C file). It runs on CPU when a C compiler with OpenMP is found and the
+cache is float32 or bfloat16; kvserve/model/backends.py chooses it or the torch path in
+kvserve/model/attention.py once per engine (EngineConfig.attention_backend). The two paths round
+differently, so one engine never mixes them (a cached block written under one is read under the same one).
 
 The linear kernel (csrc/linear.c) computes every output as one chain of fused multiply-adds over the input
 features in order, so its rows are batch-invariant too, with no padding row: a batch-1 decode step streams
 each weight once at the memory's speed. It needs AVX-512 (AVX512-BF16 for bfloat16); elsewhere, or with
-KVSERVE_LINEAR=onednn, linears run on oneDNN (kvserve/model/invariant.py). Its choice is per process as well.
+linear_backend onednn, linears run on oneDNN (kvserve/model/invariant.py).
 
 The shared object is cached under $KVSERVE_CACHE_DIR (default ~/.cache/kvserve), keyed by the source, the
 compiler flags and the compiler; `-march=native` makes it specific to the machine that built it, and the CPU
@@ -138,34 +138,29 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     return lib
 
 
-def arithmetic_tag(device: torch.device, dtype: torch.dtype) -> str:
-    """Names the attention arithmetic KV blocks are computed with, for keys shared across processes.
-
-    KV at layer > 0 depends on the attention of the layers below, and the two paths (and the kernel's bf16
-    variants) round differently: replicas sharing a KV store must only exchange blocks made the same way.
-    """
-    lin = f"-lin{LINEAR_ARITHMETIC}" if linear_enabled(device, dtype) else ""
-    if not enabled(device, dtype):
-        return f"torch-{device.type}{lin}"
-    lib = load()
-    dp = dtype == torch.bfloat16 and lib is not None and lib.kvserve_attention_features() & 1
-    return f"k{ARITHMETIC}" + ("-dpbf16" if dp else "") + lin
-
-
-def enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether attention for this device and cache dtype runs on the kernel (a per-process choice)."""
-    if os.environ.get("KVSERVE_ATTENTION", "native") == "torch":
-        return False
+def kernel_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the attention kernel can run for this device and cache dtype (it built, CPU, f32/bf16)."""
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and load() is not None
 
 
-def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether linear layers of this device and dtype run on the kernel (else oneDNN; a per-process choice)."""
-    if device.type != "cpu" or os.environ.get("KVSERVE_LINEAR", "native") == "onednn":
-        return False
+def kernel_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the linear kernel can run for this device and dtype (it built with AVX-512 for the dtype)."""
     bit = {torch.float32: 1, torch.bfloat16: 2}.get(dtype, 0)
+    if device.type != "cpu" or not bit:
+        return False
     lib = load()
     return lib is not None and bool(lib.kvserve_linear_features() & bit)
+
+
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """The `auto` choice for attention: the kernel where it runs, unless KVSERVE_ATTENTION=torch
+    (kvserve/model/backends.py resolves it once per engine)."""
+    return os.environ.get("KVSERVE_ATTENTION", "native") != "torch" and kernel_attention_available(device, dtype)
+
+
+def linear_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """The `auto` choice for linear layers: the kernel where it runs, unless KVSERVE_LINEAR=onednn."""
+    return os.environ.get("KVSERVE_LINEAR", "native") != "onednn" and kernel_linear_available(device, dtype)
 
 
 NR = 48  # output columns per packed panel (csrc/linear.c)

@@ -1,23 +1,25 @@
-"""ModelRunner: owns the KV tensor, turns a SchedulerOutput into tensors, runs the model, samples.
+"""ModelRunner: owns the KV tensor, turns a ModelBatch into tensors, runs the model, samples.
 
 The flat batch is laid out [decodes (one token each) ..., prefill chunks ...] so attention can run every
-decode in one padded call. Sampled results come back in the scheduler's order.
+decode in one padded call. It returns a ModelOutput (samples and prompt logprobs by sequence id) and writes
+into nothing but the KV tensor: requests, scheduling and cache policy are the engine's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from kvserve.batch import ScheduledRequest, SchedulerOutput
 from kvserve.model import native
 from kvserve.model.attention import KEY_CHUNK, QUERY_TILE, AttentionMetadata, build_group
+from kvserve.model.batch import ModelBatch, ModelOutput, RowSampling, SeqChunk
 from kvserve.model.config import ModelConfig
 from kvserve.model.device import huge_page_buffer
 from kvserve.model.llama import LlamaModel
-from kvserve.model.sampler import SampleResult, sample
-from kvserve.request import Request
+from kvserve.model.sampler import sample
+from kvserve.sampling_params import SamplingParams
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -32,11 +34,11 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 MIN_SHARING = 3
 
 
-def _by_first_chunk(decodes: list[ScheduledRequest], block_size: int) -> list[list[ScheduledRequest]]:
+def _by_first_chunk(decodes: list[SeqChunk], block_size: int) -> list[list[SeqChunk]]:
     """Decodes grouped by the blocks holding their first KEY_CHUNK keys, so each attention group's sequences
     can share their common cached prefix (one per system prompt or document); the rest form one group."""
     n = max(1, KEY_CHUNK // block_size)
-    by_key: dict[tuple[int, ...], list[ScheduledRequest]] = {}
+    by_key: dict[tuple[int, ...], list[SeqChunk]] = {}
     for s in decodes:
         key = tuple(s.block_ids[:n]) if s.start >= KEY_CHUNK else ()
         by_key.setdefault(key, []).append(s)
@@ -60,8 +62,8 @@ class ModelRunner:
             self.kv_cache = buf.view(model.dtype).view(shape).zero_()
         else:
             self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
-        # The fused CPU kernel where it builds; else the torch path (never both: they round differently).
-        self.native = native.enabled(self.device, model.dtype)
+        # The fused CPU kernel or the torch path, as the model was built (never both: they round differently).
+        self.native = model.native_attention
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_ids: dict[str, torch.Tensor] = {}  # distinct prompt ids of requests with a repetition penalty
         self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -71,64 +73,59 @@ class ModelRunner:
         self._generators.pop(request_id, None)
         self._prompt_ids.pop(request_id, None)
 
-    def _history(self, request: Request) -> tuple[torch.Tensor | None, list[int]]:
-        """What the sampler's penalties read: the distinct prompt ids (made once per request, only for a
+    def _history(self, seq_id: str, row: RowSampling) -> tuple[torch.Tensor | None, Sequence[int]]:
+        """What the sampler's penalties read: the distinct prompt ids (made once per sequence, only for a
         repetition penalty) and the output ids."""
         prompt = None
-        if request.sampling_params.repetition_penalty != 1.0:
-            prompt = self._prompt_ids.get(request.request_id)
+        if row.params.repetition_penalty != 1.0:
+            prompt = self._prompt_ids.get(seq_id)
             if prompt is None:
-                ids = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device).unique()
-                prompt = self._prompt_ids[request.request_id] = ids
-        return prompt, request.output_token_ids
+                ids = torch.tensor(list(row.prompt_token_ids), dtype=torch.long, device=self.device).unique()
+                prompt = self._prompt_ids[seq_id] = ids
+        return prompt, row.output_token_ids
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
-        params = s.request.sampling_params
+    def _generator(self, seq_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.greedy:
             return None
         if params.seed is None:
             return self._default_generator
-        gen = self._generators.get(s.request.request_id)
+        gen = self._generators.get(seq_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            self._generators[s.request.request_id] = gen
+            self._generators[seq_id] = gen
         return gen
 
-    def execute(self, sched: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run one step; returns the sampled token of every request whose chunk reached its end."""
-        is_decode = [s.num_new_tokens == 1 and s.samples for s in sched.scheduled]
-        decodes = [s for s, d in zip(sched.scheduled, is_decode) if d]
-        prefills = [s for s, d in zip(sched.scheduled, is_decode) if not d]
+    def execute(self, batch: ModelBatch) -> ModelOutput:
+        """Run one step: the next token of every chunk with `sampling`, the logprobs of every `scoring`."""
+        decodes = [s for s in batch.seqs if s.is_decode]
+        prefills = [s for s in batch.seqs if not s.is_decode]
         # The torch path groups decodes by shared prefix (each cluster's rows contiguous); the kernel reads
         # every sequence's blocks in place and needs no grouping.
         clusters = [] if self.native else _by_first_chunk(decodes, self.block_size)
         if clusters:
             decodes = [s for cluster in clusters for s in cluster]
+        seqs = decodes + prefills
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for s in decodes + prefills:
+        for s in seqs:
             token_ids.extend(s.token_ids)
             for pos in range(s.start, s.end):
                 positions.append(pos)
                 slots.append(s.block_ids[pos // bs] * bs + pos % bs)
         logits_rows = list(range(len(decodes)))
-        prompt_rows: list[tuple[Request, int, int]] = []  # (request, row, prompt index its logits score)
+        score_rows: list[int] = []
         row = len(decodes)
         for s in prefills:
-            r = s.request
-            if r.needs_prompt_logprobs:  # logits at position p score prompt token p + 1 (each recorded once)
-                first = max(s.start, len(r.prompt_logprobs) - 1)
-                prompt_rows += [
-                    (r, row + p - s.start, p + 1) for p in range(first, min(s.end, r.num_prompt_tokens - 1))
-                ]
+            if s.scoring is not None:  # logits at position p score the token at p + 1
+                first = s.scoring.first
+                score_rows += range(row + first - s.start, row + first - s.start + len(s.scoring.targets))
             row += s.num_new_tokens
-            if s.samples:
+            if s.sampling is not None:
                 logits_rows.append(row - 1)
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        seqs = decodes + prefills
         kernel_meta = None
         if self.native:
             kernel_meta = native.build_meta(
@@ -140,27 +137,32 @@ class ModelRunner:
             groups=[] if self.native else self._groups(clusters, prefills),
             native=kernel_meta,
         )
-        sampling = [s for s in seqs if s.samples]
-        rows = logits_rows + [r for _, r, _ in prompt_rows]
+        rows = logits_rows + score_rows
+        out = ModelOutput()
         logits = self._forward(
             torch.tensor(token_ids, device=dev),
             meta,
             torch.tensor(rows or [0], device=dev),  # a step of only partial chunks samples nothing
-            decodes,
-            prefills,
+            batch,
+            seqs,
+            len(decodes),
+            out,
         )
-        if prompt_rows:
-            _record_prompt_logprobs(logits[len(logits_rows) :], prompt_rows)
+        if score_rows:
+            scored = [s for s in prefills if s.scoring is not None]
+            out.prompt_logprobs = _prompt_logprobs(logits[len(logits_rows) :], scored)
             logits = logits[: len(logits_rows)]
-        if not sampling:
-            return {}
-        params = [s.request.sampling_params for s in sampling]
-        banned = [_banned_before_min_tokens(s.request) for s in sampling]
-        histories = [self._history(s.request) for s in sampling]
-        results = sample(logits, params, [self._generator(s) for s in sampling], banned, histories)
-        return {s.request.request_id: r for s, r in zip(sampling, results)}
+        sampling = [s for s in seqs if s.sampling is not None]
+        if sampling:
+            rows_in = [s.sampling for s in sampling]
+            params = [r.params for r in rows_in]
+            gens = [self._generator(s.seq_id, r.params) for s, r in zip(sampling, rows_in)]
+            histories = [self._history(s.seq_id, r) for s, r in zip(sampling, rows_in)]
+            results = sample(logits, params, gens, [r.banned_token_ids for r in rows_in], histories)
+            out.samples = {s.seq_id: r for s, r in zip(sampling, results)}
+        return out
 
-    def _groups(self, clusters: list[list[ScheduledRequest]], prefills: list[ScheduledRequest]) -> list:
+    def _groups(self, clusters: list[list[SeqChunk]], prefills: list[SeqChunk]) -> list:
         """The torch path's attention groups: one per decode cluster, one per QUERY_TILE of each prefill chunk
         (on CUDA one per prefill chunk)."""
         bs, dev = self.block_size, self.device
@@ -185,42 +187,44 @@ class ModelRunner:
         input_ids: torch.Tensor,
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,
-        decodes: list[ScheduledRequest],
-        prefills: list[ScheduledRequest],
+        batch: ModelBatch,
+        ordered: list[SeqChunk],
+        num_decodes: int,
+        out: ModelOutput,
     ) -> torch.Tensor:
-        """The model call (rows: decodes, then prefill chunks); a hook for runners with more state."""
+        """The model call (rows: decodes, then prefill chunks, as `ordered`); a hook for runners with more
+        state, which put what the caller must commit into `out`."""
         return self.model.forward(input_ids, self.kv_cache, meta, logits_rows)
 
 
 PROMPT_LOGPROB_ROWS = 256  # rows per log_softmax when scoring prompt tokens (bounds the temporary)
 
 
-def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Request, int, int]]) -> None:
-    """Each prompt token's logprob (and top-k) from the logits of the position before it, appended to its
-    request once: a retried batch or a recomputation after preemption finds it recorded and skips it."""
-    for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
-        part = rows[lo : lo + PROMPT_LOGPROB_ROWS]
-        logprobs = torch.log_softmax(logits[lo : lo + len(part)].float(), dim=-1)
-        targets = torch.tensor([r.prompt_token_ids[j] for r, _, j in part], device=logprobs.device)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        kmax = max(r.sampling_params.prompt_logprobs or 0 for r, _, _ in part)
-        top_values = top_ids = None
-        if kmax:  # one top-k and one copy to the host for all rows (a GPU would sync once per row otherwise)
-            values, ids = torch.topk(logprobs, kmax, dim=-1)
-            top_values, top_ids = values.tolist(), ids.tolist()
-        for i, (r, _, j) in enumerate(part):
-            if j != len(r.prompt_logprobs):
-                continue
-            k = r.sampling_params.prompt_logprobs
-            top = dict(zip(top_ids[i][:k], top_values[i][:k])) if k else None
-            r.prompt_logprobs.append(chosen[i])
-            r.prompt_top_logprobs.append(top)
-
-
-def _banned_before_min_tokens(request) -> list[int]:
-    """EOS (unless ignore_eos) and the stop token ids, while the request has fewer than min_tokens outputs: as in
-    vLLM, min_tokens keeps them from being sampled at all, not only from ending the request."""
-    p = request.sampling_params
-    if request.num_output_tokens >= p.min_tokens:
-        return []
-    return list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
+def _prompt_logprobs(
+    logits: torch.Tensor, scored: list[SeqChunk]
+) -> dict[str, list[tuple[float, dict[int, float] | None]]]:
+    """Each scored position's (logprob of its target, top-k alternatives), by sequence. logits: one row per
+    scored position, sequences in order."""
+    targets = [t for s in scored for t in s.scoring.targets]  # type: ignore[union-attr]
+    ks = [s.scoring.top_k for s in scored for _ in s.scoring.targets]  # type: ignore[union-attr]
+    chosen: list[float] = []
+    tops: list[dict[int, float] | None] = []
+    for lo in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+        part = slice(lo, lo + PROMPT_LOGPROB_ROWS)
+        logprobs = torch.log_softmax(logits[part].float(), dim=-1)
+        t = torch.tensor(targets[part], device=logprobs.device)
+        chosen += logprobs.gather(1, t[:, None])[:, 0].tolist()
+        kmax = max(ks[part])
+        if not kmax:
+            tops += [None] * len(t)
+            continue
+        # one top-k and one copy to the host for all rows (a GPU would sync once per row otherwise)
+        values, ids = torch.topk(logprobs, kmax, dim=-1)
+        for k, v, i in zip(ks[part], values.tolist(), ids.tolist()):
+            tops.append(dict(zip(i[:k], v[:k])) if k else None)
+    result, i = {}, 0
+    for s in scored:
+        n = len(s.scoring.targets)  # type: ignore[union-attr]
+        result[s.seq_id] = list(zip(chosen[i : i + n], tops[i : i + n]))
+        i += n
+    return result

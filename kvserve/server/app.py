@@ -7,7 +7,6 @@ Binds 127.0.0.1 unless told otherwise; --api-key (or KVSERVE_API_KEY) guards /v1
 
 from __future__ import annotations
 
-import argparse
 import gc
 import ipaddress
 import logging
@@ -15,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -25,7 +25,6 @@ from pydantic import BaseModel
 
 from kvserve import __version__
 from kvserve.config import EngineConfig
-from kvserve.engine import LLMEngine
 from kvserve.model.loader import LoadedModel
 from kvserve.server import serving
 from kvserve.server.async_engine import AsyncEngine
@@ -42,13 +41,10 @@ from kvserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
     TokenizeRequest,
-    TokenizeResponse,
     parse_request,
 )
+from kvserve.server.protocol_out import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
 from kvserve.server.responses import ChatFormatter, ChoiceTracker, CompletionFormatter, Formatter
 
 log = logging.getLogger(__name__)
@@ -73,8 +69,9 @@ def build_app(
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     metrics = ServerMetrics()
-    engine = LLMEngine(engine_config, loaded=loaded)
-    async_engine = AsyncEngine(engine, max_waiting_requests=max_waiting_requests, metrics=metrics)
+    async_engine = AsyncEngine.from_config(
+        engine_config, loaded=loaded, max_waiting_requests=max_waiting_requests, metrics=metrics
+    )
     routes = _Routes(async_engine, served_model_name or engine_config.model)
 
     @asynccontextmanager
@@ -109,12 +106,13 @@ class _Routes:
 
     def __init__(self, async_engine: AsyncEngine, model_name: str):
         engine = async_engine.engine
+        limits = engine.limits()
         self.async_engine = async_engine
         self.model_name = model_name
-        self.accepted_names = {model_name, engine.config.model, engine.loaded.name}
-        self.limits = Limits(engine.max_model_len, engine.num_blocks * engine.config.block_size)
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
+        self.accepted_names = {model_name, *engine.model_names}
+        self.limits = Limits(limits.max_model_len, limits.kv_capacity_tokens)
+        self.tokenizer = engine.get_tokenizer()
+        self.vocab_size = limits.vocab_size
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(await request.body(), CompletionRequest)
@@ -122,14 +120,15 @@ class _Routes:
         inp = completion_input(body, self.tokenizer, self.limits)
         echo = echo_texts(body, inp.prompts) if body.echo else None
         fmt = CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer, echo, body.n)
-        return await self._run(body, inp, fmt, request)
+        return await self._run(body, inp, fmt, request, {})
 
     async def chat(self, request: Request) -> Response:
         body = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(body.model)
         inp = chat_input(body, self.tokenizer, self.limits)
         fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer)
-        return await self._run(body, inp, fmt, request)
+        max_tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        return await self._run(body, inp, fmt, request, {"prompt": "messages", "max_tokens": max_tokens})
 
     async def tokenize(self, request: Request) -> TokenizeResponse:
         """vLLM's /tokenize: the ids a prompt (or a conversation, through the chat template) becomes."""
@@ -171,33 +170,48 @@ class _Routes:
             )
 
     async def _run(
-        self, body: CompletionRequest | ChatCompletionRequest, inp: EngineInput, fmt: Formatter, request: Request
+        self,
+        body: CompletionRequest | ChatCompletionRequest,
+        inp: EngineInput,
+        fmt: Formatter,
+        request: Request,
+        params: dict[str, str],
     ) -> Response:
-        stream = await serving.start(self.async_engine, inp, body, fmt.request_id)
-        holdback = max((len(s) for s in body.stop_list), default=1) - 1
-        tracker = ChoiceTracker(stream.num_children, body.n, holdback)
+        stream = await serving.start(self.async_engine, inp, body, fmt.request_id, params)
+        tracker = ChoiceTracker(stream.num_children, body.n, keep_whole=not body.stream)
         if body.stream:
             return serving.stream_response(stream, tracker, fmt, body.include_usage)
         return await serving.collect(stream, tracker, fmt, request)
 
 
-def run_server(args: argparse.Namespace) -> None:
-    """`kvserve serve`: build the app from the parsed flags and run uvicorn until interrupted."""
-    from kvserve.cli import engine_config
+@dataclass(frozen=True)
+class ServerOptions:
+    """`kvserve serve`'s flags beyond the engine's."""
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
-    if not api_key and not _is_loopback(args.host):
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    served_model_name: str | None = None
+    log_level: str = "info"
+
+
+def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
+    """`kvserve serve`: build the app and run uvicorn until interrupted."""
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = options.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    if not api_key and not _is_loopback(options.host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", options.host)
     app = build_app(
-        engine_config(args),
+        engine_config,
         api_key=api_key,
-        max_waiting_requests=args.max_waiting_requests,
-        max_body_bytes=args.max_body_bytes,
-        served_model_name=args.served_model_name,
+        max_waiting_requests=options.max_waiting_requests,
+        max_body_bytes=options.max_body_bytes,
+        served_model_name=options.served_model_name,
     )
     freeze_startup_objects()
-    serve_forever(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve_forever(app, host=options.host, port=options.port, log_level=options.log_level)
 
 
 def freeze_startup_objects() -> int:

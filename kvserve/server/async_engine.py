@@ -22,10 +22,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvserve.engine import LLMEngine
+from kvserve.config import EngineConfig
+from kvserve.engine import LLMEngine, NewRequest
+from kvserve.model.loader import LoadedModel
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.metrics import EngineSnapshot, ServerMetrics
+from kvserve.server.metrics import ServerMetrics
 from kvserve.server.request_stream import RequestAbortedError, RequestStream
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,27 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        config: EngineConfig,
+        *,
+        loaded: LoadedModel | None = None,
+        max_waiting_requests: int = 512,
+        metrics: ServerMetrics | None = None,
+    ) -> AsyncEngine:
+        """Load the model and build its engine (the step thread starts with start())."""
+        if max_waiting_requests < 1:  # before the model loads
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        engine = LLMEngine(config, loaded=loaded)
+        return cls(engine, max_waiting_requests=max_waiting_requests, metrics=metrics)
+
     # ------------------------------------------------------------------------------- event-loop side
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will read the streams."""
         assert self._thread is None, "AsyncEngine.start() called twice"
         self._loop = asyncio.get_running_loop()
-        self.metrics.set_snapshot(EngineSnapshot.capture(self.engine))  # a fresh server's gauges and placement
+        self.metrics.set_snapshot(self.engine.get_stats())  # a fresh server's gauges and placement
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -160,7 +177,7 @@ class AsyncEngine:
             while not self._stopping and self._apply_commands(block=not engine.has_unfinished_requests()):
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())
-                self.metrics.set_snapshot(EngineSnapshot.capture(engine))
+                self.metrics.set_snapshot(engine.get_stats())
         except BaseException as exc:  # noqa: BLE001 - any escape leaves the engine in an unknown state
             log.exception("the engine loop died; failing every request")
             self._close(f"{type(exc).__name__}: {exc}", abort=False)
@@ -201,23 +218,23 @@ class AsyncEngine:
                 )
             )
             return
-        num_waiting = len(engine.scheduler.waiting)
+        num_waiting = engine.num_waiting_requests()
         if num_waiting + stream.num_children > self.max_waiting_requests:
             cmd.future.set_exception(QueueFullError(num_waiting, self.max_waiting_requests))
             return
         n = cmd.params.n
-        added: list[str] = []
+        new = [
+            NewRequest(
+                cmd.prompts[index // n],
+                cmd.params if n == 1 else cmd.params.child(index % n),
+                stream.child_id(index),
+                cmd.cache_salt,
+            )
+            for index in range(stream.num_children)
+        ]
         try:
-            for prompt in cmd.prompts:  # all of them first: a refused prompt leaves nothing queued or counted
-                engine.validate(prompt, cmd.params)
-            for index in range(stream.num_children):
-                params = cmd.params if n == 1 else cmd.params.child(index % n)
-                rid = stream.child_id(index)
-                engine.add_request(cmd.prompts[index // n], params, request_id=rid, cache_salt=cmd.cache_salt)
-                added.append(rid)
-        except Exception as exc:  # noqa: BLE001 - ValueError is the client's; anything else is a 500
-            for rid in added:
-                engine.abort(rid)
+            engine.add_requests(new)  # validated once, all or none: a refused prompt leaves nothing queued
+        except Exception as exc:  # noqa: BLE001 - InvalidRequestError is the client's; anything else is a 500
             cmd.future.set_exception(exc)
             return
         for index in range(stream.num_children):
@@ -251,13 +268,14 @@ class AsyncEngine:
 
     def _observe(self, child: _Child, out: RequestOutput, now: float) -> None:
         completion = out.outputs[0]
-        num_tokens = len(completion.token_ids)
-        if num_tokens > child.num_tokens:
+        num_new = len(completion.token_ids)  # a delta: this step's tokens
+        if num_new:
             if child.last_token_time is None:
                 self.metrics.observe_first_token(now - child.stream.arrival_time)
             else:
-                self.metrics.observe_next_tokens(num_tokens - child.num_tokens, now - child.last_token_time)
-            child.num_tokens, child.last_token_time = num_tokens, now
+                self.metrics.observe_next_tokens(num_new, now - child.last_token_time)
+            child.num_tokens += num_new
+            child.last_token_time = now
         if out.finished:
             recomputed = out.num_prompt_tokens_computed
             reason = completion.finish_reason or "error"
@@ -293,4 +311,4 @@ class AsyncEngine:
         self._children.clear()
         self._deliver([(stream, error) for stream in streams.values()])
         if abort:
-            self.metrics.set_snapshot(EngineSnapshot.capture(self.engine))
+            self.metrics.set_snapshot(self.engine.get_stats())

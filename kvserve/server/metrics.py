@@ -4,9 +4,9 @@ Two sources:
   per-request latencies and recomputed prompt tokens (histograms) and finish reasons (counter), observed by
   the engine thread as outputs come out of LLMEngine.step();
   engine counters and gauges (tokens, prefix cache, preemptions, evictions, KV usage, queue lengths, and for
-  hybrid models the recurrent-state checkpoints and their current placement), read at scrape time from an
-  EngineSnapshot that the engine thread takes after every step. The scrape never touches the (not
-  thread-safe) engine itself, and the counters are the engine's own, so they cannot drift.
+  hybrid models the recurrent-state checkpoints and their current placement), rendered at scrape time from
+  the EngineStats snapshot (kvserve/stats.py) that the engine thread takes after every step. The scrape never
+  touches the (not thread-safe) engine itself, and the counters are the engine's own, so they cannot drift.
 
 The placement is an info-style gauge (value 1, the facts in labels, as `python_info` or kube-state-metrics'
 `*_info`): `kvserve:recurrent_checkpoint_placement_info{policy="optimal:4",depths="3,17,40,128"} 1`, depths
@@ -17,16 +17,13 @@ new depths (`kvserve:recurrent_checkpoint_placement_changes_total` counts those 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from kvserve.engine import LLMEngine
-from kvserve.kv.tiers import TierStats
+from kvserve.stats import EngineStats
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
@@ -34,90 +31,8 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60
 RECOMPUTED_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
-@dataclass(frozen=True)
-class PlacementInfo:
-    """The checkpoint placement policy of a hybrid model: its spec and the depths it places now."""
-
-    policy: str  # the --checkpoint-policy spec, e.g. "optimal:4"
-    depths: tuple[int, ...] | None  # blocks, for every prompt; None for rules that depend on the prompt length
-    block_size: int
-    changes: int  # how often a learned placement changed
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's counters and gauges at one instant (taken on the engine thread)."""
-
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    num_preemptions: int = 0
-    num_evictions: int = 0
-    num_failed_batches: int = 0
-    kv_cache_usage: float = 0.0
-    num_used_blocks: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    tiers: dict[str, TierStats] = field(default_factory=dict)  # KV tiers below the pool, by name
-    host_tier_bytes: int = 0
-    checkpoints: dict[str, int] | None = None  # recurrent-state checkpoint counters (hybrid models with a store)
-    placement: PlacementInfo | None = None  # hybrid models: where prefill snapshots the recurrent state
-
-    @classmethod
-    def capture(cls, engine: LLMEngine) -> EngineSnapshot:
-        return cls(
-            prompt_tokens=engine.stats.prompt_tokens,
-            generation_tokens=engine.stats.generation_tokens,
-            prefix_queries=engine.kv.prefix_queries,
-            prefix_hits=engine.kv.prefix_hits,
-            num_preemptions=engine.scheduler.num_preemptions,
-            num_evictions=engine.pool.num_evictions,
-            num_failed_batches=engine.stats.num_failed_batches,
-            kv_cache_usage=engine.pool.usage,
-            num_used_blocks=engine.pool.num_used_blocks,
-            num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
-            tiers={k: dataclasses.replace(v) for k, v in engine.tiers.stats.items()} if engine.tiers else {},
-            host_tier_bytes=engine.tiers.host.bytes_held if engine.tiers and engine.tiers.host else 0,
-            checkpoints=_checkpoint_counters(engine),
-            placement=_placement(engine),
-        )
-
-
-def _checkpoint_counters(engine: LLMEngine) -> dict[str, int] | None:
-    recurrent = getattr(engine.runner, "recurrent", None)
-    if recurrent is None:
-        return None
-    store = recurrent.store
-    if store is None:  # a hybrid model without checkpoints (policy none, or prefix caching off): all zero
-        return dict.fromkeys(("stored", "hits", "misses", "evicted", "bytes", "resumed_tokens"), 0)
-    return {
-        "stored": store.num_stored,
-        "hits": store.num_hits,
-        "misses": store.num_misses,
-        "evicted": store.num_evicted,
-        "bytes": store.bytes_held,
-        "resumed_tokens": recurrent.num_resumed_tokens,
-    }
-
-
-def _placement(engine: LLMEngine) -> PlacementInfo | None:
-    recurrent = getattr(engine.runner, "recurrent", None)
-    policy = None if recurrent is None else recurrent.policy
-    if policy is None:
-        return None
-    placed = policy.placed
-    return PlacementInfo(
-        policy=policy.spec,
-        depths=None if placed is None else tuple(placed),
-        block_size=recurrent.block_size,
-        changes=policy.version,
-    )
-
-
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]):
+    def __init__(self, snapshot: Callable[[], EngineStats]):
         self._snapshot = snapshot
 
     def describe(self) -> list[Metric]:
@@ -147,7 +62,7 @@ class _SnapshotCollector(Collector):
         yield from _checkpoint_metrics(s)
 
 
-def _checkpoint_metrics(s: EngineSnapshot) -> Iterator[Metric]:
+def _checkpoint_metrics(s: EngineStats) -> Iterator[Metric]:
     """Recurrent-state checkpoints of hybrid models and their placement (absent otherwise)."""
     p = s.placement
     if p is not None:
@@ -173,11 +88,11 @@ def _checkpoint_metrics(s: EngineSnapshot) -> Iterator[Metric]:
         ("recurrent_resumed_tokens", "Prompt tokens skipped by resuming from checkpoints.", "resumed_tokens"),
     ]
     for name, doc, key in counters:
-        yield CounterMetricFamily(f"kvserve:{name}", doc, value=c[key])
-    yield GaugeMetricFamily("kvserve:recurrent_checkpoint_bytes", "Bytes held by the checkpoint store.", c["bytes"])
+        yield CounterMetricFamily(f"kvserve:{name}", doc, value=getattr(c, key))
+    yield GaugeMetricFamily("kvserve:recurrent_checkpoint_bytes", "Bytes held by the checkpoint store.", c.bytes)
 
 
-def _tier_metrics(s: EngineSnapshot) -> Iterator[Metric]:
+def _tier_metrics(s: EngineStats) -> Iterator[Metric]:
     """Per-tier counters (label tier = cpu | disk | redis); absent when no tier is configured."""
     if not s.tiers:
         return
@@ -245,10 +160,10 @@ class ServerMetrics:
         )
         for reason in ("stop", "length", "abort", "error"):  # series exist at 0 from the start, as vLLM's do
             self.finished.labels(finished_reason=reason)
-        self._snapshot = EngineSnapshot()
+        self._snapshot = EngineStats()
         self.registry.register(_SnapshotCollector(lambda: self._snapshot))
 
-    def set_snapshot(self, snapshot: EngineSnapshot) -> None:
+    def set_snapshot(self, snapshot: EngineStats) -> None:
         self._snapshot = snapshot
 
     def observe_first_token(self, seconds: float) -> None:

@@ -2,7 +2,9 @@
 
 Prompts are tokenized here, on the event loop, not on the engine thread: the tokenizer is thread-safe and
 its cost should not stall the step loop. Chat messages go through the model's chat template and are encoded
-without adding special tokens again (the template already has them). Any ValueError becomes a 400.
+without adding special tokens again (the template already has them). The prompts are validated once, by the
+engine when it accepts them (kvserve/errors.py); here only what OpenAI's API itself refuses (a max_tokens
+beyond the context) and what SamplingParams refuses become 400s.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class EngineInput:
 
 @dataclass(frozen=True)
 class Limits:
-    """What bounds a request's default length: the context and the KV pool, in tokens."""
+    """What bounds a request's default length: the context and the KV pool, in tokens (from the engine)."""
 
     max_model_len: int
     kv_capacity_tokens: int
@@ -35,19 +37,9 @@ class Limits:
         room = min(self.max_model_len, self.kv_capacity_tokens) - max(len(p) for p in prompts)
         return max(room, 1)
 
-    def check_prompts(self, prompts: list[list[int]], param: str) -> None:
-        """A prompt that leaves no room for one generated token: OpenAI's context_length_exceeded."""
-        longest = max(len(p) for p in prompts)
-        if longest >= self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's context length is {self.max_model_len} tokens, but the prompt has {longest}: at "
-                f"most {self.max_model_len - 1} prompt tokens leave room for one generated token",
-                param=param,
-                code="context_length_exceeded",
-            )
-
     def check(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
-        """As OpenAI does, refuse a max_tokens that cannot fit the context (the engine would cut it short)."""
+        """As OpenAI does, refuse a max_tokens that cannot fit the context (the engine would cut it short; a
+        prompt that leaves no room at all is the engine's context_length_exceeded)."""
         longest = max(len(p) for p in prompts)
         if longest < self.max_model_len < longest + max_tokens:
             raise InvalidRequestError(
@@ -70,8 +62,6 @@ def completion_input(body: CompletionRequest, tokenizer: Tokenizer, limits: Limi
         prompts = [tokenizer.encode(p) for p in prompt]
     else:
         prompts = [list(p) for p in prompt]
-    if all(prompts):  # an empty one is the engine's clear 400
-        limits.check_prompts(prompts, "prompt")
     if body.max_tokens is not None:
         limits.check(prompts, body.max_tokens, "max_tokens")
     max_tokens = body.max_tokens or limits.default_max_tokens(prompts)
@@ -99,7 +89,6 @@ def chat_text(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_
 
 def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
     prompts = [tokenizer.encode(chat_text(body.messages, tokenizer), add_special_tokens=False)]
-    limits.check_prompts(prompts, "messages")
     if body.max_new_tokens is not None:
         limits.check(
             prompts, body.max_new_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

@@ -1,9 +1,9 @@
 """From engine outputs to OpenAI responses and stream chunks, for completions and for chat.
 
-ChoiceTracker turns the engine's cumulative outputs into deltas. When the request has stop strings it holds
-back the last (longest stop - 1) characters until the choice finishes: the engine trims a stop string from
-text it already reported, so text sent early could otherwise turn out to be the start of a stop string.
-A formatter (one per endpoint) shapes deltas into chunks and the final outputs into a response.
+The engine's outputs are deltas already (text it emits is final: it holds back what could start a stop
+string). ChoiceTracker passes them on per choice, joins the tokens of steps that made no text yet onto the
+next delta, and assembles whole choices for responses that are not streamed. A formatter (one per
+endpoint) shapes deltas into chunks and the whole choices into a response.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvserve.model.tokenizer import Tokenizer
-from kvserve.outputs import CompletionOutput, RequestOutput
-from kvserve.server.protocol import (
+from kvserve.outputs import CompletionOutput, OutputAccumulator, RequestOutput
+from kvserve.server.protocol_out import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -47,49 +47,59 @@ class Delta:
 
 @dataclass
 class _ChoiceState:
-    sent_chars: int = 0
-    sent_tokens: int = 0
     started: bool = False
+    num_tokens: int = 0
     last: RequestOutput | None = None
+    pending: Delta | None = None  # tokens whose text is not sendable yet (held back by the engine)
+    whole: OutputAccumulator | None = None  # the whole choice, for a response that is not streamed
 
 
 @dataclass
 class ChoiceTracker:
+    """The engine's delta outputs, choice by choice: what to send now (streaming) or the whole choices at the
+    end. Work per output is proportional to what it adds."""
+
     num_choices: int
     n: int  # choices per prompt; choice i * n + k is prompt i's k-th
-    holdback: int = 0
+    keep_whole: bool = True  # assemble each whole choice (a response that is not streamed)
     _choices: list[_ChoiceState] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._choices = [_ChoiceState() for _ in range(self.num_choices)]
+        self._choices = [
+            _ChoiceState(whole=OutputAccumulator() if self.keep_whole else None) for _ in range(self.num_choices)
+        ]
 
     def update(self, index: int, out: RequestOutput) -> Delta | None:
         """Record a new output of choice `index`; the delta to send, or None while nothing is sendable."""
         state = self._choices[index]
         state.last = out
+        if state.whole is not None:
+            state.whole.add(out)
         c = out.outputs[0]
-        end = len(c.text) if c.finished else max(state.sent_chars, len(c.text) - self.holdback)
-        if end == state.sent_chars and not c.finished:
-            return None
-        start_tok = state.sent_tokens
+        state.num_tokens += len(c.token_ids)
         delta = Delta(
             index=index,
-            text=c.text[state.sent_chars : end],
-            token_ids=c.token_ids[start_tok:],
-            logprobs=c.logprobs[start_tok:] if c.logprobs is not None else None,
-            top_logprobs=c.top_logprobs[start_tok:] if c.top_logprobs is not None else None,
+            text=c.text,
+            token_ids=c.token_ids,
+            logprobs=c.logprobs,
+            top_logprobs=c.top_logprobs,
             finish_reason=c.finish_reason,
             first=not state.started,
             prompt_logprobs=out.prompt_logprobs if not state.started else None,
             prompt_top_logprobs=out.prompt_top_logprobs if not state.started else None,
         )
-        state.sent_chars, state.sent_tokens, state.started = end, len(c.token_ids), True
+        if state.pending is not None:  # tokens of earlier steps that made no text go with this one
+            delta = _join(state.pending, delta)
+            state.pending = None
+        if not delta.text and not c.finished:
+            state.pending = delta
+            return None
+        state.started = True
         return delta
 
     def final_delta(self, index: int) -> Delta:
         """The whole choice as one delta (for a response that is not streamed)."""
-        last = self._choices[index].last
-        assert last is not None and last.finished, f"choice {index} has not finished"
+        last = self._whole(index)
         c = last.outputs[0]
         return Delta(
             index,
@@ -104,16 +114,19 @@ class ChoiceTracker:
         )
 
     def final(self, index: int) -> CompletionOutput:
-        last = self._choices[index].last
-        assert last is not None and last.finished, f"choice {index} has not finished"
-        return last.outputs[0]
+        return self._whole(index).outputs[0]
+
+    def _whole(self, index: int) -> RequestOutput:
+        state = self._choices[index]
+        assert state.whole is not None and state.last is not None and state.last.finished, f"choice {index} open"
+        return state.whole.result()
 
     def usage(self) -> Usage:
         prompt = cached = completion = 0
         for index, state in enumerate(self._choices):
             if state.last is None:
                 continue
-            completion += len(state.last.outputs[0].token_ids)
+            completion += state.num_tokens
             if index % self.n == 0:  # the prompt counts once for its n samples
                 prompt += len(state.last.prompt_token_ids)
                 cached += state.last.num_cached_tokens
@@ -123,6 +136,25 @@ class ChoiceTracker:
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
+
+
+def _join(a: Delta, b: Delta) -> Delta:
+    """Two consecutive deltas of one choice as one."""
+
+    def cat(x: list | None, y: list | None) -> list | None:
+        return None if x is None and y is None else (x or []) + (y or [])
+
+    return Delta(
+        a.index,
+        a.text + b.text,
+        a.token_ids + b.token_ids,
+        cat(a.logprobs, b.logprobs),
+        cat(a.top_logprobs, b.top_logprobs),
+        b.finish_reason,
+        first=a.first,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        prompt_top_logprobs=a.prompt_top_logprobs if a.prompt_top_logprobs is not None else b.prompt_top_logprobs,
+    )
 
 
 def _finish(reason: str | None) -> str | None:

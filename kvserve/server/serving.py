@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from kvserve.errors import InvalidRequestError as EngineInvalidRequest
 from kvserve.outputs import RequestOutput
 from kvserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from kvserve.server.errors import (
@@ -39,10 +40,16 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def start(engine: AsyncEngine, inp: EngineInput, body: SamplingRequest, request_id: str) -> RequestStream:
-    """Hand the request to the engine, mapping its refusals to HTTP errors."""
+async def start(
+    engine: AsyncEngine, inp: EngineInput, body: SamplingRequest, request_id: str, params: dict[str, str]
+) -> RequestStream:
+    """Hand the request to the engine, mapping its refusals to HTTP errors. params: the API's names for the
+    engine's (a chat request's prompt is its `messages`)."""
     try:
         return await engine.add(inp.prompts, inp.params, cache_salt=body.cache_salt, request_id=request_id)
+    except EngineInvalidRequest as e:
+        param = params.get(e.param, e.param) if e.param else None
+        raise InvalidRequestError(str(e), param=param, code=e.code) from None
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     except QueueFullError as e:

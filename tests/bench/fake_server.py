@@ -32,7 +32,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from kvserve.server.metrics import EngineSnapshot, PlacementInfo, ServerMetrics
+from kvserve.server.metrics import ServerMetrics
+from kvserve.stats import CheckpointCounters, EngineStats, PlacementInfo
 
 MODEL = "fake-model"
 PRIOR_REQUESTS, PRIOR_RECOMPUTED = 10, 100_000  # observations already on /metrics when a test starts
@@ -99,10 +100,10 @@ class FakeState:
         self.placement_changes += 1
 
     def render_metrics(self) -> bytes:
-        snapshot = EngineSnapshot()
+        snapshot = EngineStats()
         if self.settings.checkpoint_metrics:
             placement = PlacementInfo(PLACEMENT_POLICY, PLACEMENT_DEPTHS, BLOCK_SIZE, self.placement_changes)
-            snapshot = EngineSnapshot(checkpoints=dict(self.checkpoints), placement=placement)
+            snapshot = EngineStats(checkpoints=CheckpointCounters(**self.checkpoints), placement=placement)
         self.metrics.set_snapshot(snapshot)
         return self.metrics.render()
 

@@ -45,10 +45,10 @@ def test_timings_and_token_counts(fake):
     assert (a.output_tokens, a.prompt_tokens, a.cached_tokens) == (8, 100, 50)
     assert (b.output_tokens, b.prompt_tokens, b.cached_tokens) == (5, 20, 10)
     assert len(a.itl) == 7 and len(b.itl) == 4
+    # lower bounds only: the server sleeps that long, so no load can make them fail; load can stretch any time
     assert a.ttft >= 0.05 and a.e2e >= 0.05 + 7 * 0.01
-    assert a.ttft < a.e2e and a.tpot == pytest.approx((a.e2e - a.ttft) / 7)
-    assert 0.005 < a.tpot < 0.1
-    assert run.client_cpu_s >= 0 and run.duration_s >= a.e2e
+    assert a.ttft + sum(a.itl) <= a.e2e and a.tpot == pytest.approx((a.e2e - a.ttft) / 7)
+    assert run.client_cpu_s > 0 and run.duration_s >= a.e2e
 
 
 def test_usage_wins_over_chunk_count(fake):
@@ -132,7 +132,8 @@ def test_rate_and_trace_modes_run(fake):
     assert all(r.ok for r in run.results)
     trace = [BenchRequest(prompt="a", arrival_time=0.0), BenchRequest(prompt="b", arrival_time=0.2)]
     run = _run(trace, _cfg(fake, concurrency=None, max_tokens=2))
-    assert run.results[1].start >= 0.2 and run.results[0].start < 0.1
+    assert run.results[1].start >= 0.2  # not before its arrival time (a lower bound: no load can break it)
+    assert [x.text for x in fake.state.log[-2:]] == ["a", "b"]  # arrived in trace order
 
 
 def test_cli_writes_result_file(fake, tmp_path, capsys):

@@ -14,6 +14,7 @@ from tokenizers import decoders, models
 from kvserve import LLM, SamplingParams
 from kvserve.detokenizer import DetokenizerState, add_token
 from kvserve.model.tokenizer import Tokenizer
+from tests.conftest import transformers_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
 
@@ -42,7 +43,7 @@ def test_prompt_forms(llm):
     for bad, kind in [({"text": "x"}, ValueError), ([{"prompt": 3}], ValueError), (None, TypeError), (3.5, TypeError)]:
         with pytest.raises(kind):
             llm.generate(bad, GREEDY)
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_a_string_prompt_is_tokenized_once_even_with_n(llm, monkeypatch):
@@ -97,24 +98,10 @@ class _BruteForceAdjust:
         return scores
 
 
-def _hf_greedy_with(hf_model, ids: list[int], processors: list, max_new_tokens: int) -> list[int]:
-    from transformers import LogitsProcessorList
-
-    return hf_model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=2,
-        pad_token_id=2,
-        logits_processor=LogitsProcessorList(processors),
-    )[0, len(ids) :].tolist()
-
-
 def test_penalties_and_logit_bias_match_transformers(llm, hf_model):
     """repetition_penalty against transformers' own processor; logit_bias and frequency/presence penalties
     against a token-by-token version; all four together in vLLM's order. Greedy, float32, token for token."""
-    from transformers import RepetitionPenaltyLogitsProcessor
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     ids = llm.tokenizer.encode("List the days of the week: Monday, Tuesday,")
     n = 24
@@ -138,7 +125,8 @@ def test_penalties_and_logit_bias_match_transformers(llm, hf_model):
     for kwargs, processors in cases:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0, **kwargs)
         out = llm.generate([ids], params)[0].outputs[0]
-        assert out.token_ids == _hf_greedy_with(hf_model, ids, processors, n), kwargs
+        expected = transformers_greedy(hf_model, ids, n, logits_processor=LogitsProcessorList(processors))
+        assert out.token_ids == expected, kwargs
         if kwargs != {"repetition_penalty": 0.8}:  # (a penalty below 1 favours the repeats greedy makes anyway)
             assert out.token_ids != plain, kwargs  # the case changes the output, so the comparison means something
     # logprobs stay the raw model's (vLLM's default): the first token's equals the plain run's for the same token
@@ -146,7 +134,7 @@ def test_penalties_and_logit_bias_match_transformers(llm, hf_model):
     biased = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5, logit_bias={28: 100}))
     first = biased[0].outputs[0]
     assert first.token_ids == [28] and first.top_logprobs[0] == raw.top_logprobs[0]
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_penalised_sampling_does_not_depend_on_the_batch(llm):
@@ -181,7 +169,7 @@ def test_bad_penalties_and_logit_bias_are_refused(llm):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="logit_bias token id"):
         llm.generate("Hi", SamplingParams(logit_bias={10**7: 1.0}))
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_prompt_logprobs_match_transformers(ours, hf_model):
@@ -214,7 +202,7 @@ def test_prompt_logprobs_match_transformers(ours, hf_model):
     np.testing.assert_allclose(short.prompt_logprobs[1:], want[:19], atol=2e-4, rtol=0)
     plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=2))[0]
     assert plain.prompt_logprobs is None and plain.num_cached_tokens > 0  # others still hit the cache
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate([ids], SamplingParams(prompt_logprobs=10**6))
 
@@ -258,3 +246,26 @@ def test_a_pool_smaller_than_the_context_is_warned_about(ours, caplog):
     with pytest.raises(ValueError, match="tokens of KV"):
         small.generate("Hello", SamplingParams(max_tokens=None))  # could need the whole context: refused
     assert small.generate("Hello", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_step_outputs_are_deltas_that_never_take_text_back(llm):
+    """LLMEngine.step() returns what each step added. With stop strings the engine holds back what could start
+    one, so the deltas joined are exactly the free-running text cut at the first stop string (none of it sent
+    and later taken back), and each delta's tokens are that step's alone."""
+    prompt = "Once upon a time"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    text = free.text
+    engine = llm.engine
+    for stop in (text[10:13], text[5:6], text[-7:-2], "not in the text"):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], logprobs=0)
+        rid = engine.add_request(prompt, params)
+        deltas = []
+        while engine.has_unfinished_requests():
+            deltas += [out.outputs[0] for out in engine.step() if out.request_id == rid]
+        cut = text.find(stop)
+        assert "".join(d.text for d in deltas) == (text if cut < 0 else text[:cut]), stop
+        ids = [t for d in deltas for t in d.token_ids]
+        assert ids == free.token_ids[: len(ids)] and all(len(d.token_ids) == len(d.logprobs) for d in deltas)
+        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
+        assert deltas[-1].finish_reason == ("length" if cut < 0 else "stop")
+    assert engine.get_stats().num_used_blocks == 0

@@ -10,27 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.golden_inputs import DOC, PROMPTS
 from kvserve import LLM, SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
-    "Once upon a time, in a small village by the sea,",
-    "Translate to French: 'Good morning, how are you?'\n",
-    "1, 1, 2, 3, 5, 8, 13,",
-    "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nDescribe the ocean.<|im_end|>\n"
-    "<|im_start|>assistant\n",
-    "import numpy as np\n\n# compute the mean of a list\ndef mean(xs):",
-    "Photosynthesis is the process by which",
-]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, logprobs=0)
-DOC = (
-    "Kvserve keeps the key and value tensors of every full block of sixteen tokens in a pool, addressed by a "
-    "hash chain over the tokens. A request that shares its first tokens with earlier traffic loads them and "
-    "computes only the rest. The pool evicts the least recently used block when it runs out of space, and a "
-    "block is never evicted while a running request references it. "
-) * 3
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +52,8 @@ def test_greedy_matches_transformers_one_at_a_time_and_batched(ours, hf_referenc
     assert _tokens(single) == reference
     assert _tokens(batched) == reference
     assert _logprobs(batched) == _logprobs(single)  # bitwise: batching changes nothing
-    assert llm.engine.stats.num_failed_batches == 0  # ... and it ran as a batch, not retried one by one
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_failed_batches == 0  # ... and it ran as a batch, not retried one by one
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_logprobs_match_transformers(ours, hf_model):
@@ -125,7 +108,7 @@ def test_chunked_prefill_and_batching_are_bitwise_invariant(ours, dtype, path, a
     chunked = llm.generate(prompts, GREEDY)
     assert _tokens(chunked) == _tokens(reference)
     assert _logprobs(chunked) == _logprobs(reference)
-    assert llm.engine.stats.num_failed_batches == 0
+    assert llm.engine.get_stats().num_failed_batches == 0
 
 
 def test_preemption_outputs_equal_unconstrained_run(ours):
@@ -134,12 +117,12 @@ def test_preemption_outputs_equal_unconstrained_run(ours):
     reference = LLM(loaded=ours, dtype="float32", num_kv_blocks=256).generate(prompts, params)
     small = LLM(loaded=ours, dtype="float32", num_kv_blocks=14)  # 224 tokens for ~6 x 70
     outs = small.generate(prompts, params)
-    assert small.engine.scheduler.num_preemptions > 0
-    assert small.engine.stats.num_failed_batches == 0
+    assert small.engine.get_stats().num_preemptions > 0
+    assert small.engine.get_stats().num_failed_batches == 0
     assert _tokens(outs) == _tokens(reference)
     assert _logprobs(outs) == _logprobs(reference)
-    small.engine.kv.check_invariants()
-    assert small.engine.pool.num_used_blocks == 0
+    small.engine.check_invariants()
+    assert small.engine.get_stats().num_used_blocks == 0
 
 
 def test_hf_folder_generates_like_the_gguf(ours, hf_dir):
@@ -227,7 +210,7 @@ def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
         llm.chat([], GREEDY)
     with pytest.raises(ValueError, match="'content'"):
         llm.chat([{"role": "user"}], GREEDY)
-    assert llm.engine.pool.num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats().num_used_blocks == 0 and not llm.engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids  # still serves
 
 
@@ -268,7 +251,7 @@ def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     alone = LLM(loaded=ours, dtype=dtype, enable_prefix_caching=False, num_kv_blocks=256)
     reference = [alone.generate(p, params)[0] for p in prompts]
-    assert alone.engine.runner.native == (path == "native")
+    assert alone.engine.backends.native_attention == (path == "native")
     assert max(shared_seen, default=0) == 0  # one sequence at a time: nothing to share
     llm = LLM(loaded=ours, dtype=dtype, block_size=block_size, num_kv_blocks=4096 // block_size)
     llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1))  # both prefixes' blocks now cached
@@ -279,5 +262,5 @@ def test_decoding_over_shared_cached_prefixes_is_bitwise_invariant(ours, dtype, 
         assert set(lengths) <= set(shared_seen)
     assert _tokens(outs) == _tokens(reference)
     assert _logprobs(outs) == _logprobs(reference)
-    assert llm.engine.stats.num_failed_batches == 0  # no batch fell back to one request at a time
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_failed_batches == 0  # no batch fell back to one request at a time
+    assert llm.engine.get_stats().num_used_blocks == 0

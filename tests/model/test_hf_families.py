@@ -75,7 +75,7 @@ def test_greedy_tokens_equal_transformers(family, tmp_path, hf_tokenizer_dir, hf
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
         assert got == ref[0, ids.shape[1] :].tolist(), (family, prompt)
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_sliding_window_caps_the_context_and_stays_exact(tmp_path, hf_tokenizer_dir, hf_tokenizer, caplog):

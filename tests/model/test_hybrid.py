@@ -23,7 +23,7 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.model import load_model
-from kvserve.server.metrics import EngineSnapshot, ServerMetrics
+from kvserve.server.metrics import ServerMetrics
 from tests.hybrid_models import bamba_config, save_with_tokenizer
 
 BS = 8  # block size: small so that short prompts span several blocks
@@ -118,9 +118,9 @@ def _llm(path: Path, **kwargs) -> LLM:
 
 def _released(llm: LLM, batch_retries: int = 0) -> None:
     engine = llm.engine
-    assert engine.stats.num_failed_batches == batch_retries  # no batch fell back to one request at a time
-    assert engine.pool.num_used_blocks == 0
-    pool = engine.runner.recurrent.pool
+    assert engine.get_stats().num_failed_batches == batch_retries  # no batch fell back to one request at a time
+    assert engine.get_stats().num_used_blocks == 0
+    pool = engine._recurrent.pool
     pool.check_invariants()
     assert pool.num_free_slots == pool.num_slots
 
@@ -158,17 +158,17 @@ def test_chunked_prefill_and_preemption_change_nothing(which, request):
     _released(chunked)
     small = _llm(path, num_kv_blocks=16)  # 128 tokens for 5 requests of up to 95
     outs = small.generate(PROMPTS, params)
-    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.get_stats().num_preemptions > 0
     assert _tokens(outs) == _tokens(reference)
     for a, b in zip(outs, reference):
         torch.testing.assert_close(a.outputs[0].logprobs, b.outputs[0].logprobs, atol=1e-4, rtol=0)
-    small.engine.kv.check_invariants()
+    small.engine.check_invariants()
     _released(small)
     # preempted requests resume from their own checkpoints when their KV blocks are still cached
     resuming = _llm(path, num_kv_blocks=16, checkpoint_policy="every-block:2")
     outs = resuming.generate(PROMPTS, params)
-    assert resuming.engine.scheduler.num_preemptions > 0
-    assert resuming.engine.runner.recurrent.num_resumed_tokens > 0
+    assert resuming.engine.get_stats().num_preemptions > 0
+    assert resuming.engine.get_stats().checkpoints.resumed_tokens > 0
     assert _tokens(outs) == _tokens(reference)
     _released(resuming)
 
@@ -199,7 +199,7 @@ def test_checkpoint_policies_give_no_cache_outputs(which, request):
         llm = _llm(path, checkpoint_policy=policy, max_num_batched_tokens=40)
         outs = [llm.generate(p, params)[0] for p in prompts]  # one at a time: later ones hit earlier ones
         assert _tokens(outs) == reference, policy
-        store = llm.engine.runner.recurrent.store
+        store = llm.engine._recurrent.store
         cached = [o.num_cached_tokens for o in outs]
         if policy == "none":
             assert store is None and cached == [0] * len(prompts)
@@ -219,13 +219,13 @@ def test_a_tight_checkpoint_store_evicts_and_stays_exact(bamba):
     reference = _tokens(_llm(path, enable_prefix_caching=False).generate(prompts, params))
     probe = _llm(path, checkpoint_policy="every-block:1")
     probe.generate(prompts[0], params)
-    store = probe.engine.runner.recurrent.store
+    store = probe.engine._recurrent.store
     snapshot = store.bytes_held // len(store)
     for policy in POLICIES[1:]:
         llm = _llm(path, checkpoint_policy=policy, checkpoint_memory=int(snapshot * 3.5), max_num_batched_tokens=40)
         outs = [llm.generate(p, params)[0] for p in prompts]
         assert _tokens(outs) == reference, policy
-        store = llm.engine.runner.recurrent.store
+        store = llm.engine._recurrent.store
         store.check_invariants()
         assert len(store) <= 3 and store.bytes_held <= int(snapshot * 3.5), policy
         assert store.num_evicted > 0 and store.num_hits > 0, policy
@@ -242,7 +242,7 @@ def test_resume_at_every_checkpoint_depth(which, request):
     reference = _llm(path, enable_prefix_caching=False).generate(branches, params)
     llm = _llm(path, checkpoint_policy="every-block:1")
     llm.generate(root, params)
-    store = llm.engine.runner.recurrent.store
+    store = llm.engine._recurrent.store
     assert store.num_stored == len(root) // BS  # a snapshot at every block boundary of the prompt
     for d, prompt, ref in zip(depths, branches, reference):
         out = llm.generate(prompt, params)[0]
@@ -250,7 +250,7 @@ def test_resume_at_every_checkpoint_depth(which, request):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         torch.testing.assert_close(out.outputs[0].logprobs, ref.outputs[0].logprobs, atol=1e-4, rtol=0)
     metrics = ServerMetrics()
-    metrics.set_snapshot(EngineSnapshot.capture(llm.engine))
+    metrics.set_snapshot(llm.engine.get_stats())
     text = metrics.render().decode()
     assert f"kvserve:recurrent_checkpoint_hits_total {float(len(depths))}" in text
     assert f"kvserve:recurrent_resumed_tokens_total {float(sum(depths) * BS)}" in text
@@ -303,7 +303,7 @@ def test_resume_with_kv_blocks_loaded_from_the_host_tier(bamba):
     llm.generate(root, params)
     llm.generate(_prompts(6, [80])[0], params)  # 11 of the 12 blocks: evicts root's blocks to host RAM
     out = llm.generate(branch, params)[0]
-    assert llm.engine.tiers.stats["cpu"].hits > 0
+    assert llm.engine.get_stats().tiers["cpu"].hits > 0
     assert out.num_cached_tokens == 4 * BS
     assert out.outputs[0].token_ids == reference.outputs[0].token_ids
     _released(llm)
@@ -335,13 +335,13 @@ def test_checkpoint_store_budget_and_policy_as_configured(bamba, caplog):
     a budget below one snapshot is warned about."""
     _, path = bamba
     llm = _llm(path, checkpoint_policy="every-block:2", kv_cache_memory=256 << 20)  # and num_kv_blocks=128
-    assert llm.engine.runner.recurrent.store.budget_bytes == (256 << 20) // 4
+    assert llm.engine.get_stats().checkpoints.budget_bytes == (256 << 20) // 4
     llm = _llm(path, checkpoint_policy="every-block:2", num_kv_blocks=None, kv_cache_memory=64 << 20)
-    assert llm.engine.runner.recurrent.store.budget_bytes == (64 << 20) // 4
+    assert llm.engine.get_stats().checkpoints.budget_bytes == (64 << 20) // 4
     llm = _llm(path, checkpoint_policy="every-block:2", checkpoint_memory=12345)
-    assert llm.engine.runner.recurrent.store.budget_bytes == 12345
+    assert llm.engine.get_stats().checkpoints.budget_bytes == 12345
     llm = _llm(path, checkpoint_policy="every-block:2", enable_prefix_caching=False)
-    assert llm.engine.runner.recurrent.store is None and llm.engine.runner.recurrent.policy.spec == "none"
+    assert llm.engine._recurrent.store is None and llm.engine._recurrent.policy.spec == "none"
     with caplog.at_level("WARNING"):
         _llm(path, checkpoint_policy="every-block:2", checkpoint_memory=10)
     assert any("less than one snapshot" in r.getMessage() for r in caplog.records)
@@ -377,7 +377,7 @@ def test_bfloat16_and_sampling_give_the_no_cache_tokens(which, request):
             one = [llm.generate(p, params)[0] for p in prompts]
             assert _tokens(one) == reference, (policy, params.temperature)
             assert _tokens(llm.generate(prompts, params)) == reference, (policy, params.temperature)
-            assert llm.engine.runner.recurrent.num_resumed_tokens > 0
+            assert llm.engine.get_stats().checkpoints.resumed_tokens > 0
             _released(llm)
 
 
@@ -393,14 +393,14 @@ def test_prompt_logprobs_on_a_hybrid_model(bamba):
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0))[0]
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
     torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), torch.tensor(want), atol=1e-4, rtol=0)
-    store = llm.engine.runner.recurrent.store
+    store = llm.engine._recurrent.store
     assert store.num_stored == (len(ids) - 1) // BS  # a snapshot at every full block of the prompt, the first too
     later = llm.generate([ids[:20] + [7, 8, 9]], SamplingParams(temperature=0, max_tokens=2))[0]
     assert later.num_cached_tokens == 16
     _released(llm)
     opt = _llm(path, checkpoint_policy="optimal:2")
     opt.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
-    assert opt.engine.runner.recurrent.policy.histogram.num_observed == 0
+    assert opt.engine.get_stats().placement.num_observed == 0
     _released(opt)
 
 
@@ -410,13 +410,13 @@ def test_recurrent_state_slots_count_against_the_kv_budget(bamba):
     budget = 4 << 20
     llm = _llm(path, num_kv_blocks=None, kv_cache_memory=budget, max_num_seqs=8)
     engine = llm.engine
-    slots = engine.runner.recurrent.pool
+    slots = engine._recurrent.pool
     slot_bytes = slots.conv.nbytes + slots.ssm.nbytes  # what the pool really allocated
-    kv_bytes = engine.runner.kv_cache.nbytes
+    kv_bytes = engine._runner.kv_cache.nbytes
     assert 0 < slot_bytes and kv_bytes + slot_bytes <= budget
-    assert budget - (kv_bytes + slot_bytes) < kv_bytes // engine.num_blocks  # less than one more block left
+    assert budget - (kv_bytes + slot_bytes) < kv_bytes // engine.get_stats().num_blocks  # less than one more block left
     more_seqs = _llm(path, num_kv_blocks=None, kv_cache_memory=budget, max_num_seqs=16).engine
-    assert more_seqs.num_blocks < engine.num_blocks  # twice the slots leave fewer blocks
+    assert more_seqs.get_stats().num_blocks < engine.get_stats().num_blocks  # twice the slots leave fewer blocks
     with pytest.raises(ValueError, match="max_num_seqs"):
         _llm(path, num_kv_blocks=None, kv_cache_memory=slot_bytes - 1, max_num_seqs=8)
 
@@ -426,7 +426,7 @@ def test_optimal_places_per_prompt_length_and_keeps_what_shorter_prompts_use(bam
     still at 2 (the DP on the depths below their length), so the depth-2 snapshots stay useful and stay."""
     _, path = bamba
     llm = _llm(path, checkpoint_policy="optimal:1")
-    rec = llm.engine.runner.recurrent
+    rec = llm.engine._recurrent
     rng = random.Random(7)
     base = [rng.randrange(3, VOCAB) for _ in range(6 * BS)]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -459,7 +459,7 @@ def test_checkpoint_hits_count_admissions_not_lookups(bamba):
     llm = _llm(path, num_kv_blocks=16, max_num_seqs=8, checkpoint_policy="every-block:5")
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm.generate(root, params)
-    rec = llm.engine.runner.recurrent
+    rec = llm.engine._recurrent
     store = rec.store
     hits, misses, resumed = store.num_hits, store.num_misses, rec.num_resumed_tokens
     waits = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvserve import LLM, SamplingParams
+from tests.conftest import require_native
 
 DOC = (
     "Kvserve keeps the key and value tensors of every full block of sixteen tokens in a pool, addressed by a "
@@ -45,8 +46,8 @@ def _warm_then_evict(llm: LLM) -> None:
     """Compute DOC's blocks, then push them out of the pool with unrelated traffic."""
     llm.generate(DOC + QUESTIONS[0], GREEDY)
     llm.generate(FLUSH, GREEDY)
-    if llm.engine.tiers.store is not None:
-        assert llm.engine.tiers.flush(30)
+    if llm.engine._tiers.store is not None:
+        assert llm.engine.flush_kv_store(30)
 
 
 def _check_same(out, ref) -> None:
@@ -55,21 +56,21 @@ def _check_same(out, ref) -> None:
 
 
 def _loaded_back(llm: LLM, ours, reference, tier: str) -> None:
-    before = llm.engine.tiers.stats[tier].hits
+    before = llm.engine.get_stats().tiers[tier].hits
     out = llm.generate(DOC + QUESTIONS[1], GREEDY)[0]
     assert out.num_cached_tokens == _shared_blocks(ours) * 16
-    assert llm.engine.tiers.stats[tier].hits - before > 0, "nothing came back from the tier"
+    assert llm.engine.get_stats().tiers[tier].hits - before > 0, "nothing came back from the tier"
     _check_same(out, reference[QUESTIONS[1]])
-    llm.engine.kv.check_invariants()
+    llm.engine.check_invariants()
 
 
 def test_host_ram_tier_loads_evicted_blocks_back_exactly(ours, reference):
     llm = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, cpu_offload_gb=0.05)
     _warm_then_evict(llm)
-    assert llm.engine.pool.num_evictions > 0
+    assert llm.engine.get_stats().num_evictions > 0
     _loaded_back(llm, ours, reference, "cpu")
-    st = llm.engine.tiers.stats["cpu"]
-    assert st.bytes_loaded == st.hits * llm.engine.runner.kv_cache[:, :, :, 0].nbytes
+    st = llm.engine.get_stats().tiers["cpu"]
+    assert st.bytes_loaded == st.hits * llm.engine._runner.kv_cache[:, :, :, 0].nbytes
 
 
 def test_disk_store_loads_back_exactly_and_survives_a_restart(ours, reference, tmp_path):
@@ -88,27 +89,28 @@ def test_store_keys_separate_models_dtypes_and_tenants(ours, reference, tmp_path
     other_dtype = LLM(loaded=ours, dtype="float32", num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
     assert other_dtype.generate(DOC + QUESTIONS[1], GREEDY)[0].num_cached_tokens == 0
     tenant = llm.engine.add_request(DOC + QUESTIONS[1], GREEDY, cache_salt="tenant-b")
+    outputs = []
     while llm.engine.has_unfinished_requests():
-        llm.engine.step()
-    assert tenant.num_cached_tokens == 0
+        outputs += [o for o in llm.engine.step() if o.request_id == tenant]
+    assert outputs and outputs[-1].finished
+    assert all(o.num_cached_tokens == 0 for o in outputs)
 
 
-def test_store_keys_separate_attention_arithmetic(ours, tmp_path, attention_path):
-    """KV above layer 0 depends on the attention path (kernel or torch), which round differently: a replica on
-    the other path must not read these blocks, one on the same path must."""
-    attention_path("native")
-    llm = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+def test_store_keys_separate_attention_arithmetic(ours, tmp_path):
+    """KV above layer 0 depends on the attention backend (kernel or torch), which round differently: a replica
+    configured for the other backend must not read these blocks, one on the same backend must."""
+    require_native()
+    kw = dict(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+    llm = LLM(**kw, attention_backend="native")
     _warm_then_evict(llm)
     llm.engine.shutdown()
-    attention_path("torch")
-    other = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
-    assert not other.engine.runner.native
+    other = LLM(**kw, attention_backend="torch")
+    assert not other.engine.backends.native_attention
     assert other.generate(DOC + QUESTIONS[1], GREEDY)[0].num_cached_tokens == 0
-    assert other.engine.tiers.stats["disk"].hits == 0
-    attention_path("native")
-    same = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=f"disk:{tmp_path}")
+    assert other.engine.get_stats().tiers["disk"].hits == 0
+    same = LLM(**kw, attention_backend="native")
     assert same.generate(DOC + QUESTIONS[1], GREEDY)[0].num_cached_tokens > 0
-    assert same.engine.tiers.stats["disk"].hits > 0
+    assert same.engine.get_stats().tiers["disk"].hits > 0
 
 
 def test_redis_store_loads_back_exactly_and_is_shared_by_replicas(ours, reference, redis_server):
@@ -123,7 +125,7 @@ def test_host_and_store_stack(ours, reference, tmp_path):
     llm = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, cpu_offload_gb=0.05, kv_store=f"disk:{tmp_path}")
     _warm_then_evict(llm)
     _loaded_back(llm, ours, reference, "cpu")  # host RAM is asked first
-    assert llm.engine.tiers.stats["disk"].hits == 0
+    assert llm.engine.get_stats().tiers["disk"].hits == 0
 
 
 # ---------------------------------------------------------------------------------------------- faults
@@ -147,10 +149,10 @@ def test_corrupt_and_truncated_disk_entries_are_recomputed(ours, reference, tmp_
         for q in QUESTIONS:
             out = llm.generate(DOC + q, GREEDY)[0]
             _check_same(out, reference[q])
-    st = llm.engine.tiers.stats["disk"]
+    st = llm.engine.get_stats().tiers["disk"]
     assert st.corrupt >= 1 and st.hits == 0
     assert len([m for m in _fault_warnings(caplog) if "corrupt" in m]) == 1  # logged once
-    llm.engine.kv.check_invariants()
+    llm.engine.check_invariants()
 
 
 def test_redis_killed_mid_run_costs_only_recompute(ours, reference, redis_server, caplog):
@@ -162,10 +164,10 @@ def test_redis_killed_mid_run_costs_only_recompute(ours, reference, redis_server
             out = llm.generate(DOC + q, GREEDY)[0]
             _check_same(out, reference[q])
             llm.generate(FLUSH, GREEDY)
-        llm.engine.tiers.flush(30)
-    assert llm.engine.tiers.stats["redis"].errors >= 1
+        llm.engine.flush_kv_store(30)
+    assert llm.engine.get_stats().tiers["redis"].errors >= 1
     assert len([m for m in _fault_warnings(caplog) if "unavailable" in m]) == 1
-    assert llm.engine.pool.num_used_blocks == 0
+    assert llm.engine.get_stats().num_used_blocks == 0
 
 
 def test_redis_restarted_empty_is_filled_again(ours, reference, redis_server):
@@ -173,17 +175,17 @@ def test_redis_restarted_empty_is_filled_again(ours, reference, redis_server):
     when hit, so a second replica finds them (no stale "already written" memo)."""
     a = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=64, kv_store=redis_server.url)
     a.generate(DOC + QUESTIONS[0], GREEDY)
-    assert a.engine.tiers.flush(30)
+    assert a.engine.flush_kv_store(30)
     redis_server.stop()
     a.generate(FLUSH, GREEDY)  # its writes and lookups fail while Redis is down
-    a.engine.tiers.flush(30)
-    assert a.engine.tiers.stats["redis"].errors >= 1
+    a.engine.flush_kv_store(30)
+    assert a.engine.get_stats().tiers["redis"].errors >= 1
     redis_server.start()  # back, empty
-    a.engine.tiers.store._down_until = 0.0  # as if the store's 5 s back-off after a failure had passed
+    a.engine._tiers.store._down_until = 0.0  # as if the store's 5 s back-off after a failure had passed
     out = a.generate(DOC + QUESTIONS[1], GREEDY)[0]
     assert out.num_cached_tokens == _shared_blocks(ours) * 16  # from a's pool
     _check_same(out, reference[QUESTIONS[1]])
-    assert a.engine.tiers.flush(30)
+    assert a.engine.flush_kv_store(30)
     b = LLM(loaded=ours, dtype=DTYPE, num_kv_blocks=POOL, kv_store=redis_server.url)  # a second replica
     _loaded_back(b, ours, reference, "redis")
 
@@ -216,8 +218,8 @@ def test_full_disk_costs_only_recompute(ours, reference, tmp_path, caplog):
         _warm_then_evict(llm)
         for q in QUESTIONS:
             _check_same(llm.generate(DOC + q, GREEDY)[0], reference[q])
-        llm.engine.tiers.flush(30)
-    st = llm.engine.tiers.stats["disk"]
+        llm.engine.flush_kv_store(30)
+    st = llm.engine.get_stats().tiers["disk"]
     assert st.errors >= 1
     assert len([m for m in _fault_warnings(caplog) if "unavailable" in m]) == 1
     assert not list(root.rglob(".tmp-*")), "a failed write left a temp file behind"
@@ -232,10 +234,10 @@ def test_bounded_disk_store_stays_within_its_bytes(ours, reference, tmp_path):
     _warm_then_evict(llm)
     held = sum(p.stat().st_size for p in tmp_path.rglob("kvserve-*"))
     assert 0 < held <= bound
-    assert llm.engine.tiers.stats["disk"].evictions > 0
+    assert llm.engine.get_stats().tiers["disk"].evictions > 0
     out = llm.generate(DOC + QUESTIONS[1], GREEDY)[0]  # whatever prefix survived, the answer is exact
     _check_same(out, reference[QUESTIONS[1]])
-    llm.engine.kv.check_invariants()
+    llm.engine.check_invariants()
 
 
 def test_bad_store_specs_fail_at_start(ours):

@@ -263,6 +263,6 @@ def test_queue_full_is_429_with_retry_after(server_factory):
                 assert error["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
     # Both streams were dropped: their requests are aborted (the waiting one too) and every block is free.
     srv.wait_idle()
-    assert srv.engine.pool.num_used_blocks == 0
+    assert srv.engine.get_stats().num_used_blocks == 0
     with srv.client() as c:  # no --api-key on this server: /v1 is open
         assert c.post(COMP, json={"model": MODEL, "prompt": "x", "max_tokens": 1}).status_code == 200

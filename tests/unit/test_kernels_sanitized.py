@@ -11,9 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from kvserve.model import native
+from tests.conftest import require_component
 
 HARNESS = Path(__file__).resolve().parents[1] / "csrc" / "sanitize_kernels.c"
 FLAGS = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-march=native", "-ffp-contract=off"]
@@ -22,8 +21,7 @@ FLAGS += ["-fno-math-errno", "-fopenmp"]
 
 def _compiler() -> str:
     cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
+    require_component(cc is not None, "a C compiler (gcc)", "apt-get install gcc")
     return cc
 
 
@@ -31,8 +29,8 @@ def test_kernels_have_no_out_of_bounds_access(tmp_path):
     cc = _compiler()
     probe = tmp_path / "probe.c"
     probe.write_text("int main(void) { return 0; }\n")
-    if subprocess.run([cc, "-fsanitize=address", str(probe), "-o", str(tmp_path / "probe")]).returncode:
-        pytest.skip("this compiler cannot link AddressSanitizer programs")
+    linked = subprocess.run([cc, "-fsanitize=address", str(probe), "-o", str(tmp_path / "probe")]).returncode == 0
+    require_component(linked, "AddressSanitizer's runtime (libasan)", "it comes with apt-get install gcc")
     exe = tmp_path / "sanitize_kernels"
     sources = [str(HARNESS), *(str(s) for s in native.SOURCES)]
     subprocess.run([cc, *FLAGS, f"-I{native.CSRC}", *sources, "-o", str(exe), "-lm"], check=True)

@@ -9,15 +9,11 @@ from kvserve.model import native
 from kvserve.model.sampler import sample
 from kvserve.sampling_params import SamplingParams
 
-
-def _needs_kernels():
-    if native.load() is None:
-        pytest.skip("the CPU kernels do not build here (no C compiler)")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.mark.parametrize("shape", [(32, 49152), (1, 49152), (5, 17), (3, 1), (7, 33)])
 def test_argmax_rows_equals_torch_and_brute_force(shape):
-    _needs_kernels()
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=gen)
     got = native.argmax_rows(x)
@@ -27,7 +23,6 @@ def test_argmax_rows_equals_torch_and_brute_force(shape):
 
 
 def test_ties_take_the_first_index_and_special_values():
-    _needs_kernels()
     x = torch.zeros(3, 70)
     x[0, [7, 33, 69]] = 1.0  # ties across vector lanes and the tail
     x[1] = float("-inf")  # a row of -inf: index 0, as torch
@@ -40,7 +35,6 @@ def test_ties_take_the_first_index_and_special_values():
 
 
 def test_a_nan_row_falls_back_to_torch():
-    _needs_kernels()
     x = torch.randn(4, 100, generator=torch.Generator().manual_seed(4))
     x[2, 50] = float("nan")
     assert native.argmax_rows(x) is None

@@ -13,15 +13,11 @@ import pytest
 import torch
 
 from kvserve.model import native
+from tests.conftest import require_native_linear
 
 CPU = torch.device("cpu")
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (100, 34)]  # the model's, and a ragged one
 ROW_COUNTS = [1, 2, 3, 7, 8, 9, 31, 64, 65, 200]
-
-
-def _needs(dtype: torch.dtype):
-    if not native.linear_enabled(CPU, dtype):
-        pytest.skip(f"the {dtype} linear kernel does not run here (no compiler, AVX-512 or AVX512-BF16)")
 
 
 def _bf16_steps(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +28,7 @@ def _bf16_steps(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_matches_brute_force_and_rows_are_invariant(dtype, shape):
-    _needs(dtype)
+    require_native_linear(dtype)
     gen = torch.Generator().manual_seed(1)
     n, k = shape
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
@@ -61,7 +57,7 @@ def test_linear_matches_brute_force_and_rows_are_invariant(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_do_not_depend_on_the_thread_count(dtype):
-    _needs(dtype)
+    require_native_linear(dtype)
     gen = torch.Generator().manual_seed(2)
     packed = native.PackedLinear((torch.randn(3072, 576, generator=gen) * 0.05).to(dtype))
     x = torch.randn(100, 576, generator=gen).to(dtype)
@@ -81,7 +77,7 @@ def test_linear_rows_do_not_depend_on_the_thread_count(dtype):
 def test_swiglu_epilogue_matches_gate_up_then_swiglu(dtype, inter):
     """The SwiGLU-packed gate_up (csrc/linear.c's epilogue) against the plain kernel's gate and up outputs
     followed by silu(g) * u in float64, with the fused layer's roundings; rows invariant to the row count."""
-    _needs(dtype)
+    require_native_linear(dtype)
     gen = torch.Generator().manual_seed(inter)
     k = 192
     w = (torch.randn(2 * inter, k, generator=gen) * k**-0.5).to(dtype)
@@ -104,7 +100,7 @@ def test_swiglu_epilogue_matches_gate_up_then_swiglu(dtype, inter):
 
 
 def test_linear_rejects_a_wrong_input():
-    _needs(torch.float32)
+    require_native_linear(torch.float32)
     packed = native.PackedLinear(torch.randn(8, 16))
     with pytest.raises(ValueError, match="linear of a"):
         packed(torch.randn(2, 15))
@@ -115,7 +111,7 @@ def test_linear_rejects_a_wrong_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [576, 100])  # the model's; a partial last 16-lane vector
 def test_rmsnorm_matches_the_formula(dtype, width):
-    _needs(dtype)
+    require_native_linear(dtype)
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(50, width, generator=gen) * 3).to(dtype)
     w = torch.randn(width, generator=gen).to(dtype)
@@ -234,9 +230,8 @@ def _step(model, kv, seqs):
     ],
 )
 def test_fused_layer_matches_float64_and_is_batch_invariant(dtype, hd, bs, bias):
-    _needs(dtype)
-    if not native.enabled(CPU, dtype):
-        pytest.skip("the attention kernel does not run here")
+    require_native_linear(dtype)
+    assert native.enabled(CPU, dtype)  # the linear kernel's library is the attention kernel's
     cfg, weights, model = _tiny_llama(dtype, hd, bias)
     assert model.fused
     gen = torch.Generator().manual_seed(5)
@@ -261,7 +256,7 @@ def test_fused_layer_matches_float64_and_is_batch_invariant(dtype, hd, bs, bias)
 def test_an_odd_bf16_width_keeps_the_unfused_path_and_plain_gate_up():
     """bf16 with an odd intermediate size: down_proj cannot take VDPBF16PS pairs, so no fused layer, and gate_up
     keeps its plain packing (the SwiGLU pack is only for the fused layer); the forward still matches float64."""
-    _needs(torch.bfloat16)
+    require_native_linear(torch.bfloat16)
     cfg, weights, model = _tiny_llama(torch.bfloat16, inter=255)
     assert not model.fused
     assert not any(getattr(layer.gate_up, "swiglu", False) for layer in model.layers)
