@@ -3,8 +3,9 @@
     python bench/cuda_check.py --model PATH.gguf [--device cuda] [--out cuda_check.json]
 
 CI machines have no GPU, so this runs where one is lent. It reports (and writes as JSON):
-  * greedy tokens of the golden prompts (tests/model/test_golden.py) against transformers' generate, float32,
-    one request at a time and all batched together; bfloat16 agreement with transformers in bfloat16;
+  * greedy tokens of the golden prompts (bench/golden_inputs.py, the CPU golden tests' own) against
+    transformers' generate, float32, one request at a time and all batched together; bfloat16 agreement with
+    transformers in bfloat16;
   * prefix cache on vs off over 100 prompts sharing a long document, float32 and bfloat16: how many outputs
     differ (on CPU kvserve is bitwise batch-invariant; on CUDA cuBLAS picks kernels by shape, so exactness is
     measured here, not claimed);
@@ -26,14 +27,13 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kvserve, where it is not installed
 
 import torch
+from golden_inputs import DOC, PROMPTS, small_bamba_config  # bench/golden_inputs.py, a sibling
 
 from kvserve import LLM, SamplingParams
 from kvserve.model.loader import load_model
-from tests.hybrid_models import bamba_config
-from tests.model.test_golden import DOC, PROMPTS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, logprobs=0)
 
@@ -81,7 +81,7 @@ def golden(ctx: dict) -> dict:
             "single_agreeing_tokens": sum(agreement(a, b) for a, b in zip(single, refs)),
             "batched_agreeing_tokens": sum(agreement(a, b) for a, b in zip(batched, refs)),
             "tokens": sum(len(r) for r in refs),
-            "blocks_left": llm.engine.pool.num_used_blocks,
+            "blocks_left": llm.engine.get_stats().num_used_blocks,
         }
         del hf, llm
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -116,7 +116,7 @@ def prefix_cache(ctx: dict, n: int = 100) -> dict:
             "first_differing": diff[:5],
             "max_abs_logprob_diff_on_agreeing_prefix": lp,
             "cached_tokens_mean": sum(o.num_cached_tokens for o in outs) / n,
-            "blocks_left": warm.engine.pool.num_used_blocks,
+            "blocks_left": warm.engine.get_stats().num_used_blocks,
         }
         del cold, warm
     return res
@@ -128,12 +128,12 @@ def preemption(ctx: dict) -> dict:
     ref = LLM(loaded=ctx["loaded"], device=ctx["device"], dtype="float32", num_kv_blocks=256)
     small = LLM(loaded=ctx["loaded"], device=ctx["device"], dtype="float32", num_kv_blocks=14)
     a, b = ref.generate(prompts, params), small.generate(prompts, params)
-    small.engine.kv.check_invariants()
+    small.engine.check_invariants()
     return {
-        "preemptions": small.engine.scheduler.num_preemptions,
+        "preemptions": small.engine.get_stats().num_preemptions,
         "outputs_equal": sum(x == y for x, y in zip(tokens(a), tokens(b))),
         "prompts": len(prompts),
-        "blocks_left": small.engine.pool.num_used_blocks,
+        "blocks_left": small.engine.get_stats().num_used_blocks,
     }
 
 
@@ -141,7 +141,7 @@ def hybrid(ctx: dict) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    cfg = bamba_config(hidden_size=128, intermediate_size=256, initializer_range=0.25)  # tests' small Bamba, wider
+    cfg = small_bamba_config(hidden_size=128, intermediate_size=256, initializer_range=0.25)  # the tests', wider
     model = transformers.BambaForCausalLM(cfg).eval()
     path = Path(ctx["model"])
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -170,7 +170,7 @@ def hybrid(ctx: dict) -> dict:
                 "shared_prefix_equal_to_no_cache": sum(a == b for a, b in zip(tokens(second_outs), no_cache)),
                 "shared_prompts": len(shared),
                 "shared_cached_tokens": [o.num_cached_tokens for o in second_outs],
-                "blocks_left": llm.engine.pool.num_used_blocks,
+                "blocks_left": llm.engine.get_stats().num_used_blocks,
             }
     return res
 

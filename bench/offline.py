@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from kvserve import LLM, SamplingParams
+from kvserve.engine import NewRequest
 from kvserve.model.loader import load_model, resolve_model_path
 
 TEXT = (
@@ -45,10 +46,17 @@ def timed_first_token(llm: LLM, ids: list[int]) -> float:
     """Seconds from add_request to the first sampled token (the whole prefill)."""
     eng = llm.engine
     t0 = time.perf_counter()
-    req = eng.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
-    while not req.is_finished:
+    eng.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
+    while eng.has_unfinished_requests():
         eng.step()
     return time.perf_counter() - t0
+
+
+def prefill_all(eng, prompts: list[list[int]], params: SamplingParams) -> None:
+    """Add the prompts and step until each has sampled its first token (decode steps are timed after)."""
+    waiting = set(eng.add_requests([NewRequest(p, params) for p in prompts]))
+    while waiting:
+        waiting -= {o.request_id for o in eng.step() if o.outputs[0].token_ids or o.finished}
 
 
 def best_of(fn, repeats: int) -> float:
@@ -79,9 +87,7 @@ def bench_prefill(llm: LLM, hf, n: int, repeats: int) -> dict:
 def bench_decode(llm: LLM, batch: int, steps: int) -> dict:
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    reqs = [eng.add_request(prompt_ids(llm, 64, salt=i), params) for i in range(batch)]
-    while any(r.num_output_tokens == 0 for r in reqs):  # prefill all first
-        eng.step()
+    prefill_all(eng, [prompt_ids(llm, 64, salt=i) for i in range(batch)], params)
     times = []
     while eng.has_unfinished_requests():
         t0 = time.perf_counter()
@@ -116,7 +122,7 @@ def bench_ttft(llm: LLM, repeats: int) -> dict:
     )
     suffixes = [llm.tokenizer.encode(question.format(i=i))[:SUFFIX] for i in range(repeats + 1)]
     assert all(len(s) == SUFFIX for s in suffixes), "the TTFT suffix must be exactly 32 tokens"
-    llm.engine.pool.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     cold = timed_first_token(llm, prefix + suffixes[0])  # prefix now cached
     warm = min(timed_first_token(llm, prefix + s) for s in suffixes[1:])  # each suffix new, prefix cached
     alone = best_of(lambda: timed_first_token(llm, suffixes[0]), repeats)
@@ -154,7 +160,7 @@ def _sync() -> None:
 
 
 def weight_bytes_per_step(llm: LLM) -> int:
-    m = llm.engine.model
+    m = llm.engine._runner.model
     per_layer = sum(t.numel() * t.element_size() for t in vars(m.layers[0]).values() if t is not None)
     return per_layer * len(m.layers) + m.lm_head.numel() * m.lm_head.element_size()
 
@@ -235,7 +241,8 @@ def main() -> None:
     for dtype in tqdm(args.dtypes, desc="dtypes"):
         kw = dict(loaded=loaded, dtype=dtype, device=args.device, max_num_batched_tokens=4096)
         llm = LLM(**kw, max_num_seqs=64, enable_prefix_caching=False)
-        hf = hf_model(args.model, llm.engine.dtype, llm.engine.device)
+        model = llm.engine._runner.model
+        hf = hf_model(args.model, model.dtype, model.device)
         r: dict = {"prefill": [bench_prefill(llm, hf, n, args.repeats) for n in tqdm([512, 2048], desc="prefill")]}
         del hf
         r["decode"], r["decode_rounds"] = bench_decode_rounds(llm, [1, 32], args.decode_steps, args.decode_rounds)

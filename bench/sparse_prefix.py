@@ -262,14 +262,14 @@ def engine_run(model: str, loaded: LoadedModel, wl: Workload, spec: str, args: a
         resumed.append(out.num_cached_tokens)
         computed.append(len(tokens) - out.num_cached_tokens)
     engine = llm.engine
-    recurrent = engine.runner.recurrent
+    recurrent = engine._recurrent
     store = recurrent.store
     return EngineRun(
         policy=spec,
         ttft=ttft,
         resumed=resumed,
         computed=computed,
-        kv_evictions=engine.pool.num_evictions,
+        kv_evictions=engine.get_stats().num_evictions,
         checkpoint_evictions=store.num_evicted if store is not None else 0,
         checkpoints_stored=store.num_stored if store is not None else 0,
         placement=recurrent.policy.describe(),

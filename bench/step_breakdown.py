@@ -27,7 +27,7 @@ SECTIONS = ("norms", "qkv", "rope+kv", "attention", "o_proj", "gate_up+swiglu", 
 
 def run_one(dtype: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from offline import prompt_ids, timed_first_token
+    from offline import prefill_all, prompt_ids, timed_first_token
 
     import kvserve.model.llama as llama
     from kvserve import LLM, SamplingParams
@@ -49,8 +49,8 @@ def run_one(dtype: str) -> None:
     llama.paged_attention = timed("attention", llama.paged_attention)
     loaded = load_model("smollm2-135m")
     llm = LLM(loaded=loaded, dtype=dtype, max_num_batched_tokens=4096, max_num_seqs=64, enable_prefix_caching=False)
-    fused = llm.engine.runner.model.fused
-    path = "native" if llm.engine.runner.native else "torch"
+    fused = llm.engine._runner.model.fused
+    path = "native" if llm.engine.backends.native_attention else "torch"
     lib = native.load() if fused else None
 
     def start() -> None:
@@ -83,9 +83,7 @@ def run_one(dtype: str) -> None:
     eng = llm.engine
     for batch in (1, 32):
         params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-        reqs = [eng.add_request(prompt_ids(llm, 64, salt=i), params) for i in range(batch)]
-        while any(r.num_output_tokens == 0 for r in reqs):
-            eng.step()
+        prefill_all(eng, [prompt_ids(llm, 64, salt=i) for i in range(batch)], params)
         for _ in range(5):
             eng.step()
         steps = []

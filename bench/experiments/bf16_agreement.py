@@ -1,6 +1,6 @@
 """How far bfloat16 greedy decoding follows float32, for each attention path (the kernel vs the torch path).
 
-    .venv/bin/python bench/bf16_agreement.py [--max-tokens 32]
+    .venv/bin/python bench/experiments/bf16_agreement.py [--max-tokens 32]
 
 The reference is kvserve in float32 (itself token-equal to transformers in float32, tests/model/test_golden.py).
 For the golden test's prompts plus three questions about its document, it counts the bf16 tokens generated
@@ -16,12 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the sibling scripts
+
+from golden_inputs import DOC, PROMPTS  # noqa: E402
 
 from kvserve import LLM, SamplingParams  # noqa: E402
 from kvserve.model import native  # noqa: E402
 from kvserve.model.loader import load_model  # noqa: E402
-from tests.model.test_golden import DOC, PROMPTS  # noqa: E402
 
 QUESTIONS = ("What does the pool evict first?", "When is a block never evicted?", "How long is a block?")
 
@@ -47,7 +48,7 @@ def main() -> None:
         os.environ["KVSERVE_ATTENTION"] = mode
         native.load.cache_clear()
         llm = LLM(loaded=loaded, dtype="bfloat16", enable_prefix_caching=False, num_kv_blocks=512)
-        if mode == "native" and not llm.engine.runner.native:
+        if mode == "native" and not llm.engine.backends.native_attention:
             print("native: the kernel does not build here")
             continue
         out = llm.generate(prompts, params)

@@ -4,7 +4,8 @@ Four columns: F.linear on plain weights, oneDNN's inner product on plain weights
 prepacked in its blocked layout (kvserve's fallback), and kvserve's own kernel on its packed panels
 (kvserve/model/csrc/linear.c; what kvserve runs where it builds, kvserve/model/invariant.py).
 
-    .venv/bin/python bench/gemm_backends.py [--rows 1 2 4 32 512 2048] [--out bench/results/gemm_backends.json]
+    .venv/bin/python bench/experiments/gemm_backends.py [--rows 1 2 4 32 512 2048]
+        [--out bench/experiments/results/gemm_backends.json]
 
 For each dtype and row count: the time of all 30 layers' fused weights (qkv, o_proj, gate_up, down) and,
 up to 32 rows, the tied lm_head, best of several runs, and the weight bytes read per second. Weights are
@@ -51,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 32, 512, 2048])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--out", default="bench/results/gemm_backends.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gemm_backends.json"))
     args = ap.parse_args()
     cfg = load_model("smollm2-135m").config
     D, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim

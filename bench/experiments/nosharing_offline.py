@@ -1,7 +1,7 @@
 """Caching on vs off on unique prompts, offline (no server, no client): 16 requests of ~1,000 tokens, 32 output
 tokens, 8 at a time, bf16; each configuration twice, alternating. Isolates the prefix cache's own cost.
 
-    .venv/bin/python bench/nosharing_offline.py [--repeats 2]
+    .venv/bin/python bench/experiments/nosharing_offline.py [--repeats 2]
 """
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the sibling scripts
 
 from offline import prompt_ids  # noqa: E402
 

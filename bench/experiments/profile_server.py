@@ -2,9 +2,10 @@
 kvserve.bench drives it, and the samples are summed by kvserve function (inclusive) and by leaf frame.
 
     .venv/bin/pip install py-spy      # a profiling tool, not a kvserve dependency
-    .venv/bin/python bench/profile_server.py --workload shared-system-prompt --num-requests 24 --concurrency 8
+    .venv/bin/python bench/experiments/profile_server.py --workload shared-system-prompt --num-requests 24 \
+        --concurrency 8
 
-Writes bench/results/profile-WORKLOAD.txt (tables) and profile-WORKLOAD.folded (collapsed stacks, for
+Writes bench/experiments/results/profile-WORKLOAD.txt (tables) and profile-WORKLOAD.folded (collapsed stacks, for
 flamegraph.pl or speedscope).
 """
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the sibling scripts
 import peers  # noqa: E402
 from tiers import free_port, kvserve_peer  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The batch-1 decode step's own overhead: everything but the model's arithmetic, measured by stubbing it out.
 
-    .venv/bin/python bench/step_overhead.py [--dtype bfloat16] [--steps 64] [--rounds 5]
+    .venv/bin/python bench/experiments/step_overhead.py [--dtype bfloat16] [--steps 64] [--rounds 5]
 
 A batch-1 step is the fused layers (one C call), the lm_head and everything around them: scheduling, block
 tables, the runner's tensors, the embedding, the final norm, sampling, detokenisation and the engine's
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the sibling scripts
 
 from offline import bench_decode  # noqa: E402
 
@@ -33,12 +33,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     llm = LLM(loaded=load_model("smollm2-135m"), dtype=args.dtype, max_num_seqs=64, enable_prefix_caching=False)
-    if not llm.engine.runner.model.fused:
+    if not llm.engine._runner.model.fused:
         raise SystemExit("needs the fused CPU layer (a C compiler)")
     bench_decode(llm, 1, 8)
     real = [bench_decode(llm, 1, args.steps)["step_ms"] for _ in range(args.rounds)]
 
-    lib, lm_head = native.load(), llm.engine.model.lm_head
+    lib, lm_head = native.load(), llm.engine._runner.model.lm_head
     cached: dict[int, object] = {}
     call = native.PackedLinear.__call__
 
