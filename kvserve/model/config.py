@@ -14,6 +14,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from kvserve.model.gguf_metadata import (
+    GGUFMetadata,
+    gguf_eos_token_ids,
+    gguf_rope_scaling,
+    gguf_vocab_size,
+    token_id_tuple,
+)
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "bamba", "mamba2")
@@ -23,7 +31,7 @@ ATTENTION, MAMBA = "attention", "mamba"  # layer_types entries
 # GGUF `general.architecture` -> our architecture name.
 _GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
 
-_DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,9 @@ class ModelConfig:
         """Build from a parsed Hugging Face ``config.json`` (transformers 4.x or 5.x layout)."""
         architecture = _hf_architecture(config)
         if architecture in HYBRID_ARCHITECTURES:
-            return _hybrid_from_hf(architecture, config)
+            from kvserve.model.hybrid_config import hybrid_from_hf  # it builds this class
+
+            return hybrid_from_hf(architecture, config)
         if config.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported (no bias on gate/up/down projections)")
         act = config.get("hidden_act", "silu")
@@ -118,7 +128,7 @@ class ModelConfig:
             raise ValueError(f"hidden_act={act!r} is not supported: the MLP is SwiGLU (silu)")
         hidden_size = int(config["hidden_size"])
         num_heads = int(config["num_attention_heads"])
-        rope_theta, rope_scaling = _hf_rope(config)
+        rope_theta, rope_scaling = hf_rope(config)
         context = int(config.get("max_position_embeddings", 2048))
         window = config.get("sliding_window")
         uses_window = window is not None and (architecture != "qwen2" or bool(config.get("use_sliding_window")))
@@ -146,7 +156,7 @@ class ModelConfig:
             max_position_embeddings=context,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
-            bos_token_id=_optional_int(config.get("bos_token_id")),
+            bos_token_id=optional_int(config.get("bos_token_id")),
             eos_token_ids=token_id_tuple(config.get("eos_token_id")),
         )
 
@@ -167,7 +177,7 @@ class ModelConfig:
             raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style rope scaling) are not supported")
         return cls(
             architecture=_GGUF_ARCHITECTURES[gguf_arch],
-            vocab_size=_gguf_vocab_size(meta, arch),
+            vocab_size=gguf_vocab_size(meta, arch),
             hidden_size=hidden_size,
             intermediate_size=int(meta.require(f"{arch}.feed_forward_length")),
             num_hidden_layers=int(meta.require(f"{arch}.block_count")),
@@ -175,63 +185,21 @@ class ModelConfig:
             num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
             head_dim=head_dim,
             rms_norm_eps=float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", _DEFAULT_ROPE_THETA)),
-            rope_scaling=_gguf_rope_scaling(meta, arch),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", DEFAULT_ROPE_THETA)),
+            rope_scaling=gguf_rope_scaling(meta, arch),
             max_position_embeddings=int(meta.require(f"{arch}.context_length")),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias=gguf_arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
-            bos_token_id=_optional_int(meta.get("tokenizer.ggml.bos_token_id")),
+            bos_token_id=optional_int(meta.get("tokenizer.ggml.bos_token_id")),
             eos_token_ids=gguf_eos_token_ids(meta),
         )
-
-
-class GGUFMetadata:
-    """Read-only access to the key/value metadata of a ``gguf.GGUFReader``."""
-
-    def __init__(self, reader: Any) -> None:
-        self._fields = reader.fields
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The decoded value stored under ``key`` (strings, numbers, lists), or ``default``."""
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
-
-    def require(self, key: str) -> Any:
-        """Like :meth:`get`, but a missing key is a ``ValueError``."""
-        if key not in self._fields:
-            raise ValueError(f"GGUF metadata is missing required key {key!r}")
-        return self.get(key)
-
-    def array_length(self, key: str) -> int | None:
-        """Number of elements of an array field, without decoding it."""
-        field = self._fields.get(key)
-        return None if field is None else len(field.data)
-
-
-def token_id_tuple(value: Any) -> tuple[int, ...]:
-    """Normalise an ``eos_token_id``-style value (None, int or list of ints) to a tuple."""
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
-
-
-def merge_token_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
-    """Concatenate id tuples, dropping duplicates and keeping first-seen order."""
-    return tuple(dict.fromkeys(i for group in groups for i in group))
 
 
 def _unsupported_message(architecture: str, supported: tuple[str, ...]) -> str:
     return f"unsupported model architecture {architecture!r}; supported: {', '.join(supported)}"
 
 
-def _optional_int(value: Any) -> int | None:
+def optional_int(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
     return None if value is None else int(value)
@@ -246,114 +214,17 @@ def _hf_architecture(config: dict[str, Any]) -> str:
     return str(model_type)
 
 
-def _hybrid_from_hf(architecture: str, config: dict[str, Any]) -> ModelConfig:
-    """Bamba (``BambaConfig``) or Mamba-2 (``Mamba2Config``) config.json -> ModelConfig."""
-    hidden_size = int(config["hidden_size"])
-    num_layers = int(config["num_hidden_layers"])
-    limit = tuple(
-        float(v["__float__"]) if isinstance(v, dict) else float(v)
-        for v in config.get("time_step_limit") or (0.0, float("inf"))
-    )
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError(f"{architecture}: attention_bias / mlp_bias are not supported")
-    if architecture == "bamba":
-        heads = int(config["mamba_n_heads"])
-        head_dim = config.get("mamba_d_head", "auto")
-        mamba = MambaConfig(
-            num_heads=heads,
-            head_dim=int(config["mamba_expand"]) * hidden_size // heads if head_dim == "auto" else int(head_dim),
-            num_groups=int(config.get("mamba_n_groups", 1)),
-            state_size=int(config["mamba_d_state"]),
-            conv_kernel=int(config.get("mamba_d_conv", 4)),
-            chunk_size=int(config.get("mamba_chunk_size", 256)),
-            conv_bias=bool(config.get("mamba_conv_bias", True)),
-            proj_bias=bool(config.get("mamba_proj_bias", False)),
-            time_step_limit=(limit[0], limit[1]),
-            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        )
-        attn = set(config.get("attn_layer_indices") or ())
-        layer_types = tuple(ATTENTION if i in attn else MAMBA for i in range(num_layers))
-        num_heads = int(config["num_attention_heads"])
-        rope_theta, rope_scaling = _hf_rope(config)
-        rope_params = config.get("rope_parameters") or {}
-        partial = float(rope_params.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5)))
-        if rope_scaling is not None:
-            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "partial_rotary_factor"} or None
-            if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-                rope_scaling = None
-        return ModelConfig(
-            architecture=architecture,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden_size,
-            intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden_size // num_heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 262144)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=False,
-            bos_token_id=_optional_int(config.get("bos_token_id")),
-            eos_token_ids=token_id_tuple(config.get("eos_token_id")),
-            layer_types=layer_types,
-            mamba=mamba,
-            partial_rotary_factor=partial,
-        )
-    # mamba2: every layer a mixer, no MLP, no attention (the attention fields are placeholders).
-    eps = float(config.get("layer_norm_epsilon", 1e-5))
-    mamba = MambaConfig(
-        num_heads=int(config["num_heads"]),
-        head_dim=int(config["head_dim"]),
-        num_groups=int(config.get("n_groups", 1)),
-        state_size=int(config["state_size"]),
-        conv_kernel=int(config.get("conv_kernel", 4)),
-        chunk_size=int(config.get("chunk_size", 256)),
-        conv_bias=bool(config.get("use_conv_bias", True)),
-        proj_bias=bool(config.get("use_bias", False)),
-        time_step_limit=(limit[0], limit[1]),
-        norm_eps=eps,
-    )
-    if mamba.intermediate_size != int(config.get("expand", 2)) * hidden_size:
-        raise ValueError("mamba2: num_heads * head_dim must equal expand * hidden_size")
-    return ModelConfig(
-        architecture=architecture,
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=hidden_size,
-        intermediate_size=0,
-        num_hidden_layers=num_layers,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=1,
-        rms_norm_eps=eps,
-        rope_theta=_DEFAULT_ROPE_THETA,
-        rope_scaling=None,
-        # Recurrent state has no length limit; this only bounds max_model_len.
-        max_position_embeddings=int(config.get("max_position_embeddings", 1 << 20)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=False,
-        bos_token_id=_optional_int(config.get("bos_token_id")),
-        eos_token_ids=token_id_tuple(config.get("eos_token_id")),
-        layer_types=(MAMBA,) * num_layers,
-        mamba=mamba,
-        has_mlp=False,
-        residual_in_fp32=bool(config.get("residual_in_fp32", True)),
-    )
-
-
-def _hf_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def hf_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling)`` from either the 4.x keys or 5.x ``rope_parameters``."""
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", config.get("rope_theta", _DEFAULT_ROPE_THETA))
+        theta = params.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         if scaling.get("rope_type", scaling.get("type", "default")) == "default":
             return float(theta), None
         return float(theta), scaling
     scaling = config.get("rope_scaling")
-    return float(config.get("rope_theta", _DEFAULT_ROPE_THETA)), dict(scaling) if scaling else None
+    return float(config.get("rope_theta", DEFAULT_ROPE_THETA)), dict(scaling) if scaling else None
 
 
 def _check_full_rotary(rope_dims: Any, head_dim: int) -> None:
@@ -361,36 +232,3 @@ def _check_full_rotary(rope_dims: Any, head_dim: int) -> None:
         raise ValueError(
             f"partial rotary embeddings (rope.dimension_count={rope_dims}, head_dim={head_dim}) are not supported"
         )
-
-
-def _gguf_vocab_size(meta: GGUFMetadata, arch: str) -> int:
-    size = meta.get(f"{arch}.vocab_size")
-    if size is None:
-        size = meta.array_length("tokenizer.ggml.tokens")
-    if size is None:
-        raise ValueError("GGUF metadata has neither a vocab_size nor tokenizer.ggml.tokens")
-    return int(size)
-
-
-def _gguf_rope_scaling(meta: GGUFMetadata, arch: str) -> dict[str, Any] | None:
-    """Translate llama.cpp's ``rope.scaling.*`` keys to a Hugging Face ``rope_scaling`` dict."""
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:
-        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
-    if kind is None or kind == "none" or factor is None:
-        return None
-    scaling: dict[str, Any] = {"rope_type": str(kind), "factor": float(factor)}
-    original = meta.get(f"{arch}.rope.scaling.original_context_length")
-    if original is not None:
-        scaling["original_max_position_embeddings"] = int(original)
-    attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
-    if attn_factor is not None:
-        scaling["attention_factor"] = float(attn_factor)
-    return scaling
-
-
-def gguf_eos_token_ids(meta: GGUFMetadata) -> tuple[int, ...]:
-    """End-of-generation ids a GGUF declares: eos, then end-of-turn and end-of-message if set."""
-    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-    return merge_token_ids(*(token_id_tuple(meta.get(key)) for key in keys))

