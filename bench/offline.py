@@ -167,9 +167,9 @@ def weight_bytes_per_step(llm: LLM) -> int:
 
 def forward_share(llm: LLM, steps: int = 20) -> dict:
     """Time of a batch-1 decode step spent outside model.forward (scheduling, metadata, sampling, detok)."""
-    eng = llm.engine
+    model = llm.engine._runner.model
     inner = []
-    orig = eng.model.forward
+    orig = model.forward
 
     def wrapped(*a, **k):
         t0 = time.perf_counter()
@@ -177,11 +177,11 @@ def forward_share(llm: LLM, steps: int = 20) -> dict:
         inner.append(time.perf_counter() - t0)
         return out
 
-    eng.model.forward = wrapped
+    model.forward = wrapped
     try:
         r = bench_decode(llm, 1, steps)
     finally:
-        eng.model.forward = orig
+        model.forward = orig
     fwd = statistics.median(inner[1:])
     return {"step_ms": r["step_ms"], "forward_ms": fwd * 1e3, "outside_forward_ms": r["step_ms"] - fwd * 1e3}
 
