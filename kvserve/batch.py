@@ -2,7 +2,9 @@
 
 Prefill and decode are not modes: each scheduled request computes tokens
   all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
-and samples a next token only when that range reaches the end of its tokens.
+and samples a next token only when that range reaches the end of its tokens. With speculative decoding the
+range may run on past the end into the request's draft tokens (the last num_drafts of the chunk), which the
+same forward pass verifies.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from kvserve.request import Request
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # drafts included
     block_ids: list[int]
+    num_drafts: int = 0
 
     @property
     def start(self) -> int:
@@ -29,11 +32,12 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the last known token, so its logits give the next token."""
-        return self.end == self.request.num_tokens
+        return self.end - self.num_drafts == self.request.num_tokens
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start : self.end]
+        known = self.request.all_token_ids[self.start : self.end - self.num_drafts]
+        return known + self.request.draft_token_ids[: self.num_drafts] if self.num_drafts else known
 
 
 @dataclass

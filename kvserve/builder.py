@@ -78,11 +78,11 @@ def build_parts(config: EngineConfig, loaded: LoadedModel) -> EngineParts:
         recurrent = _recurrent_manager(config, model)
         scheduler.recurrent = recurrent
         states = (recurrent.pool.conv, recurrent.pool.ssm)
-        runner: ModelRunner = HybridModelRunner(model, num_blocks, config.block_size, states, seed=config.seed)
+        runner: ModelRunner = HybridModelRunner(model, num_blocks, config.block_size, states)
     else:
         if config.checkpoint_policy.strip().lower() != "none" or config.checkpoint_memory is not None:
             log.warning("checkpoint_policy / checkpoint_memory apply to hybrid and recurrent models; ignored here")
-        runner = ModelRunner(model, num_blocks, config.block_size, seed=config.seed)
+        runner = ModelRunner(model, num_blocks, config.block_size)
     return EngineParts(
         device, dtype, backends, max_model_len, num_blocks, model, pool, kv, scheduler, runner, recurrent
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from kvserve.kv.eviction import POLICIES
+from kvserve.spec.drafter import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
@@ -82,6 +83,11 @@ class EngineConfig:
         memory=True,
     )
     seed: int = knob(0, "sampling seed of requests that bring none")
+    speculative: str | None = knob(
+        None,
+        "speculative decoding, tokens unchanged: ngram:K (drafts from the request's own text) or suffix:K "
+        "(also from earlier requests' text, per cache salt); K drafts per step at most",
+    )
     max_logprobs: int = knob(20, "most logprobs / prompt_logprobs a request may ask for")
     # Hybrid / recurrent models: where to snapshot recurrent state during prefill (see kvserve/recurrent/).
     checkpoint_policy: str = knob(
@@ -141,6 +147,8 @@ class EngineConfig:
         if not 0.0 <= self.checkpoint_switch_margin < 1.0:
             raise ValueError(f"checkpoint_switch_margin must be in [0, 1), got {self.checkpoint_switch_margin}")
         self.placement_policy()  # a bad spec fails here, naming the choices
+        if self.speculative is not None:
+            SpeculativeConfig.parse(self.speculative)
 
     def _check_types(self) -> None:
         """Each field against its annotation, by pydantic in strict mode (no str -> int, bool is not an int,

@@ -7,12 +7,15 @@ step():  sched = scheduler.schedule()
          out = runner.execute(batch)               (a failing batch is retried one request at a time,
          scheduler.update_after_step(sched)          so one bad request fails alone)
          append tokens, detokenize, check stops, free finished requests -> delta RequestOutputs
+With speculative decoding (kvserve/spec/) running requests get draft tokens before schedule(); the step
+verifies them and appends every confirmed token.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from kvserve.batch import ScheduledRequest, SchedulerOutput
 from kvserve.builder import build_parts, build_tiers
 from kvserve.config import EngineConfig
-from kvserve.errors import ContextLengthError, InvalidRequestError
+from kvserve.errors import InvalidRequestError
 from kvserve.model.backends import Backends
 from kvserve.model.batch import ModelOutput
 from kvserve.model.config import ModelConfig
@@ -30,7 +33,10 @@ from kvserve.model_inputs import build_batch, record_prompt_logprobs
 from kvserve.output_processor import TrackedOutput, append_token, make_output
 from kvserve.outputs import RequestOutput
 from kvserve.request import Request, RequestStatus
+from kvserve.request_checks import check_request
 from kvserve.sampling_params import SamplingParams
+from kvserve.spec.drafter import SpeculativeConfig
+from kvserve.spec.speculator import Speculator, confirmed
 from kvserve.stats import EngineStats
 from kvserve.stats_capture import capture_stats
 
@@ -78,6 +84,14 @@ class LLMEngine:
         self._counters = _Counters()
         self._requests: dict[str, tuple[Request, TrackedOutput]] = {}
         self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)  # sampling seeds of requests that bring none
+        self._spec = None
+        if config.speculative is not None:
+            if self._recurrent is not None:
+                raise ValueError(
+                    "speculative decoding needs an attention-only model: recurrent state cannot be rolled back"
+                )
+            self._spec = Speculator(SpeculativeConfig.parse(config.speculative))
 
     # ------------------------------------------------------------------------------------------ facts
     @property
@@ -117,7 +131,7 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         """A snapshot of every counter and gauge (call on the engine's thread; read it anywhere)."""
-        return capture_stats(self._parts, self._tiers, self._counters)
+        return capture_stats(self._parts, self._tiers, self._counters, self._spec)
 
     def num_waiting_requests(self) -> int:
         return len(self._scheduler.waiting)
@@ -176,7 +190,10 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 max_model_len=self.max_model_len,
                 cache_salt=new.cache_salt,
+                sampling_seed=new.params.seed if new.params.seed is not None else self._seeds.getrandbits(63),
             )
+            if self._spec is not None:
+                self._spec.add(request)
             prompt_text = new.prompt if isinstance(new.prompt, str) else None
             self._requests[rid] = (request, TrackedOutput.for_request(request, prompt_text))
             self._scheduler.add_request(request)
@@ -187,39 +204,7 @@ class LLMEngine:
         return self._tokenizer.encode(prompt)
 
     def _check(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        """The prompt's token ids once the request passed every check of the engine."""
-        token_ids = [int(t) for t in prompt]
-        n, limits = len(token_ids), self.limits()
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty; it must contain at least one token", param="prompt")
-        if n >= limits.max_model_len:
-            raise ContextLengthError(
-                f"this model's context length (max_model_len) is {limits.max_model_len} tokens, but the prompt "
-                f"has {n}: at most {limits.max_model_len - 1} prompt tokens leave room for one generated token",
-                param="prompt",
-            )
-        vocab = self.model_config.vocab_size
-        for what, param, ids in (
-            ("token id", "prompt", token_ids),
-            ("stop token id", "stop_token_ids", params.stop_token_ids),
-            ("logit_bias token id", "logit_bias", params.logit_bias or ()),
-        ):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"{what} {bad} is outside the vocabulary [0, {vocab})", param=param)
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and k > limits.max_logprobs:
-                raise InvalidRequestError(f"{name} {k} exceeds max_logprobs {limits.max_logprobs}", param=name)
-        total = min(n + (params.max_tokens or limits.max_model_len), limits.max_model_len)
-        if total > limits.kv_capacity_tokens:
-            raise ContextLengthError(
-                f"the request needs up to {total} tokens of KV (prompt {n} + max_tokens), but the KV cache holds "
-                f"{limits.kv_capacity_tokens} tokens ({self._parts.num_blocks} blocks); lower max_tokens or "
-                "raise kv_cache_memory",
-                param="max_tokens",
-            )
-        return token_ids
+        return check_request(prompt, params, self.limits(), self._parts.num_blocks)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks at once. Returns False if it is unknown or finished."""
@@ -227,12 +212,14 @@ class LLMEngine:
         if entry is None:
             return False
         self._scheduler.finish_request(entry[0], RequestStatus.FINISHED_ABORTED)
-        self._runner.release(request_id)
+        self._release(request_id)
         return True
 
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the delta outputs of requests that produced a token or finished."""
+        if self._spec is not None:
+            self._spec.propose(self._scheduler.running)
         sched = self._scheduler.schedule()
         if sched.is_empty:
             return []
@@ -243,9 +230,9 @@ class LLMEngine:
         sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
         self._scheduler.update_after_step(sched)
         for s in sched.scheduled:
-            result = sampled.get(s.request.request_id)
-            if result is not None and not s.request.is_finished:
-                outputs.append(self._append(s.request, result))
+            results = sampled.get(s.request.request_id)
+            if results is not None and not s.request.is_finished:
+                outputs.append(self._append(s, results))
         return outputs
 
     def _run(self, scheduled: list[ScheduledRequest]) -> ModelOutput:
@@ -260,8 +247,9 @@ class LLMEngine:
         return out
 
     def _execute(self, sched: SchedulerOutput) -> tuple[dict, list[tuple[Request, str]]]:
+        """Each request's samples (one, or one per draft more), and the requests that failed."""
         try:
-            return self._run(sched.scheduled).samples, []
+            return _samples(self._run(sched.scheduled)), []
         except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
             self._counters.num_failed_batches += 1
             log.exception("batch of %d requests failed; retrying them one at a time", len(sched.scheduled))
@@ -269,7 +257,7 @@ class LLMEngine:
         failed: list[tuple[Request, str]] = []
         for s in sched.scheduled:
             try:
-                sampled.update(self._run([s]).samples)
+                sampled.update(_samples(self._run([s])))
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 log.exception("request %s failed", s.request.request_id)
                 failed.append((s.request, f"{type(e).__name__}: {e}"))
@@ -281,19 +269,39 @@ class LLMEngine:
         request.status = RequestStatus.FINISHED_ERROR
         return self._finish(request, "")
 
-    def _append(self, request: Request, result) -> RequestOutput:
+    def _append(self, s: ScheduledRequest, results: list) -> RequestOutput:
+        """Append the step's sampled token (with drafts: every confirmed one, until a stop)."""
+        request = s.request
         tracked = self._requests[request.request_id][1]
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        self._counters.generation_tokens += 1
-        text = append_token(self._tokenizer, request, tracked, result)
+        texts, appended = [], []
+        for result in confirmed(request.draft_token_ids[: s.num_drafts], results) if s.num_drafts else results:
+            texts.append(append_token(self._tokenizer, request, tracked, result))
+            appended.append(result.token_id)
+            if request.is_finished:
+                break
+        self._counters.generation_tokens += len(appended)
+        if self._spec is not None:
+            accepted = self._spec.record(request, s.num_drafts, appended)
+            if not request.is_finished:
+                self._scheduler.accept_drafts(request, accepted)
         if request.is_finished:
-            return self._finish(request, text)
-        return make_output(request, tracked, text)
+            return self._finish(request, "".join(texts))
+        return make_output(request, tracked, "".join(texts))
 
     def _finish(self, request: Request, text: str) -> RequestOutput:
         status = request.status
         self._scheduler.finish_request(request, status)
         tracked = self._requests.pop(request.request_id)[1]
-        self._runner.release(request.request_id)
+        self._release(request.request_id)
         return make_output(request, tracked, text)
+
+    def _release(self, request_id: str) -> None:
+        self._runner.release(request_id)
+        if self._spec is not None:
+            self._spec.finish(request_id)
+
+
+def _samples(out: ModelOutput) -> dict[str, list]:
+    return {rid: [sample, *out.draft_samples.get(rid, ())] for rid, sample in out.samples.items()}

@@ -26,8 +26,11 @@ def _chunk(s: ScheduledRequest) -> SeqChunk:
     r = s.request
     sampling = None
     if s.samples:
-        sampling = RowSampling(r.sampling_params, r.prompt_token_ids, r.output_token_ids, _banned_before_min_tokens(r))
-    return SeqChunk(r.request_id, s.token_ids, s.start, s.block_ids, sampling, _scoring(s))
+        p = r.sampling_params
+        seed = None if p.greedy else r.sampling_seed
+        banned = _banned_before_min_tokens(r)
+        sampling = RowSampling(p, r.prompt_token_ids, r.output_token_ids, banned, seed, r.num_tokens)
+    return SeqChunk(r.request_id, s.token_ids, s.start, s.block_ids, sampling, _scoring(s), s.num_drafts)
 
 
 def _scoring(s: ScheduledRequest) -> PromptScoring | None:

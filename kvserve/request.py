@@ -54,6 +54,8 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     first_token_time: float | None = None
+    sampling_seed: int | None = None  # keys the request's random choices (its own seed, else the engine's draw)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative drafts proposed for the next step
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

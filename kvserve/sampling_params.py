@@ -43,6 +43,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
+    speculative: bool = True  # with the engine's --speculative: False opts this request out (its tokens are the same)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience, store tuples (frozen, hashable).

@@ -102,10 +102,13 @@ class Scheduler:
             if n == 0:  # scoring its prompt, and this step's scored rows are spent
                 i += 1
                 continue
-            if not self._allocate_or_preempt(request, n, out):
+            drafts = 0
+            if request.draft_token_ids and request.num_computed_tokens + n == request.num_tokens:
+                drafts = min(len(request.draft_token_ids), budget - n)  # drafts count in the token budget
+            if not self._allocate_or_preempt(request, n + drafts, out):
                 break  # request itself was preempted; nothing after it runs either
-            scheduled.append(ScheduledRequest(request, n, []))
-            budget -= n
+            scheduled.append(ScheduledRequest(request, n + drafts, [], drafts))
+            budget -= n + drafts
             i += 1
 
         if not out.preempted:
@@ -177,7 +180,16 @@ class Scheduler:
         """The step ran: advance each request's computed tokens and publish its newly full blocks."""
         for s in out.scheduled:
             r = s.request
-            prompt_end = min(r.num_computed_tokens + s.num_new_tokens, r.num_prompt_tokens)
+            n = s.num_new_tokens - s.num_drafts  # accepted drafts count once appended (accept_drafts)
+            prompt_end = min(r.num_computed_tokens + n, r.num_prompt_tokens)
             r.num_prompt_tokens_computed += max(0, prompt_end - r.num_computed_tokens)
-            r.num_computed_tokens += s.num_new_tokens
+            r.num_computed_tokens += n
             self.kv.cache_computed_blocks(r)
+
+    def accept_drafts(self, request: Request, num_accepted: int) -> None:
+        """The first num_accepted drafts the step computed are now the request's tokens: their KV counts, and
+        blocks they fill are published. The KV written for rejected drafts lies past num_computed_tokens, so no
+        block holding one is ever published; the next tokens overwrite those slots."""
+        if num_accepted:
+            request.num_computed_tokens += num_accepted
+            self.kv.cache_computed_blocks(request)

@@ -52,6 +52,17 @@ class PlacementInfo:
 
 
 @dataclass(frozen=True)
+class SpecDecodeCounters:
+    """Speculative decoding: draft tokens verified and accepted since start."""
+
+    method: str  # ngram | suffix
+    k: int  # most drafts per step
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: tuple[int, ...] = ()  # entry j: steps that accepted draft j (0-based)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Everything the engine counts, at one instant."""
 
@@ -73,3 +84,4 @@ class EngineStats:
     host_tier_bytes: int = 0
     checkpoints: CheckpointCounters | None = None  # hybrid models only
     placement: PlacementInfo | None = None  # hybrid models: where prefill snapshots the recurrent state
+    spec_decode: SpecDecodeCounters | None = None  # with --speculative only

@@ -7,10 +7,13 @@ import dataclasses
 from kvserve.builder import EngineParts
 from kvserve.kv.tiers import TieredCache
 from kvserve.recurrent.manager import RecurrentCacheManager
-from kvserve.stats import CheckpointCounters, EngineStats, PlacementInfo, TierCounters
+from kvserve.spec.speculator import Speculator
+from kvserve.stats import CheckpointCounters, EngineStats, PlacementInfo, SpecDecodeCounters, TierCounters
 
 
-def capture_stats(parts: EngineParts, tiers: TieredCache | None, counters: object) -> EngineStats:
+def capture_stats(
+    parts: EngineParts, tiers: TieredCache | None, counters: object, spec: Speculator | None = None
+) -> EngineStats:
     """counters: the engine's own (prompt_tokens, generation_tokens, num_steps, num_failed_*)."""
     pool, kv, scheduler = parts.pool, parts.kv, parts.scheduler
     return EngineStats(
@@ -28,7 +31,13 @@ def capture_stats(parts: EngineParts, tiers: TieredCache | None, counters: objec
         host_tier_bytes=tiers.host.bytes_held if tiers is not None and tiers.host is not None else 0,
         checkpoints=_checkpoints(parts.recurrent),
         placement=_placement(parts.recurrent),
+        spec_decode=None if spec is None else _spec(spec),
     )
+
+
+def _spec(spec: Speculator) -> SpecDecodeCounters:
+    c = spec.config
+    return SpecDecodeCounters(c.method, c.k, spec.draft_tokens, spec.accepted_tokens, tuple(spec.accepted_per_position))
 
 
 def _tier_counters(tiers: TieredCache | None) -> dict[str, TierCounters]:

@@ -145,6 +145,13 @@ def _server_lines(server: dict[str, Any] | None) -> list[str]:
             f"            resumed {ckpt['resumed_tokens']:,} tokens   held "
             + ("n/a" if held is None else f"{held / (1 << 20):,.1f} MiB")
         )
+    spec = server.get("spec_decode")
+    if spec:
+        rate = spec["acceptance_rate"]
+        lines.append(
+            f"speculative drafts {spec['draft_tokens']:,}   accepted {spec['accepted_tokens']:,}   acceptance rate "
+            + ("n/a" if rate is None else f"{100 * rate:.1f}%")
+        )
     place = server.get("placement")
     if place:
         depths = "" if place["depths"] is None else f" at blocks {place['depths']}"

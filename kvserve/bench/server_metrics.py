@@ -10,7 +10,8 @@ present:
                 estimated from the bucket deltas as Prometheus' histogram_quantile() does (linear within the
                 bucket; the highest finite bound when the rank falls in +Inf);
   placement     kvserve:recurrent_checkpoint_placement_info after the run (policy, depths, block size) and
-                how often it changed during the run.
+                how often it changed during the run;
+  spec_decode   deltas of kvserve:spec_decode_{draft,accepted}_tokens_total and the acceptance rate.
 
 Differences assume the counters were not reset in between (a restarted server gives nonsense, as it would
 to any rate()).
@@ -37,6 +38,8 @@ CHECKPOINT_BYTES = "kvserve:recurrent_checkpoint_bytes"
 RECOMPUTED = "kvserve:recomputed_prompt_tokens"
 PLACEMENT_INFO = "kvserve:recurrent_checkpoint_placement_info"
 PLACEMENT_CHANGES = "kvserve:recurrent_checkpoint_placement_changes_total"
+SPEC_DRAFTS = "kvserve:spec_decode_draft_tokens_total"
+SPEC_ACCEPTED = "kvserve:spec_decode_accepted_tokens_total"
 
 
 def metrics_url(base_url: str) -> str:
@@ -140,4 +143,17 @@ def summarize_server(before: Samples | None, after: Samples | None) -> dict[str,
             "block_size": int(info["block_size"]) if info.get("block_size") else None,
             "changes": int(delta(PLACEMENT_CHANGES) or 0),
         }
-    return {"checkpoints": checkpoints, "recomputed_prompt_tokens": recomputed, "placement": placement}
+    spec = None
+    drafts, accepted = delta(SPEC_DRAFTS), delta(SPEC_ACCEPTED)
+    if drafts is not None and accepted is not None:
+        spec = {
+            "draft_tokens": int(drafts),
+            "accepted_tokens": int(accepted),
+            "acceptance_rate": accepted / drafts if drafts else None,
+        }
+    return {
+        "checkpoints": checkpoints,
+        "recomputed_prompt_tokens": recomputed,
+        "placement": placement,
+        "spec_decode": spec,
+    }

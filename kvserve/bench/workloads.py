@@ -7,6 +7,8 @@ Who shares what is decided here, the text comes from scenes.py:
     multi-turn            conversations that resend their growing history; turn k waits for turn k-1 (chat)
     agent-loop            a tool-use history growing by an action and an observation each step (chat)
     no-sharing            unique ~1,000-token prompts: caching cannot help here and must not hurt (completions)
+    copy-edit             a ~400-token text to repeat with one word changed: the answer copies its prompt
+                          (completions; what speculative decoding's drafts are made for)
 
 A trace is JSONL, one request a line: {"prompt": str} or {"messages": [...]}, with optional "max_tokens" and
 "arrival_time" (seconds from the start of the run).
@@ -30,6 +32,7 @@ TURNS_PER_CONVERSATION = 4
 AGENT_STEPS = 16
 OBSERVATION_TOKENS = 120
 UNIQUE_PROMPT_TOKENS = 1000
+COPY_TEXT_TOKENS = 400
 
 Message = dict[str, str]
 
@@ -147,12 +150,29 @@ def no_sharing(n: int, seed: int) -> list[BenchRequest]:
     return out
 
 
+def copy_edit(n: int, seed: int) -> list[BenchRequest]:
+    """Each request gives a text of its own and asks for it again with one word replaced; the prompt ends with
+    the first words of the copy, as an editor's completion request would."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        body = prose(rng, COPY_TEXT_TOKENS)
+        words = [w for w in body.split() if w.isalpha() and len(w) > 4]
+        old = rng.choice(words) if words else "the"
+        new = old.upper()
+        head = " ".join(body.split()[:6])
+        prompt = f"Text:\n{body}\n\nThe same text, unchanged except that '{old}' becomes '{new}':\n{head}"
+        out.append(BenchRequest(prompt=prompt, group=f"copy-{i}"))
+    return out
+
+
 WORKLOADS: dict[str, Callable[[int, int], list[BenchRequest]]] = {
     "shared-system-prompt": shared_system_prompt,
     "document-qa": document_qa,
     "multi-turn": multi_turn,
     "agent-loop": agent_loop,
     "no-sharing": no_sharing,
+    "copy-edit": copy_edit,
 }
 
 

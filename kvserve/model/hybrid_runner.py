@@ -24,10 +24,9 @@ class HybridModelRunner(ModelRunner):
         num_blocks: int,
         block_size: int,
         states: tuple[torch.Tensor, torch.Tensor],
-        seed: int = 0,
     ):
         """states: the state pool's (conv, ssm) tensors, indexed by slot."""
-        super().__init__(model, num_blocks, block_size, seed=seed)  # type: ignore[arg-type]
+        super().__init__(model, num_blocks, block_size)  # type: ignore[arg-type]
         self.conv, self.ssm = states
 
     def _forward(

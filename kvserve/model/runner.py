@@ -7,6 +7,7 @@ into nothing but the KV tensor: requests, scheduling and cache policy are the en
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -19,7 +20,6 @@ from kvserve.model.config import ModelConfig
 from kvserve.model.device import huge_page_buffer
 from kvserve.model.llama import LlamaModel
 from kvserve.model.sampler import sample
-from kvserve.sampling_params import SamplingParams
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -47,8 +47,22 @@ def _by_first_chunk(decodes: list[SeqChunk], block_size: int) -> list[list[SeqCh
     return clusters + ([rest] if rest else [])
 
 
+def _row_samplings(s: SeqChunk) -> list[RowSampling]:
+    """The sampling of each row a chunk samples: one, or one per draft more, each seeing the drafts before it
+    as outputs (penalties) and sampling the next position."""
+    row = s.sampling
+    assert row is not None
+    if not s.num_drafts:
+        return [row]
+    drafts = s.token_ids[len(s.token_ids) - s.num_drafts :]
+    return [
+        dataclasses.replace(row, output_token_ids=[*row.output_token_ids, *drafts[:j]], position=row.position + j)
+        for j in range(s.num_drafts + 1)
+    ]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int):
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -64,13 +78,10 @@ class ModelRunner:
             self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         # The fused CPU kernel or the torch path, as the model was built (never both: they round differently).
         self.native = model.native_attention
-        self._generators: dict[str, torch.Generator] = {}
         self._prompt_ids: dict[str, torch.Tensor] = {}  # distinct prompt ids of requests with a repetition penalty
-        self._default_generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's generator and prompt ids."""
-        self._generators.pop(request_id, None)
+        """Forget a finished request's prompt ids."""
         self._prompt_ids.pop(request_id, None)
 
     def _history(self, seq_id: str, row: RowSampling) -> tuple[torch.Tensor | None, Sequence[int]]:
@@ -83,17 +94,6 @@ class ModelRunner:
                 ids = torch.tensor(list(row.prompt_token_ids), dtype=torch.long, device=self.device).unique()
                 prompt = self._prompt_ids[seq_id] = ids
         return prompt, row.output_token_ids
-
-    def _generator(self, seq_id: str, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        if params.seed is None:
-            return self._default_generator
-        gen = self._generators.get(seq_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            self._generators[seq_id] = gen
-        return gen
 
     def execute(self, batch: ModelBatch) -> ModelOutput:
         """Run one step: the next token of every chunk with `sampling`, the logprobs of every `scoring`."""
@@ -122,8 +122,8 @@ class ModelRunner:
                 first = s.scoring.first
                 score_rows += range(row + first - s.start, row + first - s.start + len(s.scoring.targets))
             row += s.num_new_tokens
-            if s.sampling is not None:
-                logits_rows.append(row - 1)
+            if s.sampling is not None:  # the last position, and before it one per draft
+                logits_rows.extend(range(row - 1 - s.num_drafts, row))
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
         kernel_meta = None
@@ -154,12 +154,15 @@ class ModelRunner:
             logits = logits[: len(logits_rows)]
         sampling = [s for s in seqs if s.sampling is not None]
         if sampling:
-            rows_in = [s.sampling for s in sampling]
+            rows_in = [row for s in sampling for row in _row_samplings(s)]
+            keys = [None if r.seed is None else (r.seed, r.position) for r in rows_in]
+            histories = [self._history(s.seq_id, r) for s in sampling for r in _row_samplings(s)]
             params = [r.params for r in rows_in]
-            gens = [self._generator(s.seq_id, r.params) for s, r in zip(sampling, rows_in)]
-            histories = [self._history(s.seq_id, r) for s, r in zip(sampling, rows_in)]
-            results = sample(logits, params, gens, [r.banned_token_ids for r in rows_in], histories)
-            out.samples = {s.seq_id: r for s, r in zip(sampling, results)}
+            results = iter(sample(logits, params, keys, [r.banned_token_ids for r in rows_in], histories))
+            for s in sampling:
+                out.samples[s.seq_id] = next(results)
+                if s.num_drafts:
+                    out.draft_samples[s.seq_id] = [next(results) for _ in range(s.num_drafts)]
         return out
 
     def _groups(self, clusters: list[list[SeqChunk]], prefills: list[SeqChunk]) -> list:

@@ -1,10 +1,17 @@
-"""Token sampling from logits: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs.
+"""Token sampling from logits: greedy, temperature, top-k, top-p, logprobs.
 
-Logprobs are those of the model's raw distribution (before temperature / top-k / top-p), as in vLLM.
+Random choices are Gumbel-max with noise keyed by (seed, position): the token at position p of a request with
+seed s is argmax(log(filtered probs) + G(s, p)), G a fixed function of (s, p), computed in its equivalent form
+argmax(filtered probs / E(s, p)) with E = exp(-G) standard exponential noise. That is an exact draw from the
+filtered distribution, reproducible whatever else shares the batch, and the same whether the token is sampled
+alone or while verifying speculative drafts (the verifier reproduces the draw plain decoding makes). Requests
+without a seed get one from the engine. Logprobs are those of the model's raw distribution (before
+temperature / top-k / top-p), as in vLLM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,27 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     return logits.softmax(-1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def noise_key(seed: int, position: int) -> int:
+    """A 63-bit generator seed from (seed, position): splitmix64's finaliser over both, so nearby seeds and
+    positions give unrelated noise."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def exponential_noise(seed: int, position: int, size: int, device: torch.device) -> torch.Tensor:
+    """E(seed, position): standard exponential noise of `size` entries, drawn on the CPU (the same on every
+    device)."""
+    gen = torch.Generator().manual_seed(noise_key(seed, position))
+    return (
+        torch.rand(size, generator=gen, dtype=torch.float32).log_().neg_().to(device)
+    )  # -log(U), 6x faster than exponential_
 
 
 def _bias_tensors(p: SamplingParams, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +100,14 @@ def _adjust(row: torch.Tensor, p: SamplingParams, prompt: torch.Tensor | None, o
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    keys: list[tuple[int, int] | None],
     banned: list[list[int]] | None = None,
-    histories: list[tuple[torch.Tensor | None, list[int]]] | None = None,
+    histories: list[tuple[torch.Tensor | None, Sequence[int]]] | None = None,
 ) -> list[SampleResult]:
-    """logits: (S, V) float32, one row per sampling request. banned[i]: token ids row i may not pick (EOS and
-    stop tokens before min_tokens). histories[i]: row i's (distinct prompt ids, output ids), for its penalties. The
-    choice sees the adjusted logits; logprobs stay those of the raw logits (vLLM's default)."""
+    """logits: (S, V) float32, one row per token to sample. keys[i]: (seed, position) of row i's random choice
+    (None for greedy rows). banned[i]: token ids row i may not pick (EOS and stop tokens before min_tokens).
+    histories[i]: row i's (distinct prompt ids, output ids), for its penalties. The choice sees the adjusted
+    logits; logprobs stay those of the raw logits (vLLM's default)."""
     choice = logits
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
     if adjusted or (banned is not None and any(banned)):
@@ -101,8 +130,10 @@ def sample(
         if p.greedy:
             token = greedy_ids[i]
         else:
+            key = keys[i]
+            assert key is not None, "a sampled row needs its (seed, position)"
             probs = _filtered_probs(choice[i], p)
-            token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+            token = int(torch.argmax(probs / exponential_noise(*key, probs.shape[-1], probs.device)).item())
         lp, top = None, None
         if logprobs is not None and p.logprobs is not None:
             lp = float(logprobs[i, token])

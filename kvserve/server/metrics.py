@@ -60,6 +60,25 @@ class _SnapshotCollector(Collector):
             yield GaugeMetricFamily(f"kvserve:{name}", doc, value=value)
         yield from _tier_metrics(s)
         yield from _checkpoint_metrics(s)
+        yield from _spec_metrics(s)
+
+
+def _spec_metrics(s: EngineStats) -> Iterator[Metric]:
+    """Speculative decoding (absent without --speculative)."""
+    sd = s.spec_decode
+    if sd is None:
+        return
+    yield CounterMetricFamily("kvserve:spec_decode_draft_tokens", "Draft tokens verified.", value=sd.draft_tokens)
+    doc = "Draft tokens accepted (each one a token without its own decode step)."
+    yield CounterMetricFamily("kvserve:spec_decode_accepted_tokens", doc, value=sd.accepted_tokens)
+    per_pos = CounterMetricFamily(
+        "kvserve:spec_decode_accepted_tokens_per_pos",
+        "Steps that accepted the draft at this position (0 = the first draft after the last token).",
+        labels=["position"],
+    )
+    for j, n in enumerate(sd.accepted_per_position):
+        per_pos.add_metric([str(j)], n)
+    yield per_pos
 
 
 def _checkpoint_metrics(s: EngineStats) -> Iterator[Metric]:

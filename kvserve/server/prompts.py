@@ -119,6 +119,7 @@ def _params(
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=body.logit_bias or None,
+            speculative=body.speculative,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         name = str(e).split(maxsplit=1)[0] if str(e) else ""

@@ -4,7 +4,7 @@ Requests are strict (``"5"`` is not an int) and closed (``extra="forbid"``): an 
 OpenAI field that kvserve does not implement is rejected by name unless it carries its neutral value
 (``tools: []``, ``response_format: {"type": "text"}``), so a client never gets silently different
 behaviour. Extensions beyond OpenAI (as vLLM names them): top_k, min_tokens, ignore_eos, stop_token_ids,
-repetition_penalty, cache_salt.
+repetition_penalty, cache_salt, speculative.
 The schemas of the answers are in protocol_out.py.
 """
 
@@ -102,7 +102,7 @@ _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
 }
 
 
-_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos", "echo")
+_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos", "echo", "speculative")
 
 
 class _Strict(BaseModel):
@@ -134,6 +134,7 @@ class SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = Field(None, min_length=1)  # extension: isolates one tenant's cached prefixes
+    speculative: bool = True  # extension: false opts out of the server's --speculative (tokens are the same)
 
     @model_validator(mode="before")
     @classmethod

@@ -95,7 +95,7 @@ def test_server_without_metrics_still_benches(fake, tmp_path, capsys, settings):
     assert s["completed"] == 2
     if settings.get("metrics_text") == "":
         # An empty exposition is valid Prometheus text: the server is there but reports none of these.
-        assert s["server"] == {"checkpoints": None, "recomputed_prompt_tokens": None, "placement": None}
+        assert s["server"] == dict.fromkeys(("checkpoints", "recomputed_prompt_tokens", "placement", "spec_decode"))
     else:
         assert s["server"] is None
     text = capsys.readouterr().out

@@ -122,3 +122,14 @@ def test_trace_errors_name_the_line(tmp_path, bad):
     path.write_text('{"prompt": "ok"}\n' + bad + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:2"):
         load_trace(path)
+
+
+def test_copy_edit_asks_for_its_own_text_again():
+    reqs = build_workload("copy-edit", 6, 0)
+    assert len({r.prompt for r in reqs}) == 6 and all(not r.is_chat for r in reqs)
+    for r in reqs:
+        text, ask = r.prompt.split("\n\nThe same text, unchanged except that ")
+        body = text.removeprefix("Text:\n")
+        assert 340 <= _tokens(body) <= 460
+        old = ask.split("'")[1]
+        assert old in body.split() and ask.endswith(" ".join(body.split()[:6]))  # the copy has begun

@@ -506,3 +506,10 @@ def test_mamba2_bfloat16_keeps_the_residual_in_float32_like_transformers(mamba2,
     fp32_residual, bf16_residual = distance(True), distance(False)
     assert fp32_residual < 0.02
     assert fp32_residual < bf16_residual
+
+
+def test_speculative_decoding_is_refused_for_recurrent_models(bamba):
+    """A rejected draft would leave its mark in the recurrent state, which cannot be rolled back."""
+    _, path = bamba
+    with pytest.raises(ValueError, match="speculative decoding needs an attention-only model"):
+        _llm(path, speculative="ngram:2")
