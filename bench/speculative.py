@@ -5,8 +5,9 @@
 One `kvserve serve` per setting (all three started first, each idle while another runs), on 127.0.0.1. For
 each workload (document-qa: answers that quote the document; copy-edit: the answer repeats its prompt;
 agent-loop; no-sharing) and concurrency (1 and 8) the same requests go to each server in turn, the order
-rotating from cell to cell against drift; greedy, every answer runs to --max-tokens. Reports output tok/s,
-its ratio to off, and the acceptance rate from each server's /metrics; writes bench/results/speculative.json,
+rotating from cell to cell against drift; greedy, every answer runs to --max-tokens. Reports output tok/s
+(over the run, prefill included) and its ratio to off, the mean time per output token (TPOT, decode alone)
+relative to off, and the acceptance rate from each server's /metrics; writes bench/results/speculative.json,
 speculative.md and a plot speculative.png.
 """
 
@@ -93,23 +94,18 @@ async def measure(server: Server, workload: str, concurrency: int, args: argpars
 
 
 def report(results: dict, settings: list[str]) -> str:
-    lines = ["| workload | concurrency | " + " | ".join(f"{n} tok/s" for n in settings) + " | "]
-    lines[0] += (
-        " | ".join(f"{n} / off" for n in settings[1:])
-        + " | "
-        + " | ".join(f"{n} accepted" for n in settings[1:])
-        + " |"
-    )
-    lines.append("|" + "---|" * (2 + len(settings) + 2 * (len(settings) - 1)))
+    """Output tok/s (prefill included), its ratio to off, the TPOT ratio (decode alone) and the acceptance."""
+    spec = settings[1:]
+    head = ["workload", "concurrency", *(f"{n} tok/s" for n in settings), *(f"{n} / off" for n in spec)]
+    head += [*(f"{n} TPOT / off" for n in spec), *(f"{n} accepted" for n in spec)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell, by in results.items():
         workload, conc = cell.split("@")
-        off = by[settings[0]]["output_tok_s"]
+        off = by[settings[0]]
         row = [workload, conc] + [f"{by[n]['output_tok_s']:.1f}" for n in settings]
-        row += [f"{by[n]['output_tok_s'] / off:.2f}x" for n in settings[1:]]
-        row += [
-            "n/a" if by[n]["acceptance_rate"] is None else f"{100 * by[n]['acceptance_rate']:.0f}%"
-            for n in settings[1:]
-        ]
+        row += [f"{by[n]['output_tok_s'] / off['output_tok_s']:.2f}x" for n in spec]
+        row += [f"{by[n]['tpot_ms'] / off['tpot_ms']:.2f}" for n in spec]
+        row += ["n/a" if by[n]["acceptance_rate"] is None else f"{100 * by[n]['acceptance_rate']:.0f}%" for n in spec]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -224,7 +224,10 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self._counters.num_steps += 1
+        t0 = time.perf_counter()
         sampled, failed = self._execute(sched)
+        if self._spec is not None:
+            self._spec.observe_step(sched.num_batched_tokens, time.perf_counter() - t0)
         # A failed request's KV may be garbage: finish it before its blocks could be published.
         outputs = [self._fail(r, err) for r, err in failed]
         sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]

@@ -6,9 +6,10 @@
             n-grams of earlier requests' prompts and outputs (keyed by cache salt, so tenants never see each
             other's text; bounded in entries, least recently used out first) proposes what followed them last.
 
-Per request the drafter adapts: after a step whose drafts were mostly rejected it stops drafting for a while
-(2, 4, 8, ... up to 64 steps, reset by a step that accepts), so text that does not repeat costs nothing.
-Drafts never change a token: the engine verifies them (kvserve/engine.py).
+Per request the drafter estimates how likely a draft is to be accepted (each draft given the ones before it:
+accepted drafts are successes, the first rejected one a failure, counts decaying by 0.8 a step); the engine
+drafts only as many tokens as that makes worth verifying (kvserve/spec/speculator.py). Drafts never change a
+token: the engine verifies them (kvserve/engine.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from dataclasses import dataclass
 NGRAM_MAX, NGRAM_MIN = 4, 2  # lengths of the suffix matched, longest first
 METHODS = ("ngram", "suffix")
 SUFFIX_MAX_ENTRIES = 1 << 18  # shared n-gram entries (about 60 MB at K = 4)
-LOW_ACCEPTANCE = 0.25  # a step accepting less than this share of its drafts backs the request off
-MAX_BACKOFF = 64
+DECAY = 0.8  # per verified step, of the acceptance counts
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ class SharedSuffixIndex:
 class _Tracked:
     index: NgramIndex
     salt: str | None
-    skip: int = 0  # steps left without drafting
-    backoff: int = 1  # the next skip length after a poor step
+    accepted: float = 0.0  # decayed counts of accepted drafts ...
+    rejected: float = 0.0  # ... and of steps that rejected one
 
 
 class Drafter:
@@ -125,12 +125,9 @@ class Drafter:
         self._requests[request_id].index.extend(tokens)
 
     def propose(self, request_id: str, k: int) -> list[int]:
-        """Up to k draft tokens to follow the request's tokens (none while it is backed off)."""
+        """Up to k draft tokens to follow the request's tokens."""
         t = self._requests[request_id]
         if k <= 0:
-            return []
-        if t.skip > 0:
-            t.skip -= 1
             return []
         drafts = t.index.propose(k)
         if not drafts and self.shared is not None:
@@ -142,10 +139,13 @@ class Drafter:
         t = self._requests.get(request_id)
         if t is None or num_drafted == 0:
             return
-        if num_accepted < LOW_ACCEPTANCE * num_drafted:
-            t.skip, t.backoff = t.backoff, min(2 * t.backoff, MAX_BACKOFF)
-        elif num_accepted > 0:
-            t.backoff = 1
+        t.accepted = DECAY * t.accepted + num_accepted
+        t.rejected = DECAY * t.rejected + (num_accepted < num_drafted)
+
+    def acceptance(self, request_id: str) -> float:
+        """The chance that a draft is accepted given the drafts before it were (1/2 before any evidence)."""
+        t = self._requests[request_id]
+        return (t.accepted + 1) / (t.accepted + t.rejected + 2)
 
     def finish(self, request_id: str) -> None:
         t = self._requests.pop(request_id, None)

@@ -17,9 +17,49 @@ from kvserve.model.sampler import SampleResult
 from kvserve.request import Request
 from kvserve.spec.drafter import Drafter, SpeculativeConfig
 
-# Verification is nearly free while a step's decode rows stay few (a decode step streams the weights once
-# whatever its rows); past this many rows (decodes + drafts) drafts are cut so the step stays memory-bound.
-MAX_VERIFY_ROWS = 32
+PROBE_EVERY = 16  # a request drafting nothing drafts one token this often, to re-estimate its acceptance
+
+
+class StepCost:
+    """Step time as a + b * tokens, fitted online by least squares with exponential forgetting. A decode step
+    reads all the weights (a) and each token adds its compute (b); drafts pay only b. Starts from a prior
+    (a step of 1 token in 10 ms, of 33 tokens in 50 ms: a CPU's shape), which real steps soon outweigh."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+        for tokens, seconds in ((1, 0.010), (33, 0.050)):
+            self.observe(tokens, seconds, weight=2.0)
+
+    def observe(self, tokens: int, seconds: float, weight: float = 1.0) -> None:
+        d = self.decay
+        self._n = d * self._n + weight
+        self._x = d * self._x + weight * tokens
+        self._y = d * self._y + weight * seconds
+        self._xx = d * self._xx + weight * tokens * tokens
+        self._xy = d * self._xy + weight * tokens * seconds
+
+    def fit(self) -> tuple[float, float]:
+        """(a, b): seconds per step and per token, each >= 0."""
+        var = self._n * self._xx - self._x * self._x
+        b = (self._n * self._xy - self._x * self._y) / var if var > 1e-12 else 0.0
+        b = max(b, 0.0)
+        a = max((self._y - b * self._x) / self._n, 1e-6)
+        return a, b
+
+
+def drafts_worth_verifying(acceptance: float, threshold: float, k: int) -> int:
+    """How many drafts pay for themselves: draft j (1-based) is kept with probability acceptance**j (each one
+    needs the ones before it) and costs one token of compute, so it is worth it while acceptance**j exceeds
+    threshold = (one token's compute) / (the step's time per token it yields without drafts)."""
+    d = 0
+    gain = 1.0
+    while d < k:
+        gain *= acceptance
+        if gain <= threshold:
+            break
+        d += 1
+    return d
 
 
 def confirmed(drafts: Sequence[int], samples: Sequence[SampleResult]) -> list[SampleResult]:
@@ -37,6 +77,8 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.drafter = Drafter(config)
+        self.cost = StepCost()
+        self._steps = 0
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.accepted_per_position = [0] * config.k
@@ -47,16 +89,26 @@ class Speculator:
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set each decoding request's drafts for the next step (none for requests that opted out, are still
-        in prefill, or are short of min_tokens, whose EOS ban changes with the position)."""
+        in prefill, or are short of min_tokens, whose EOS ban changes with the position). How many: as many as
+        pay for themselves given the request's acceptance so far and what a token costs in a step of this
+        size (StepCost), so drafting backs off as the batch grows and verification stops being free."""
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
-        rows_per_request = max(1, MAX_VERIFY_ROWS // max(1, len(decoding)))
         for r in running:
             r.draft_token_ids = []
+        if not decoding:
+            return
+        self._steps += 1
+        a, b = self.cost.fit()
+        n = len(decoding)
+        threshold = b * n / (a + b * n)  # one token's compute over the step's time per decoded token
         for r in decoding:
             p = r.sampling_params
             if r.request_id not in self.drafter or r.num_output_tokens < p.min_tokens:
                 continue
-            room = [self.config.k, rows_per_request - 1]
+            worth = drafts_worth_verifying(self.drafter.acceptance(r.request_id), threshold, self.config.k)
+            if worth == 0 and self._steps % PROBE_EVERY == hash(r.request_id) % PROBE_EVERY:
+                worth = 1  # probe now and then: acceptance changes along a text
+            room = [worth]
             if p.max_tokens is not None:
                 room.append(p.max_tokens - r.num_output_tokens - 1)  # the step yields one token more
             if r.max_model_len is not None:
@@ -75,6 +127,10 @@ class Speculator:
             self.drafter.extend(request.request_id, list(appended))
             self.drafter.verified(request.request_id, num_drafts, accepted)
         return accepted
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step computed this many tokens (drafts included) in this time."""
+        self.cost.observe(tokens, seconds)
 
     def finish(self, request_id: str) -> None:
         self.drafter.finish(request_id)

@@ -14,7 +14,7 @@ from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 from kvserve.scheduler import Scheduler, SchedulerLimits
 from kvserve.spec.drafter import NGRAM_MAX, NGRAM_MIN, Drafter, NgramIndex, SharedSuffixIndex, SpeculativeConfig
-from kvserve.spec.speculator import confirmed
+from kvserve.spec.speculator import StepCost, confirmed, drafts_worth_verifying
 
 
 def brute_force_lookup(tokens: list[int], k: int) -> list[int]:
@@ -70,18 +70,35 @@ def test_suffix_drafter_proposes_from_earlier_requests_of_the_same_salt():
     assert n.propose("b", 4) == []  # prompt lookup sees only the request's own text
 
 
-def test_poor_acceptance_backs_a_request_off_and_acceptance_resets_it():
-    d = Drafter(SpeculativeConfig("ngram", 2))
+def test_acceptance_estimate_follows_what_verification_keeps():
+    d = Drafter(SpeculativeConfig("ngram", 4))
     d.add("a", [1, 2, 1, 2, 1, 2], salt=None)
-    assert d.propose("a", 2) == [1, 2]
-    d.verified("a", 2, 0)  # rejected: skip one step
-    assert d.propose("a", 2) == []
-    assert d.propose("a", 2) == [1, 2]
-    d.verified("a", 2, 0)  # rejected again: skip two
-    assert [d.propose("a", 2) for _ in range(3)] == [[], [], [1, 2]]
-    d.verified("a", 2, 2)
-    d.verified("a", 2, 0)  # the back-off restarted at one step
-    assert [d.propose("a", 2) for _ in range(2)] == [[], [1, 2]]
+    assert d.acceptance("a") == 0.5  # no evidence yet
+    for _ in range(10):
+        d.verified("a", 4, 4)  # everything accepted
+    assert d.acceptance("a") > 0.9
+    for _ in range(10):
+        d.verified("a", 4, 0)  # the text stopped repeating
+    assert d.acceptance("a") < 0.4  # one failure per rejecting step: the geometric model's estimate
+
+
+def test_drafts_are_cut_where_they_stop_paying_for_themselves():
+    assert drafts_worth_verifying(0.9, 0.1, 8) == 8  # 0.9**8 = 0.43 > 0.1
+    assert drafts_worth_verifying(0.5, 0.1, 8) == 3  # 0.5**3 = 0.125 > 0.1 >= 0.5**4
+    assert drafts_worth_verifying(0.5, 0.6, 8) == 0
+    assert drafts_worth_verifying(1.0, 0.99, 4) == 4
+
+
+def test_step_cost_fit_recovers_a_linear_step_time():
+    cost = StepCost()
+    for tokens in [1, 8, 5, 40, 2, 17, 64, 3] * 30:
+        cost.observe(tokens, 0.011 + 0.0014 * tokens)
+    a, b = cost.fit()
+    assert a == pytest.approx(0.011, rel=0.05) and b == pytest.approx(0.0014, rel=0.05)
+    flat = StepCost()
+    for tokens in [1, 8, 40] * 100:  # a GPU: rows are free
+        flat.observe(tokens, 0.005)
+    assert flat.fit()[1] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_confirmed_keeps_drafts_up_to_the_first_mismatch():
