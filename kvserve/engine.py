@@ -39,6 +39,7 @@ from kvserve.spec.drafter import SpeculativeConfig
 from kvserve.spec.speculator import Speculator, confirmed
 from kvserve.stats import EngineStats
 from kvserve.stats_capture import capture_stats
+from kvserve.structured import Constraints, GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class LLMEngine:
                     "speculative decoding needs an attention-only model: recurrent state cannot be rolled back"
                 )
             self._spec = Speculator(SpeculativeConfig.parse(config.speculative))
+        vocab = self._loaded.config.vocab_size
+        self._structured = Constraints(GrammarCompiler(self._tokenizer, vocab, self.eos_token_ids))
 
     # ------------------------------------------------------------------------------------------ facts
     @property
@@ -180,9 +183,11 @@ class LLMEngine:
             prompt = new.prompt
             if isinstance(prompt, str):
                 prompt = encoded[prompt] if prompt in encoded else encoded.setdefault(prompt, self._encode(prompt))
-            checked.append((new, self._check(prompt, new.params), rid))
+            spec = new.params.structured_outputs
+            grammar = None if spec is None else self._structured.compiler.compile(spec)
+            checked.append((new, self._check(prompt, new.params), rid, grammar))
             ids.append(rid)
-        for new, token_ids, rid in checked:
+        for new, token_ids, rid, grammar in checked:
             request = Request(
                 rid,
                 token_ids,
@@ -194,6 +199,8 @@ class LLMEngine:
             )
             if self._spec is not None:
                 self._spec.add(request)
+            if grammar is not None:
+                self._structured.add(rid, grammar)
             prompt_text = new.prompt if isinstance(new.prompt, str) else None
             self._requests[rid] = (request, TrackedOutput.for_request(request, prompt_text))
             self._scheduler.add_request(request)
@@ -225,7 +232,9 @@ class LLMEngine:
             return []
         self._counters.num_steps += 1
         t0 = time.perf_counter()
-        sampled, failed = self._execute(sched)
+        masks, dead = self._structured.masks([s.request.request_id for s in sched.scheduled if s.samples])
+        sampled, failed = self._execute(sched, masks)
+        failed += [(self._requests[rid][0], f"structured output: {why}") for rid, why in dead.items()]
         if self._spec is not None:
             self._spec.observe_step(sched.num_batched_tokens, time.perf_counter() - t0)
         # A failed request's KV may be garbage: finish it before its blocks could be published.
@@ -238,9 +247,9 @@ class LLMEngine:
                 outputs.append(self._append(s, results))
         return outputs
 
-    def _run(self, scheduled: list[ScheduledRequest]) -> ModelOutput:
+    def _run(self, scheduled: list[ScheduledRequest], masks: dict) -> ModelOutput:
         """One forward over these requests; on success their prompt logprobs and recurrent states are kept."""
-        batch = build_batch(scheduled, self._recurrent)
+        batch = build_batch(scheduled, self._recurrent, masks)
         out = self._runner.execute(batch)
         record_prompt_logprobs(batch, out, {s.request.request_id: s.request for s in scheduled})
         if self._recurrent is not None:
@@ -249,10 +258,10 @@ class LLMEngine:
             self._recurrent.commit([s.request for s in ordered], [s.end for s in ordered], out.conv, out.ssm)
         return out
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[dict, list[tuple[Request, str]]]:
+    def _execute(self, sched: SchedulerOutput, masks: dict) -> tuple[dict, list[tuple[Request, str]]]:
         """Each request's samples (one, or one per draft more), and the requests that failed."""
         try:
-            return _samples(self._run(sched.scheduled)), []
+            return _samples(self._run(sched.scheduled, masks)), []
         except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
             self._counters.num_failed_batches += 1
             log.exception("batch of %d requests failed; retrying them one at a time", len(sched.scheduled))
@@ -260,7 +269,7 @@ class LLMEngine:
         failed: list[tuple[Request, str]] = []
         for s in sched.scheduled:
             try:
-                sampled.update(_samples(self._run([s])))
+                sampled.update(_samples(self._run([s], masks)))
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 log.exception("request %s failed", s.request.request_id)
                 failed.append((s.request, f"{type(e).__name__}: {e}"))
@@ -285,6 +294,7 @@ class LLMEngine:
             if request.is_finished:
                 break
         self._counters.generation_tokens += len(appended)
+        self._structured.accept(request.request_id, appended)
         if self._spec is not None:
             accepted = self._spec.record(request, s.num_drafts, appended)
             if not request.is_finished:
@@ -302,6 +312,7 @@ class LLMEngine:
 
     def _release(self, request_id: str) -> None:
         self._runner.release(request_id)
+        self._structured.release(request_id)
         if self._spec is not None:
             self._spec.finish(request_id)
 

@@ -8,28 +8,35 @@ the RecurrentCacheManager before the batch is built.
 
 from __future__ import annotations
 
+import torch
+
 from kvserve.batch import ScheduledRequest
 from kvserve.model.batch import ModelBatch, ModelOutput, PromptScoring, RowSampling, SeqChunk
 from kvserve.recurrent.manager import RecurrentCacheManager
 from kvserve.request import Request
 
 
-def build_batch(scheduled: list[ScheduledRequest], recurrent: RecurrentCacheManager | None = None) -> ModelBatch:
-    seqs = [_chunk(s) for s in scheduled]
+def build_batch(
+    scheduled: list[ScheduledRequest],
+    recurrent: RecurrentCacheManager | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> ModelBatch:
+    """masks: structured outputs' allowed-token masks of sampling requests, by request id."""
+    seqs = [_chunk(s, (masks or {}).get(s.request.request_id)) for s in scheduled]
     slots = None
     if recurrent is not None:
         slots = [recurrent.prepare(s.request, s.start) for s in scheduled]
     return ModelBatch(seqs, slots)
 
 
-def _chunk(s: ScheduledRequest) -> SeqChunk:
+def _chunk(s: ScheduledRequest, allowed: torch.Tensor | None) -> SeqChunk:
     r = s.request
     sampling = None
     if s.samples:
         p = r.sampling_params
         seed = None if p.greedy else r.sampling_seed
         banned = _banned_before_min_tokens(r)
-        sampling = RowSampling(p, r.prompt_token_ids, r.output_token_ids, banned, seed, r.num_tokens)
+        sampling = RowSampling(p, r.prompt_token_ids, r.output_token_ids, banned, seed, r.num_tokens, allowed)
     return SeqChunk(r.request_id, s.token_ids, s.start, s.block_ids, sampling, _scoring(s), s.num_drafts)
 
 

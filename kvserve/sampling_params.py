@@ -24,6 +24,39 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0  # beyond, logits /
 
 
 @dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's StructuredOutputsParams): exactly one of a JSON schema (a dict or its
+    JSON text), any JSON object, a regular expression, a choice of strings, or a grammar (Lark, or llama.cpp's
+    GBNF). Compiled by llguidance (kvserve/structured.py)."""
+
+    json: dict | str | None = field(default=None, hash=False)
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs choice must be a non-empty list of non-empty strings")
+        given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, json_object, regex, choice, grammar; got "
+                + (", ".join(given) or "none")
+            )
+
+    @property
+    def kind(self) -> str:
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -44,6 +77,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
     speculative: bool = True  # with the engine's --speculative: False opts this request out (its tokens are the same)
+    structured_outputs: StructuredOutputsParams | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience, store tuples (frozen, hashable).

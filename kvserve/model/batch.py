@@ -31,6 +31,7 @@ class RowSampling:
     banned_token_ids: list[int] = field(default_factory=list)  # e.g. EOS before min_tokens
     seed: int | None = None  # keys the random choice with `position` (kvserve/model/sampler.py); None: greedy
     position: int = 0  # index in the sequence of the token this row samples
+    allowed: torch.Tensor | None = None  # structured outputs: bool mask of the tokens the row may pick
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ class ModelRunner:
             keys = [None if r.seed is None else (r.seed, r.position) for r in rows_in]
             histories = [self._history(s.seq_id, r) for s in sampling for r in _row_samplings(s)]
             params = [r.params for r in rows_in]
-            results = iter(sample(logits, params, keys, [r.banned_token_ids for r in rows_in], histories))
+            banned = [r.banned_token_ids for r in rows_in]
+            results = iter(sample(logits, params, keys, banned, histories, [r.allowed for r in rows_in]))
             for s in sampling:
                 out.samples[s.seq_id] = next(results)
                 if s.num_drafts:

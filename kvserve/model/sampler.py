@@ -116,15 +116,21 @@ def sample(
     keys: list[tuple[int, int] | None],
     banned: list[list[int]] | None = None,
     histories: list[tuple[torch.Tensor | None, Sequence[int]]] | None = None,
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> list[SampleResult]:
     """logits: (S, V) float32, one row per token to sample. keys[i]: (seed, position) of row i's random choice
     (None for greedy rows). banned[i]: token ids row i may not pick (EOS and stop tokens before min_tokens).
-    histories[i]: row i's (distinct prompt ids, output ids), for its penalties. The choice sees the adjusted
-    logits; logprobs stay those of the raw logits (vLLM's default)."""
+    histories[i]: row i's (distinct prompt ids, output ids), for its penalties. allowed[i]: a bool mask of the
+    tokens row i may pick (structured outputs), or None. The choice sees the adjusted logits; logprobs stay
+    those of the raw logits (vLLM's default)."""
     choice = logits
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
-    if adjusted or (banned is not None and any(banned)):
+    masked = [i for i, m in enumerate(allowed or ()) if m is not None]
+    if adjusted or masked or (banned is not None and any(banned)):
         choice = logits.clone()
+    for i in masked:
+        assert allowed is not None
+        choice[i].masked_fill_(~allowed[i].to(choice.device), float("-inf"))
     for i in adjusted:
         if histories is None:
             raise ValueError("a request with penalties or a logit bias needs its token history")

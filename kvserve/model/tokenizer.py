@@ -108,6 +108,10 @@ class Tokenizer:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The fast tokenizer as tokenizer.json text (for grammar engines that read it)."""
+        return self._backend.to_str()
+
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         """Vocabulary strings (byte-level spelling) of ``ids``; None for an unknown id."""
         return [self._backend.id_to_token(int(i)) for i in ids]

@@ -41,6 +41,7 @@ from kvserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    SamplingRequest,
     TokenizeRequest,
     parse_request,
 )
@@ -120,7 +121,7 @@ class _Routes:
         inp = completion_input(body, self.tokenizer, self.limits)
         echo = echo_texts(body, inp.prompts) if body.echo else None
         fmt = CompletionFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer, echo, body.n)
-        return await self._run(body, inp, fmt, request, {})
+        return await self._run(body, inp, fmt, request, _structured_param(body))
 
     async def chat(self, request: Request) -> Response:
         body = parse_request(await request.body(), ChatCompletionRequest)
@@ -128,7 +129,8 @@ class _Routes:
         inp = chat_input(body, self.tokenizer, self.limits)
         fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer)
         max_tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return await self._run(body, inp, fmt, request, {"prompt": "messages", "max_tokens": max_tokens})
+        names = {"prompt": "messages", "max_tokens": max_tokens, **_structured_param(body)}
+        return await self._run(body, inp, fmt, request, names)
 
     async def tokenize(self, request: Request) -> TokenizeResponse:
         """vLLM's /tokenize: the ids a prompt (or a conversation, through the chat template) becomes."""
@@ -236,6 +238,13 @@ def serve_forever(app: FastAPI, *, host: str, port: int, log_level: str) -> None
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     _Server(config).run()
+
+
+def _structured_param(body: SamplingRequest) -> dict[str, str]:
+    """The engine names a constraint that does not compile structured_outputs; the request may have said
+    response_format."""
+    rf = body.response_format
+    return {"structured_outputs": "response_format"} if rf is not None and rf.type != "text" else {}
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jinja2
 
 from kvserve.model.tokenizer import Tokenizer
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 from kvserve.server.errors import InvalidRequestError
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 
@@ -98,6 +98,26 @@ def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits
     return EngineInput(prompts, _params(body, max_tokens, logprobs))
 
 
+def _structured(body: SamplingRequest) -> StructuredOutputsParams | None:
+    """response_format (OpenAI) or structured_outputs (vLLM) as the engine's StructuredOutputsParams."""
+    rf, so = body.response_format, body.structured_outputs
+    if rf is not None and rf.type != "text" and so is not None:
+        raise InvalidRequestError("send one of response_format and structured_outputs", param="structured_outputs")
+    if rf is not None and rf.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if rf is not None and rf.type == "json_schema":
+        assert rf.json_schema is not None
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
+    if so is None:
+        return None
+    try:
+        return StructuredOutputsParams(
+            json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice, grammar=so.grammar
+        )
+    except ValueError as e:
+        raise InvalidRequestError(str(e), param="structured_outputs") from None
+
+
 def _params(
     body: SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> SamplingParams:
@@ -120,6 +140,7 @@ def _params(
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=body.logit_bias or None,
             speculative=body.speculative,
+            structured_outputs=_structured(body),
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         name = str(e).split(maxsplit=1)[0] if str(e) else ""

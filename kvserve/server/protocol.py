@@ -4,7 +4,7 @@ Requests are strict (``"5"`` is not an int) and closed (``extra="forbid"``): an 
 OpenAI field that kvserve does not implement is rejected by name unless it carries its neutral value
 (``tools: []``, ``response_format: {"type": "text"}``), so a client never gets silently different
 behaviour. Extensions beyond OpenAI (as vLLM names them): top_k, min_tokens, ignore_eos, stop_token_ids,
-repetition_penalty, cache_salt, speculative.
+repetition_penalty, cache_salt, speculative, structured_outputs.
 The schemas of the answers are in protocol_out.py.
 """
 
@@ -90,7 +90,6 @@ _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -111,6 +110,36 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise PydanticCustomError("invalid_value", "{param} needs json_schema.schema", {"param": "response_format"})
+        return self
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's structured_outputs: exactly one of json (a schema), json_object, regex, choice, grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class SamplingRequest(_Strict):
@@ -135,6 +164,8 @@ class SamplingRequest(_Strict):
     user: str | None = None
     cache_salt: str | None = Field(None, min_length=1)  # extension: isolates one tenant's cached prefixes
     speculative: bool = True  # extension: false opts out of the server's --speculative (tokens are the same)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None  # extension (vLLM's)
 
     @model_validator(mode="before")
     @classmethod

@@ -84,7 +84,8 @@ class Speculator:
         self.accepted_per_position = [0] * config.k
 
     def add(self, request: Request) -> None:
-        if request.sampling_params.speculative:
+        p = request.sampling_params
+        if p.speculative and p.structured_outputs is None:  # a constrained request's matcher has no rollback here
             self.drafter.add(request.request_id, request.all_token_ids, request.cache_salt)
 
     def propose(self, running: Sequence[Request]) -> None:

@@ -31,9 +31,12 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
 
 
 def test_unsupported_values_name_their_field():
-    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
              ChatCompletionRequest)  # fmt: skip
-    assert e.param == "response_format" and "not supported" in e.message and e.status_code == 400
+    assert e.param == "tools" and "not supported" in e.message and e.status_code == 400
+    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}',
+             ChatCompletionRequest)  # fmt: skip
+    assert e.param == "response_format.type" and e.status_code == 400
     assert _bad(b'{"prompt": "x", "best_of": 2}').param == "best_of"
     chat = b'{"messages": [{"role": "user", "content": "x"}], "echo": %s}'
     assert _bad(chat % b"true", ChatCompletionRequest).param == "echo"  # vLLM's chat echo: not implemented
