@@ -232,7 +232,9 @@ class LLMEngine:
             return []
         self._counters.num_steps += 1
         t0 = time.perf_counter()
-        masks, dead = self._structured.masks([s.request.request_id for s in sched.scheduled if s.samples])
+        masks, dead = {}, {}
+        if self._structured:  # constrained requests are running: their masks for the rows that sample
+            masks, dead = self._structured.masks([s.request.request_id for s in sched.scheduled if s.samples])
         sampled, failed = self._execute(sched, masks)
         failed += [(self._requests[rid][0], f"structured output: {why}") for rid, why in dead.items()]
         if self._spec is not None:

@@ -130,8 +130,9 @@ class Constraints:
     def masks(self, request_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Masks of these sampling requests that are constrained, and those whose constraint is at a dead end
         (with the reason): they are failed after the step instead of sampling."""
-        masks, dead = {}, {}
-        for rid in request_ids:
+        masks: dict[str, torch.Tensor] = {}
+        dead: dict[str, str] = {}
+        for rid in request_ids if self._by_request else ():
             c = self._by_request.get(rid)
             if c is None:
                 continue
@@ -153,3 +154,6 @@ class Constraints:
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_request
+
+    def __len__(self) -> int:
+        return len(self._by_request)

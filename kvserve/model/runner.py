@@ -154,9 +154,10 @@ class ModelRunner:
             logits = logits[: len(logits_rows)]
         sampling = [s for s in seqs if s.sampling is not None]
         if sampling:
-            rows_in = [row for s in sampling for row in _row_samplings(s)]
+            per_seq = [(s, row) for s in sampling for row in _row_samplings(s)]
+            rows_in = [row for _, row in per_seq]
             keys = [None if r.seed is None else (r.seed, r.position) for r in rows_in]
-            histories = [self._history(s.seq_id, r) for s in sampling for r in _row_samplings(s)]
+            histories = [self._history(s.seq_id, r) for s, r in per_seq]
             params = [r.params for r in rows_in]
             banned = [r.banned_token_ids for r in rows_in]
             results = iter(sample(logits, params, keys, banned, histories, [r.allowed for r in rows_in]))
