@@ -55,6 +55,8 @@ def _row_samplings(s: SeqChunk) -> list[RowSampling]:
     if not s.num_drafts:
         return [row]
     drafts = s.token_ids[len(s.token_ids) - s.num_drafts :]
+    if not row.params.adjusts_logits:  # only penalties read the outputs: don't copy them per draft row
+        return [dataclasses.replace(row, position=row.position + j) for j in range(s.num_drafts + 1)]
     return [
         dataclasses.replace(row, output_token_ids=[*row.output_token_ids, *drafts[:j]], position=row.position + j)
         for j in range(s.num_drafts + 1)
