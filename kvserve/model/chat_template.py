@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -52,3 +52,10 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+@functools.lru_cache(maxsize=16)
+def template_reads(source: str, name: str) -> bool:
+    """Whether the template reads the variable `name` (it is undeclared in the template)."""
+    env = ImmutableSandboxedEnvironment(extensions=[_GenerationTag, loopcontrols])
+    return name in meta.find_undeclared_variables(env.parse(source))

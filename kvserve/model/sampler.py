@@ -1,4 +1,4 @@
-"""Token sampling from logits: greedy, temperature, top-k, top-p, logprobs.
+"""Token sampling from logits: greedy, temperature, top-k, top-p, min-p, logprobs.
 
 Random choices are Gumbel-max with noise keyed by (seed, position): the token at position p of a request with
 seed s is argmax(log(filtered probs) + G(s, p)), G a fixed function of (s, p), computed in its equivalent form
@@ -28,14 +28,18 @@ class SampleResult:
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits: (V,) float32 -> probabilities after temperature, top-k and top-p."""
+    """logits: (V,) float32 -> probabilities after temperature, top-k, top-p and min-p (as vLLM orders them:
+    min-p keeps the tokens at least min_p times as likely as the most likely one left)."""
     logits = logits / p.temperature
     if p.top_k is not None and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         logits = _top_p(logits, p.top_p)
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
 
 
 _MASK64 = (1 << 64) - 1

@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as FastTokenizer
 
-from kvserve.model.chat_template import compile_template
+from kvserve.model.chat_template import compile_template, template_reads
 from kvserve.model.gguf_metadata import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
 from kvserve.model.gguf_vocab import byte_level_bpe, byte_level_inverse, register_added_tokens
 
@@ -145,21 +145,43 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- chat
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's Jinja chat template, as transformers does."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Render ``messages`` with the model's Jinja chat template, as transformers does: ``tools`` and
+        ``kwargs`` are template variables; ``continue_final_message`` cuts the text after the last message's
+        content, so the model continues it instead of starting a new turn."""
         if self._chat_template is None:
             raise ValueError(
                 "this model's tokenizer has no chat template, so chat messages cannot be formatted; "
                 "send a plain completion prompt instead"
             )
         template = compile_template(self._chat_template)
-        return template.render(
+        variables = {**kwargs, **self._template_tokens()}
+        variables.setdefault("documents", None)
+        text = template.render(
             messages=[dict(message) for message in messages],
-            tools=None,
-            documents=None,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
-            **self._template_tokens(),
+            **variables,
         )
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "").strip()
+            end = text.rfind(final) if final else -1
+            if end < 0:
+                raise ValueError("continue_final_message: the last message's content is not in the rendered chat")
+            text = text[: end + len(final)]
+        return text
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders tools itself (reads the `tools` variable)."""
+        return self._chat_template is not None and template_reads(self._chat_template, "tools")
 
     def _template_tokens(self) -> dict[str, str]:
         tokens = {}

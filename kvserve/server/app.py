@@ -127,9 +127,12 @@ class _Routes:
         body = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(body.model)
         inp = chat_input(body, self.tokenizer, self.limits)
-        fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer)
+        tool_choice = body.effective_tool_choice
+        fmt = ChatFormatter(uuid.uuid4().hex, self.model_name, self.tokenizer, parse_tools=tool_choice != "none")
         max_tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         names = {"prompt": "messages", "max_tokens": max_tokens, **_structured_param(body)}
+        if tool_choice not in ("none", "auto"):  # the constraint is the tools' schemas
+            names["structured_outputs"] = "tools"
         return await self._run(body, inp, fmt, request, names)
 
     async def tokenize(self, request: Request) -> TokenizeResponse:
@@ -137,7 +140,7 @@ class _Routes:
         body = parse_request(await request.body(), TokenizeRequest)
         self._check_model(body.model)
         if body.messages is not None:
-            text = chat_text(body.messages, self.tokenizer, body.add_generation_prompt)
+            text = chat_text(body.messages, self.tokenizer, body.add_generation_prompt, tools=body.tools)
             ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
         else:
             special = True if body.add_special_tokens is None else body.add_special_tokens

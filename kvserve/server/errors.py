@@ -113,6 +113,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Drop union-member tags pydantic inserts ("prompt.str", "content.list[TextPart]") so param names a field.
     loc = [p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "list", "float", "bool"}))]
+    if ctx.get("field"):  # a model validator's error about one of its fields
+        loc.append(str(ctx["field"]))
     param = ctx.get("param") or (".".join(loc) or None)
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}", None

@@ -10,13 +10,22 @@ beyond the context) and what SamplingParams refuses become 400s.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 from kvserve.server.errors import InvalidRequestError
-from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+from kvserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    NamedToolChoice,
+    SamplingRequest,
+    ToolDef,
+)
+from kvserve.server.tools import native_messages, template_messages, tool_constraint
 
 
 @dataclass(frozen=True)
@@ -79,23 +88,69 @@ def echo_texts(body: CompletionRequest, prompts: list[list[int]]) -> list[tuple[
     return [(None, p) for p in prompts]
 
 
-def chat_text(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:
-    """The conversation through the model's chat template (a 400 naming messages if the template refuses it)."""
+def chat_text(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[ToolDef] | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The conversation through the model's chat template (a 400 naming messages if the template refuses it).
+    Tools, tool calls and tool results go in as the template takes them, or in kvserve's default (Hermes)
+    format when it has no tool support (kvserve/server/tools.py)."""
+    dicts = [m.template_dict() for m in messages]
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+    if tokenizer.template_takes_tools:
+        dicts, template_tools = native_messages(dicts), tool_dicts
+    else:
+        dicts, template_tools = template_messages(dicts, tool_dicts), None
+    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _TEMPLATE_RESERVED}
     try:
-        return tokenizer.apply_chat_template([m.template_dict() for m in messages], add_generation_prompt)
-    except (ValueError, jinja2.TemplateError) as e:
+        return tokenizer.apply_chat_template(
+            dicts, add_generation_prompt, tools=template_tools, continue_final_message=continue_final_message, **kwargs
+        )
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from None
 
 
+_TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
 def chat_input(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> EngineInput:
-    prompts = [tokenizer.encode(chat_text(body.messages, tokenizer), add_special_tokens=False)]
+    text = chat_text(
+        body.messages,
+        tokenizer,
+        body.add_generation_prompt,
+        tools=body.tools,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    prompts = [tokenizer.encode(text, add_special_tokens=False)]
     if body.max_new_tokens is not None:
         limits.check(
             prompts, body.max_new_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         )
     max_tokens = body.max_new_tokens or limits.default_max_tokens(prompts)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return EngineInput(prompts, _params(body, max_tokens, logprobs))
+    return EngineInput(prompts, _params(body, max_tokens, logprobs, structured=_tool_structured(body)))
+
+
+def _tool_structured(body: ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """tool_choice required or a named function: decoding constrained to calls whose arguments validate."""
+    choice = body.effective_tool_choice
+    if choice in ("none", "auto"):
+        return None
+    if body.structured_outputs is not None or (body.response_format and body.response_format.type != "text"):
+        raise InvalidRequestError(
+            "tool_choice required or a named function cannot be combined with response_format or structured_outputs",
+            param="tool_choice",
+        )
+    assert body.tools
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    return tool_constraint(tools, name, parallel=body.parallel_tool_calls is not False)
 
 
 def _structured(body: SamplingRequest) -> StructuredOutputsParams | None:
@@ -119,7 +174,11 @@ def _structured(body: SamplingRequest) -> StructuredOutputsParams | None:
 
 
 def _params(
-    body: SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    body: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     try:
         return SamplingParams(
@@ -140,7 +199,10 @@ def _params(
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=body.logit_bias or None,
             speculative=body.speculative,
-            structured_outputs=_structured(body),
+            structured_outputs=structured or _structured(body),
+            min_p=body.min_p or 0.0,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
         )
     except ValueError as e:  # SamplingParams' messages start with the field's name
         name = str(e).split(maxsplit=1)[0] if str(e) else ""

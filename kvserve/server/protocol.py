@@ -1,18 +1,22 @@
 """OpenAI wire schemas (pydantic v2) for /v1/completions, /v1/chat/completions and /v1/models.
 
-Requests are strict (``"5"`` is not an int) and closed (``extra="forbid"``): an unknown field is a 400. An
-OpenAI field that kvserve does not implement is rejected by name unless it carries its neutral value
-(``tools: []``, ``response_format: {"type": "text"}``), so a client never gets silently different
-behaviour. Extensions beyond OpenAI (as vLLM names them): top_k, min_tokens, ignore_eos, stop_token_ids,
-repetition_penalty, cache_salt, speculative, structured_outputs.
+Requests are strict (``"5"`` is not an int). A field kvserve does not know at the top of a completion or chat
+request is ignored with a warning logged once per name, as vLLM does (clients and routers written for vLLM or
+SGLang add their own); everywhere else (nested objects, /tokenize) an unknown field is a 400. An OpenAI field
+that kvserve knows but does not implement is rejected by name unless it carries its neutral value
+(``functions: []``, ``service_tier: "auto"``), so a client never gets silently different behaviour.
+Extensions beyond OpenAI (as vLLM names them): top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
+repetition_penalty, skip_special_tokens, include_stop_str_in_output, cache_salt, speculative,
+structured_outputs, and for chat chat_template_kwargs, add_generation_prompt, continue_final_message.
 The schemas of the answers are in protocol_out.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -21,6 +25,8 @@ from kvserve.sampling_params import SEED_MAX, SEED_MIN
 from kvserve.server.errors import InvalidRequestError, validation_message
 
 T = TypeVar("T", bound=BaseModel)
+
+log = logging.getLogger(__name__)
 
 
 def parse_request(raw: bytes, cls: type[T]) -> T:
@@ -85,9 +91,6 @@ def _reject_unsupported(data: Any, neutral: dict[str, tuple[Any, ...]]) -> Any:
 _NEUTRAL_COMPLETION: dict[str, tuple[Any, ...]] = {"best_of": (None, 1), "suffix": (None,)}
 _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),  # vLLM's chat echo (the last message in front) is not implemented
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
     "modalities": (None, ["text"]),
@@ -101,7 +104,36 @@ _NEUTRAL_CHAT: dict[str, tuple[Any, ...]] = {
 }
 
 
-_NULL_MEANS_DEFAULT = ("n", "stream", "logprobs", "min_tokens", "ignore_eos", "echo", "speculative")
+_NULL_MEANS_DEFAULT = (
+    "n",
+    "stream",
+    "logprobs",
+    "min_tokens",
+    "ignore_eos",
+    "echo",
+    "speculative",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "add_generation_prompt",
+    "continue_final_message",
+)
+
+_warned_fields: set[str] = set()
+
+
+def _drop_unknown(cls: type[BaseModel], data: Any) -> Any:
+    """vLLM's rule for a field it does not know: ignore it, and say so in the log once per name."""
+    if not isinstance(data, dict):
+        return data
+    known = cls.model_fields.keys() | {f.alias for f in cls.model_fields.values() if f.alias}
+    unknown = [k for k in data if k not in known]
+    if not unknown:
+        return data
+    for name in unknown:
+        if name not in _warned_fields and len(_warned_fields) < 1024:
+            _warned_fields.add(name)
+            log.warning("ignoring the request field %r: kvserve does not know it (warned once per name)", name)
+    return {k: v for k, v in data.items() if k in known}
 
 
 class _Strict(BaseModel):
@@ -166,11 +198,17 @@ class SamplingRequest(_Strict):
     speculative: bool = True  # extension: false opts out of the server's --speculative (tokens are the same)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None  # extension (vLLM's)
+    min_p: float | None = Field(None, ge=0, le=1)  # extension
+    skip_special_tokens: bool = True  # extension
+    include_stop_str_in_output: bool = False  # extension
+    neutral_fields: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
-        """OpenAI's API (and clients such as LangChain and LiteLLM) send an explicit null for "the default"."""
+        """OpenAI's API (and clients such as LangChain and LiteLLM) send an explicit null for "the default".
+        Unknown fields are dropped here too (logged once per name); the neutral checks run after this."""
+        data = _drop_unknown(cls, _reject_unsupported(data, cls.neutral_fields))
         if isinstance(data, dict) and any(data.get(k, 0) is None for k in _NULL_MEANS_DEFAULT):
             data = {k: v for k, v in data.items() if not (k in _NULL_MEANS_DEFAULT and v is None)}
         return data
@@ -201,10 +239,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False  # the prompt in front of the text; with logprobs, its tokens scored too
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return _reject_unsupported(data, _NEUTRAL_COMPLETION)
+    neutral_fields: ClassVar[dict[str, tuple[Any, ...]]] = _NEUTRAL_COMPLETION
 
 
 class TextPart(_Strict):
@@ -212,18 +247,78 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str | dict[str, Any]  # JSON text, as OpenAI sends it (an object is taken too)
 
-    def template_dict(self) -> dict[str, str]:
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessage(BaseModel):
+    """One message. Unknown keys are ignored (clients send back the assistant messages they received, with
+    OpenAI's output-only fields such as refusal and annotations)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+
+    @model_validator(mode="after")
+    def _check_message(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError(
+                "invalid_value", "a {role} message needs content", {"role": self.role, "field": "content"}
+            )
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError(
+                "invalid_value", "only assistant messages have tool_calls", {"field": "tool_calls"}
+            )
+        return self
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict[str, Any]:
         """The message as the chat template sees it (developer is OpenAI's new name for system)."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -232,11 +327,14 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # default true, as OpenAI's
+    chat_template_kwargs: dict[str, Any] | None = None  # extension: more variables for the chat template
+    add_generation_prompt: bool = True  # extension
+    continue_final_message: bool = False  # extension: the last (assistant) message is continued, not closed
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return _reject_unsupported(data, _NEUTRAL_CHAT)
+    neutral_fields: ClassVar[dict[str, tuple[Any, ...]]] = _NEUTRAL_CHAT
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -249,7 +347,49 @@ class ChatCompletionRequest(SamplingRequest):
             raise PydanticCustomError(
                 "invalid_value", "{param} and max_tokens disagree; send one", {"param": "max_completion_tokens"}
             )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise PydanticCustomError(
+                "invalid_value",
+                "{param} needs add_generation_prompt to be false",
+                {"param": "continue_final_message"},
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise PydanticCustomError(
+                "invalid_value", "{param} needs an assistant message last", {"param": "continue_final_message"}
+            )
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("invalid_value", "{param} lists a function name twice", {"param": "tools"})
+        choice = self.tool_choice
+        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+            if not names:
+                raise PydanticCustomError(
+                    "invalid_value", "{param} needs tools to choose from", {"param": "tool_choice"}
+                )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise PydanticCustomError(
+                "invalid_value",
+                "{param} names the function {name}, which is not in tools",
+                {"param": "tool_choice", "name": json.dumps(choice.function.name)},
+            )
+        for t in self.tools or ():
+            if t.function.parameters is not None and t.function.parameters.get("type", "object") != "object":
+                raise PydanticCustomError(
+                    "invalid_value",
+                    "{param}: the parameters of {name} must be an object schema",
+                    {"param": "tools", "name": t.function.name},
+                )
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: auto when there are tools, none otherwise."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -264,6 +404,7 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template has them)
     add_generation_prompt: bool = True  # messages only
+    tools: list[ToolDef] | None = None  # messages only: rendered as the chat request renders them
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -24,10 +24,15 @@ from kvserve.server.protocol_out import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
+    FunctionCallOut,
     PromptTokensDetails,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
+from kvserve.server.tools import ParsedCall, ToolCallParser, parse_whole
 
 
 @dataclass
@@ -181,12 +186,12 @@ class CompletionFormatter:
     def start_chunks(self, num_choices: int) -> list[CompletionResponse]:
         return []
 
-    def chunk(self, d: Delta) -> CompletionResponse:
+    def chunks(self, d: Delta) -> list[CompletionResponse]:
         d = self._echoed(d)
         choice = CompletionChoice(
             index=d.index, text=d.text, logprobs=self._logprobs(d), finish_reason=_finish(d.finish_reason)
         )
-        return CompletionResponse(id=self.id, model=self.model, choices=[choice])
+        return [CompletionResponse(id=self.id, model=self.model, choices=[choice])]
 
     def _echoed(self, d: Delta) -> Delta:
         if self.echo is None or not d.first:
@@ -235,9 +240,14 @@ class CompletionFormatter:
 
 
 class ChatFormatter:
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer):
+    """parse_tools: the request offered tools (tool_choice not none), so each choice's text is parsed for tool
+    calls (kvserve/server/tools.py): calls become tool_calls and the finish reason tool_calls."""
+
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, parse_tools: bool = False):
         self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
         self.id = f"chatcmpl-{request_id}"
+        self.parse_tools = parse_tools
+        self._parsers: dict[int, ToolCallParser] = {}
 
     def start_chunks(self, num_choices: int) -> list[ChatCompletionChunk]:
         """OpenAI opens each choice's stream with the role and empty content."""
@@ -246,14 +256,22 @@ class ChatFormatter:
         ]
         return [ChatCompletionChunk(id=self.id, model=self.model, choices=[c]) for c in choices]
 
-    def chunk(self, d: Delta) -> ChatCompletionChunk:
-        choice = ChatStreamChoice(
-            index=d.index,
-            delta=DeltaMessage(content=d.text),
-            logprobs=self._logprobs(d),
-            finish_reason=_finish(d.finish_reason),
-        )
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])
+    def chunks(self, d: Delta) -> list[ChatCompletionChunk]:
+        finish = _finish(d.finish_reason)
+        if not self.parse_tools:
+            delta = DeltaMessage(content=d.text)
+        else:
+            parser = self._parsers.setdefault(d.index, ToolCallParser())
+            content, calls = parser.feed(d.text)
+            if d.finish_reason is not None:
+                content += parser.finish()
+                finish = "tool_calls" if parser.calls and finish == "stop" else finish
+            if not content and not calls and finish is None and d.logprobs is None:
+                return []  # held back: it may be the start of a call
+            tool_calls = [_call_delta(c) for c in calls] or None
+            delta = DeltaMessage(content=content if content or not tool_calls else None, tool_calls=tool_calls)
+        choice = ChatStreamChoice(index=d.index, delta=delta, logprobs=self._logprobs(d), finish_reason=finish)
+        return [ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])]
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage)
@@ -263,12 +281,23 @@ class ChatFormatter:
         for index in range(tracker.num_choices):
             c = tracker.final(index)
             d = Delta(index, c.text, c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason)
+            finish = _finish(c.finish_reason)
+            content: str | None = c.text
+            tool_calls = None
+            if self.parse_tools:
+                content, calls = parse_whole(c.text)
+                if calls:
+                    tool_calls = [
+                        ToolCallOut(id=x.id, function=FunctionCallOut(name=x.name, arguments=x.arguments))
+                        for x in calls
+                    ]
+                    finish = "tool_calls" if finish == "stop" else finish
             choices.append(
                 ChatChoice(
                     index=index,
-                    message=ChatMessageOut(content=c.text),
+                    message=ChatMessageOut(content=content, tool_calls=tool_calls),
                     logprobs=self._logprobs(d),
-                    finish_reason=_finish(c.finish_reason),
+                    finish_reason=finish,
                 )
             )
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage())
@@ -284,6 +313,16 @@ class ChatFormatter:
             raw = list(self.tokenizer.token_bytes(token_id))
             content.append(ChatTokenLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=alternatives))
         return ChatLogprobs(content=content)
+
+
+def _call_delta(call: ParsedCall) -> ToolCallDelta:
+    """A whole call as one streamed delta (id, name and all its arguments; OpenAI's clients join by index)."""
+    return ToolCallDelta(
+        index=call.index,
+        id=call.id,
+        type="function",
+        function=FunctionCallDelta(name=call.name, arguments=call.arguments),
+    )
 
 
 def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:

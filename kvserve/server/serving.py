@@ -89,7 +89,8 @@ async def _events(
             _raise_if_failed(out)
             delta = tracker.update(index, out)
             if delta is not None:
-                yield _sse(fmt.chunk(delta))
+                for chunk in fmt.chunks(delta):
+                    yield _sse(chunk)
         if include_usage:
             yield _sse(fmt.usage_chunk(tracker.usage()))
     except (APIError, EngineDeadError) as e:

@@ -26,7 +26,7 @@ CASES = [
     (COMP, {"prompt": "x", "stream": "yes"}, 400, "stream"),
     (COMP, {"prompt": "x", "n": 1.5}, 400, "n"),
     (COMP, {"prompt": [1, "a"]}, 400, "prompt"),
-    (COMP, {"prompt": "x", "foo": 1}, 400, "foo"),
+    (COMP, {"prompt": "x", "suffix": "y"}, 400, "suffix"),  # known to OpenAI, not implemented
     (COMP, {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     (COMP, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     (COMP, {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
@@ -78,9 +78,10 @@ CASES = [
     (CHAT, {"messages": "hi"}, 400, "messages"),
     (CHAT, {}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
-    (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "function", "content": "x"}]}, 400, "messages.0.role"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
-    (CHAT, {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
+    (CHAT, {"messages": MSGS, "functions": [{"name": "f"}]}, 400, "functions"),
     (CHAT, {"messages": MSGS, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     (
         CHAT,

@@ -30,10 +30,19 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     assert req.user == "u1" and req.max_new_tokens is None
 
 
+def test_unknown_top_level_fields_are_ignored_nested_ones_refused():
+    """vLLM's rule: a router or client field kvserve does not know is dropped (logged once); inside a known
+    object an unknown key is still a 400 naming it."""
+    req = parse_request(b'{"prompt": "x", "no_stop_trim": false, "separate_reasoning": true}', CompletionRequest)
+    assert req.prompt == "x" and "no_stop_trim" not in req.model_dump()
+    e = _bad(b'{"prompt": "x", "stream": true, "stream_options": {"include_usage": true, "bogus": 1}}')
+    assert e.param == "stream_options.bogus"
+
+
 def test_unsupported_values_name_their_field():
-    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+    e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}',
              ChatCompletionRequest)  # fmt: skip
-    assert e.param == "tools" and "not supported" in e.message and e.status_code == 400
+    assert e.param == "functions" and "not supported" in e.message and e.status_code == 400
     e = _bad(b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}',
              ChatCompletionRequest)  # fmt: skip
     assert e.param == "response_format.type" and e.status_code == 400
@@ -49,7 +58,8 @@ def test_strict_types_and_messages():
     assert e.param == "max_tokens" and "integer" in e.message
     assert _bad(b'{"prompt": "x", "ignore_eos": 1}').param == "ignore_eos"
     assert "not valid JSON" in _bad(b"{").message
-    assert _bad(b'{"prompt": "x", "zzz": 1}').param == "zzz"
+    assert parse_request(b'{"prompt": "x", "zzz": 1}', CompletionRequest).prompt == "x"  # unknown: ignored
+    assert _bad(b'{"prompt": "x", "stream_options": {"zzz": 1}}').param == "stream_options.zzz"  # nested: not
     assert _bad(b"{}").param == "prompt"
     ok = parse_request(b'{"prompt": [[1, 2], [3]], "stop": "\\n", "temperature": 1}', CompletionRequest)
     assert ok.stop_list == ("\n",) and ok.temperature == 1.0 and ok.max_tokens == 16
