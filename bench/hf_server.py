@@ -5,7 +5,7 @@
 One request at a time (an asyncio lock), each a fresh `model.generate` with its own KV cache: no batching and
 no prefix reuse, which is what a user gets from transformers without a serving engine. Streams one SSE chunk per
 generated token from a BaseStreamer on the generate thread; reports usage with cached_tokens = 0. Supports the
-fields the bench client sends (model, prompt | messages, max_tokens, temperature, stream, stream_options,
+fields the bench client sends (model, prompt | messages, tools, max_tokens, temperature, stream, stream_options,
 ignore_eos); greedy when temperature is 0. torch's threads follow OMP_NUM_THREADS (bench/peers.py sets it).
 """
 
@@ -80,7 +80,9 @@ def build_app(model, tokenizer, name: str) -> FastAPI:
 
     async def serve(body: dict, chat: bool):
         if chat:
-            prompt = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+            prompt = tokenizer.apply_chat_template(
+                body["messages"], tools=body.get("tools"), add_generation_prompt=True, tokenize=False
+            )
         else:
             prompt = body["prompt"]
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).input_ids  # (1, T)

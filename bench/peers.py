@@ -83,6 +83,7 @@ def _llama_server(gguf: Path, r: Launch) -> list[str]:
     # would cut document-qa's ~2,050-token prompts).
     return [str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(r.port)] + [
         "-c", str(MODEL_CONTEXT * r.concurrency), "-np", str(r.concurrency), "-t", str(r.threads), "--metrics",
+        "--jinja",  # the model's own chat template, which llama-server needs to accept agent-loop's tools
     ]  # fmt: skip
 
 

@@ -100,6 +100,8 @@ def payload(req: BenchRequest, cfg: ClientConfig) -> dict[str, Any]:
     }
     if req.is_chat:
         body["messages"] = list(req.messages or ())
+        if req.tools is not None:
+            body["tools"] = list(req.tools)
     else:
         body["prompt"] = req.prompt
     if cfg.ignore_eos:

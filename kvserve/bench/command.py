@@ -30,7 +30,7 @@ DEFAULT_CONCURRENCY = 8
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in workload (or give --trace)")
-    p.add_argument("--trace", help="JSONL file: {prompt | messages, max_tokens?, arrival_time?} per line")
+    p.add_argument("--trace", help="JSONL file: {prompt | messages, tools?, max_tokens?, arrival_time?} per line")
     p.add_argument("--num-requests", type=int, default=None, help="requests to send (default 64, or the whole trace)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=None, help="requests in flight at once (closed loop)")

@@ -134,12 +134,32 @@ def assistant_reply(rng: random.Random) -> str:
 
 
 def agent_system_prompt(task: str) -> str:
-    tools = "\n".join(f"- {name}: {desc}" for name, desc in TOOLS)
+    """The system turn; the tools themselves travel in the request's `tools` (agent_tools())."""
     return (
-        "You are a coding agent working in a Python repository. Think step by step. At each step reply with "
-        'exactly one JSON object {"tool": NAME, "args": {...}} choosing one of these tools, or {"done": '
-        f"SUMMARY}} when the task is finished.\n\nTools:\n{tools}\n\nTask: {task}"
+        "You are a coding agent working in a Python repository. Think step by step. At each step call exactly "
+        "one of the tools you are given, or reply with a short summary when the task is finished.\n\n"
+        f"Task: {task}"
     )
+
+
+_TOOL_PARAMETERS = {
+    "search_code": {"pattern": ("string", "A regular expression."), "path": ("string", "Where to look.")},
+    "read_file": {"path": ("string", "The file."), "start": ("integer", "First line."), "end": ("integer", "Last.")},
+    "run_tests": {"path": ("string", "A test file, or the whole suite when absent.")},
+    "edit_file": {"path": ("string", "The file."), "old": ("string", "Snippet."), "new": ("string", "Text.")},
+    "list_dir": {"path": ("string", "The folder.")},
+}
+_TOOL_REQUIRED = {"search_code": ["pattern"], "read_file": ["path"], "edit_file": ["path", "old", "new"]}
+
+
+def agent_tools() -> list[dict]:
+    """TOOLS as OpenAI function tools, each with a JSON schema for its arguments."""
+    out = []
+    for name, desc in TOOLS:
+        props = {k: {"type": t, "description": d} for k, (t, d) in _TOOL_PARAMETERS[name].items()}
+        params = {"type": "object", "properties": props, "required": _TOOL_REQUIRED.get(name, [])}
+        out.append({"type": "function", "function": {"name": name, "description": desc, "parameters": params}})
+    return out
 
 
 def agent_task(rng: random.Random) -> str:
@@ -148,15 +168,16 @@ def agent_task(rng: random.Random) -> str:
     )
 
 
-def agent_action(rng: random.Random) -> str:
+def agent_call(rng: random.Random, call_id: str) -> dict:
+    """One OpenAI tool call (arguments as a JSON string, as the API sends them back)."""
     name = rng.choice(TOOLS)[0]
     path = rng.choice(FILES)
-    args = (
-        {"pattern": rng.choice(("def total", "round(", "cache.get", "raise ValueError"))}
-        if name == "search_code"
-        else {"path": path}
-    )
-    return json.dumps({"tool": name, "args": args})
+    args: dict = {"path": path}
+    if name == "search_code":
+        args = {"pattern": rng.choice(("def total", "round(", "cache.get", "raise ValueError"))}
+    elif name == "edit_file":
+        args |= {"old": "round(subtotal * rate, 2)", "new": f"round(subtotal * (1 + rate), {rng.randint(0, 4)})"}
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
 
 
 def agent_observation(rng: random.Random, num_tokens: int) -> str:
@@ -178,4 +199,4 @@ def agent_observation(rng: random.Random, num_tokens: int) -> str:
                 f"# {fill(rng, rng.choice(('Note: {person} changed this in {year}.', 'See the report by {org}.')))}"
             )
         n += 1
-    return "Tool result:\n" + "\n".join(lines)
+    return "\n".join(lines)

@@ -5,13 +5,14 @@ Who shares what is decided here, the text comes from scenes.py:
     shared-system-prompt  one ~1,000-token system prompt, then a short customer question each (chat)
     document-qa           a few ~2,000-token documents, many questions on each, interleaved (completions)
     multi-turn            conversations that resend their growing history; turn k waits for turn k-1 (chat)
-    agent-loop            a tool-use history growing by an action and an observation each step (chat)
+    agent-loop            an agent's history with OpenAI tools, growing by a tool call and its result each step
+                          (chat; every request sends the same `tools`)
     no-sharing            unique ~1,000-token prompts: caching cannot help here and must not hurt (completions)
     copy-edit             a ~400-token text to repeat with one word changed: the answer copies its prompt
                           (completions; what speculative decoding's drafts are made for)
 
-A trace is JSONL, one request a line: {"prompt": str} or {"messages": [...]}, with optional "max_tokens" and
-"arrival_time" (seconds from the start of the run).
+A trace is JSONL, one request a line: {"prompt": str} or {"messages": [...]}, with optional "max_tokens",
+"arrival_time" (seconds from the start of the run) and "tools" (OpenAI function tools, with messages).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvserve.bench import scenes
 from kvserve.bench.corpus import prose, subject
@@ -34,7 +36,7 @@ OBSERVATION_TOKENS = 120
 UNIQUE_PROMPT_TOKENS = 1000
 COPY_TEXT_TOKENS = 400
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; tool_calls (assistant), tool_call_id (tool)
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,13 @@ class BenchRequest:
     arrival_time: float | None = None  # seconds from the start (traces); None: the client's schedule
     depends_on: int | None = None  # index of the request whose answer must arrive before this one is sent
     group: str = ""  # what it shares a prefix with ("doc-2", "conv-5"), for reading results
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI function tools (chat only)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("a request needs exactly one of prompt and messages")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages")
 
     @property
     def is_chat(self) -> bool:
@@ -60,7 +65,8 @@ class BenchRequest:
     def num_chars(self) -> int:
         if self.prompt is not None:
             return len(self.prompt)
-        return sum(len(m["content"]) for m in self.messages or ())
+        calls = [c["function"]["arguments"] for m in self.messages or () for c in m.get("tool_calls") or ()]
+        return sum(len(m.get("content") or "") for m in self.messages or ()) + sum(map(len, calls))
 
 
 def _chat(*messages: Message, **kw) -> BenchRequest:
@@ -114,8 +120,10 @@ def multi_turn(n: int, seed: int, turns: int = TURNS_PER_CONVERSATION) -> list[B
 
 
 def agent_loop(n: int, seed: int, steps: int = AGENT_STEPS) -> list[BenchRequest]:
-    """Step-major order over ceil(n / steps) agents; each step resends the whole history plus one new pair."""
+    """Step-major order over ceil(n / steps) agents; each step resends the whole history plus the assistant's
+    tool call and the tool's result (OpenAI's tool_calls and tool messages), with the same tools each time."""
     rng = random.Random(seed)
+    tools = tuple(scenes.agent_tools())
     num_agents = max(1, -(-n // steps))
     histories = [
         [
@@ -132,9 +140,11 @@ def agent_loop(n: int, seed: int, steps: int = AGENT_STEPS) -> list[BenchRequest
                 return out
             h = histories[a]
             if step > 0:
-                h.append({"role": "assistant", "content": scenes.agent_action(rng)})
-                h.append({"role": "user", "content": scenes.agent_observation(rng, OBSERVATION_TOKENS)})
-            out.append(_chat(*h, depends_on=last[a], group=f"agent-{a}"))
+                call = scenes.agent_call(rng, f"call_{a}_{step}")
+                h.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                observation = scenes.agent_observation(rng, OBSERVATION_TOKENS)
+                h.append({"role": "tool", "tool_call_id": call["id"], "content": observation})
+            out.append(_chat(*h, depends_on=last[a], group=f"agent-{a}", tools=tools))
             last[a] = len(out) - 1
     return out
 
@@ -209,17 +219,21 @@ def load_trace(path: str | Path, limit: int | None = None) -> list[BenchRequest]
 def _trace_request(obj: dict) -> BenchRequest:
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
-    unknown = set(obj) - {"prompt", "messages", "max_tokens", "arrival_time"}
+    unknown = set(obj) - {"prompt", "messages", "max_tokens", "arrival_time", "tools"}
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
     messages = obj.get("messages")
     if messages is not None:
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise ValueError("messages must be a list of {role, content} string objects")
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        if not isinstance(messages, list) or not all(_trace_message(m) for m in messages):
+            raise ValueError(
+                "messages must be a list of {role, content} objects (content a string, or null with tool_calls)"
+            )
+        messages = tuple(dict(m) for m in messages)
+    tools = obj.get("tools")
+    if tools is not None:
+        if messages is None or not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ValueError("tools must be a list of objects, with messages")
+        tools = tuple(tools)
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError("prompt must be a string")
@@ -229,4 +243,11 @@ def _trace_request(obj: dict) -> BenchRequest:
     arrival = obj.get("arrival_time")
     if arrival is not None and (not isinstance(arrival, int | float) or arrival < 0):
         raise ValueError("arrival_time must be a non-negative number of seconds")
-    return BenchRequest(prompt=prompt, messages=messages, max_tokens=max_tokens, arrival_time=arrival)
+    return BenchRequest(prompt=prompt, messages=messages, max_tokens=max_tokens, arrival_time=arrival, tools=tools)
+
+
+def _trace_message(m: Any) -> bool:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        return False
+    content = m.get("content")
+    return isinstance(content, str) or (content is None and isinstance(m.get("tool_calls"), list))

@@ -9,6 +9,7 @@ import pytest
 from kvserve.bench import workloads as w
 from kvserve.bench.corpus import CHARS_PER_TOKEN
 from kvserve.bench.workloads import WORKLOADS, BenchRequest, build_workload, load_trace
+from tests.conftest import require_module
 
 
 def _tokens(text: str) -> float:
@@ -16,7 +17,10 @@ def _tokens(text: str) -> float:
 
 
 def _text(req: BenchRequest) -> str:
-    return req.prompt if req.prompt is not None else "\n".join(m["content"] for m in req.messages)
+    if req.prompt is not None:
+        return req.prompt
+    calls = [c["function"]["arguments"] for m in req.messages for c in m.get("tool_calls") or ()]
+    return "\n".join([*(m.get("content") or "" for m in req.messages), *calls])
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
@@ -73,7 +77,22 @@ def test_histories_grow_and_depend_on_the_previous_turn(name):
 def test_agent_loop_grows_long():
     reqs = build_workload("agent-loop", 32, 0)
     assert _tokens(_text(reqs[-1])) > 1500
-    assert json.loads(reqs[-1].messages[-2]["content"])["tool"]
+
+
+def test_agent_loop_sends_real_tools_and_results():
+    jsonschema = require_module("jsonschema")
+    reqs = build_workload("agent-loop", 32, 0)
+    assert all(r.tools == reqs[0].tools for r in reqs)  # the same tools each step: a shared prefix
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in reqs[0].tools}
+    last = reqs[-1].messages
+    calls = [m for m in last if m["role"] == "assistant"]
+    results = [m for m in last if m["role"] == "tool"]
+    assert len(calls) == len(results) >= 2
+    for call, result in zip(calls, results, strict=True):
+        (c,) = call["tool_calls"]
+        jsonschema.validate(json.loads(c["function"]["arguments"]), schemas[c["function"]["name"]])
+        assert result["tool_call_id"] == c["id"] and result["content"]
+    assert len({m["tool_calls"][0]["id"] for m in calls}) == len(calls)
 
 
 def test_no_sharing_unique_from_the_first_block():
@@ -96,11 +115,13 @@ def test_trace_loader(tmp_path):
     lines = [
         {"prompt": "hello", "arrival_time": 0.5, "max_tokens": 7},
         {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": []}], "tools": [{"type": "function"}]},
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    a, b = load_trace(path)
+    a, b, c = load_trace(path)
     assert (a.prompt, a.arrival_time, a.max_tokens) == ("hello", 0.5, 7)
     assert b.messages == ({"role": "user", "content": "hi"},) and b.arrival_time is None
+    assert c.tools == ({"type": "function"},) and c.messages[0]["tool_calls"] == []
     assert len(load_trace(path, limit=1)) == 1
 
 
@@ -112,6 +133,8 @@ def test_trace_loader(tmp_path):
         '{"prompt": "a", "max_tokens": 0}',
         '{"prompt": "a", "x": 1}',
         '{"messages": [{"role": "user"}]}',
+        '{"prompt": "a", "tools": []}',
+        '{"messages": [{"role": "user", "content": "a"}], "tools": {}}',
         "[1]",
         '{"prompt": "a", "arrival_time": -1}',
         "not json",
