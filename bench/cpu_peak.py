@@ -1,11 +1,13 @@
-"""This CPU's peak multiply-add rate: float32 FMA and bf16 VDPBF16PS, one thread and all threads.
+"""This CPU's peak multiply-add rate (float32 FMA, bf16 VDPBF16PS) and read bandwidth, one thread and all.
 
     .venv/bin/python bench/cpu_peak.py [--seconds 1.0]
 
 Builds a tiny C loop (24 independent accumulators, no memory traffic) with the system compiler, as
 kvserve/model/native.py builds the kernels, and runs it on 1 and on every OpenMP thread. The result bounds
 what any kernel can reach here: the README uses it for the warm-TTFT and batch-32 decode arguments of issue 3
-(attention and linears are multiply-add bound, so a ratio of FLOP counts over this rate is a floor on time).
+(attention and linears are multiply-add bound, so a ratio of FLOP counts over this rate is a floor on time),
+and bench/decode_attention.py for the floor of attention over a long context (max of its FLOPs over the
+peak and its KV bytes over the read bandwidth: a 1 GiB buffer summed with 512-bit loads, best pass).
 A third line runs the bf16 linear kernel's micro-tile (a copy of csrc/linear.c's inner loop, built with
 the kernels' flags) with its weights in cache, one thread: how close the inner loop itself comes to the
 peak, so what a whole linear loses beyond it is the weights' streaming, the tile edges and the threads'
@@ -15,6 +17,7 @@ hand-offs, not the loop.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import tempfile
@@ -102,29 +105,80 @@ static double tile_rate(double seconds) {
     free(w);
     return 2.0 * 8 * 48 * K * calls / (t - t0) / 1e9;
 }
+/* Read bandwidth from memory: every thread sums its share of a 1 GiB buffer (far past the caches) with
+ * 512-bit loads, best of several passes; GB/s of bytes read. */
+static double read_rate(int threads, double seconds) {
+    const long bytes = 1L << 30, n = bytes / 4;
+    float *buf = aligned_alloc(64, bytes);
+#pragma omp parallel for num_threads(threads)
+    for (long i = 0; i < n; i++) buf[i] = 1e-9f;
+    double best = 0, start = omp_get_wtime();
+    float sink = 0;
+    do {
+        double t0 = omp_get_wtime();
+        float part = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : part)
+        {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+            for (long i = 0; i < n; i += 64) {
+                a0 = _mm512_add_ps(a0, _mm512_load_ps(buf + i));
+                a1 = _mm512_add_ps(a1, _mm512_load_ps(buf + i + 16));
+                a2 = _mm512_add_ps(a2, _mm512_load_ps(buf + i + 32));
+                a3 = _mm512_add_ps(a3, _mm512_load_ps(buf + i + 48));
+            }
+            part += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        }
+        sink += part;
+        double rate = bytes / (omp_get_wtime() - t0) / 1e9;
+        if (rate > best) best = rate;
+    } while (omp_get_wtime() - start < seconds);
+    if (sink == 12345.0f) printf("%f\n", sink);
+    free(buf);
+    return best;
+}
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 1.0;
     int n = omp_get_max_threads();
-    printf("float32 FMA: %.0f GFLOP/s on 1 thread, %.0f on %d\n", run(0, 1, seconds), run(0, n, seconds), n);
-    printf("bf16 VDPBF16PS: %.0f GFLOP/s on 1 thread, %.0f on %d\n", run(1, 1, seconds), run(1, n, seconds), n);
+    double f1 = run(0, 1, seconds), fn = run(0, n, seconds), b1 = run(1, 1, seconds), bn = run(1, n, seconds);
+    double r1 = read_rate(1, seconds), rn = read_rate(n, seconds);
+    printf("float32 FMA: %.0f GFLOP/s on 1 thread, %.0f on %d\n", f1, fn, n);
+    printf("bf16 VDPBF16PS: %.0f GFLOP/s on 1 thread, %.0f on %d\n", b1, bn, n);
+    printf("read bandwidth (1 GiB, summed): %.1f GB/s on 1 thread, %.1f on %d\n", r1, rn, n);
     printf("bf16 linear micro-tile (8x48, weights in cache): %.0f GFLOP/s on 1 thread\n", tile_rate(seconds));
+    if (argc > 2) {
+        FILE *f = fopen(argv[2], "w");
+        if (!f) return 1;
+        fprintf(f, "{\"threads\": %d, \"fp32_gflops\": %.1f, \"bf16_gflops\": %.1f, \"read_gbs\": %.2f, "
+                   "\"fp32_gflops_1t\": %.1f, \"bf16_gflops_1t\": %.1f, \"read_gbs_1t\": %.2f}\n",
+                n, fn, bn, rn, f1, b1, r1);
+        fclose(f);
+    }
     return 0;
 }
 """
+
+
+def measure(seconds: float = 1.0, quiet: bool = False) -> dict[str, float]:
+    """{threads, fp32_gflops, bf16_gflops, read_gbs, and the same on one thread (_1t)}, measured now."""
+    cc = os.environ.get("CC", "gcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe, out = Path(tmp) / "peak.c", Path(tmp) / "peak", Path(tmp) / "peak.json"
+        src.write_text(SOURCE)
+        subprocess.run(
+            [cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", str(src), "-o", str(exe)], check=True
+        )
+        text = subprocess.run([str(exe), str(seconds), str(out)], check=True, capture_output=True, text=True).stdout
+        if not quiet:
+            print(text, end="")
+        return json.loads(out.read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     args = ap.parse_args()
-    cc = os.environ.get("CC", "gcc")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, exe = Path(tmp) / "peak.c", Path(tmp) / "peak"
-        src.write_text(SOURCE)
-        subprocess.run(
-            [cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", str(src), "-o", str(exe)], check=True
-        )
-        print(subprocess.run([str(exe), str(args.seconds)], check=True, capture_output=True, text=True).stdout, end="")
+    measure(args.seconds)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ static void *rand_buf(int64_t n, int e) {
 }
 
 /* One attention call: sequences of the given lengths (tokens already cached + new tokens), each with a block
- * table exactly as long as it needs, in one (S, max_blocks) array sized to the longest. */
-static void attention(int bf, int bs, int S, const int *cached, const int *fresh, int tile) {
+ * table exactly as long as it needs, in one (S, max_blocks) array sized to the longest. share: the first
+ * `share` blocks of every table are the same cache blocks (a shared prompt: the kernel's grouped items). */
+static void attention(int bf, int bs, int S, const int *cached, const int *fresh, int tile, int share) {
     const int H = 4, KVH = 2, hd = 64, e = bf ? 2 : 4;
     int max_blocks = 1, T = 0;
     for (int s = 0; s < S; ++s) {
@@ -81,7 +82,8 @@ static void attention(int bf, int bs, int S, const int *cached, const int *fresh
     int64_t *pos = malloc(sizeof(int64_t) * (size_t)T);
     int row = 0;
     for (int s = 0; s < S; ++s) {
-        for (int b = 0; b < max_blocks; ++b) tables[s * max_blocks + b] = (int32_t)((b * S + s) % nb); /* scattered */
+        for (int b = 0; b < max_blocks; ++b) /* scattered, but for the shared blocks */
+            tables[s * max_blocks + b] = (int32_t)((b * S + (b < share ? 0 : s)) % nb);
         segs[2 * s] = row, segs[2 * s + 1] = fresh[s];
         for (int t = 0; t < fresh[s]; ++t) pos[row++] = cached[s] + t;
     }
@@ -236,10 +238,15 @@ int main(void) {
         for (int i = 0; i < 5; ++i) {
             const int bs = block_sizes[i];
             const int cached[4] = {0, 7, 40, 100}, fresh[4] = {1, 1, 17, 70}; /* decode rows and prefill chunks */
-            attention(bf, bs, 4, cached, fresh, 64);
-            attention(bf, bs, 4, cached, fresh, 8);
+            attention(bf, bs, 4, cached, fresh, 64, 0);
+            attention(bf, bs, 4, cached, fresh, 8, 0);
             const int one_cached[1] = {130}, one_fresh[1] = {1};
-            attention(bf, bs, 1, one_cached, one_fresh, 64);
+            attention(bf, bs, 1, one_cached, one_fresh, 64, 0);
+            /* 40 decodes and two short suffixes over a shared 300-key prompt: grouped, cut into chunks */
+            int many_cached[42], many_fresh[42];
+            for (int s = 0; s < 42; ++s) many_cached[s] = 300 + s % 5, many_fresh[s] = s < 40 ? 1 : 9;
+            attention(bf, bs, 42, many_cached, many_fresh, 64, 300 / bs);
+            attention(bf, bs, 42, many_cached, many_fresh, 8, 300 / bs);
         }
     (void)bf16_attention;
     for (int bf = 0; bf < 2; ++bf) {

@@ -112,6 +112,49 @@ def test_rows_do_not_depend_on_batch_chunking_or_block_placement(dtype):
     assert torch.equal(_call(q, moved, [(new_table, 0, n)], scale), whole)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_sequences_sharing_blocks_get_the_bits_they_get_alone(dtype, bs):
+    """Decodes (and short suffixes) whose block tables share a prefix are attended together, each shared key
+    block loaded once for all of them (cascade attention): every row must keep its bits alone, and match brute
+    force. Covers: a deep shared prefix, sharers that diverge at different depths (mid-block and at an odd
+    16-key block), a sequence sharing only its first block, one sharing nothing, and more sharers than one
+    work item holds."""
+    kvh, G, hd, nb = 3, 3, 64, 400
+    gen = torch.Generator().manual_seed(5)
+    kv = _cache(kvh, nb, bs, hd, dtype, seed=6)
+    prefix = list(range(0, 2048 // bs))  # 2,048 shared keys
+    tail = iter(range(len(prefix), nb))
+    seqs = []
+    for i in range(40):  # 40 sharers of the whole prefix, each with one block of its own: decodes at 2,048 + i % 9
+        seqs.append((prefix + [next(tail)], 2048 + i % 9, 1))
+    cut = 1000 // bs  # shares 1,000 // bs blocks, then its own
+    seqs.append((prefix[:cut] + [next(tail) for _ in range(len(prefix) - cut + 1)], 2050, 1))
+    seqs.append((prefix[:1] + [next(tail) for _ in range(10)], 100, 1))  # the first block only
+    seqs.append(([next(tail) for _ in range(8)], 120, 1))  # nothing shared
+    seqs.append((prefix + [next(tail)], 2040, 12))  # a short suffix, ending inside the last shared block
+    T = sum(n for _, _, n in seqs)
+    q = torch.randn(T, kvh * G, hd, generator=gen).to(dtype)
+    scale = hd**-0.5
+    together = _call(q, kv, seqs, scale)
+    row = 0
+    for i, (table, start, n) in enumerate(seqs):
+        alone = _call(q[row : row + n], kv, [(table, start, n)], scale)
+        assert torch.equal(together[row : row + n], alone), i
+        if i % 10 == 0 or i >= 40:
+            ref = _brute(q[row : row + n].float(), kv, table, start, n, scale)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(alone.double(), ref, atol=tol, rtol=tol)
+        row += n
+    # the same batch in another order: the groups and their leaders change, no row's bits do
+    perm = list(range(len(seqs)))[::-1]
+    rows = [list(range(sum(n for _, _, n in seqs[:i]), sum(n for _, _, n in seqs[: i + 1]))) for i in range(len(seqs))]
+    order = [r for i in perm for r in rows[i]]
+    flipped = _call(q[order], kv, [seqs[i] for i in perm], scale)
+    assert torch.equal(flipped, together[order])
+
+
 def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))  # nothing cached there

@@ -9,6 +9,14 @@
  * thread that runs them, or on where the blocks live, so a row gets the same bits in any batch, chunking or
  * cache state (tests/unit/test_native_attention.py, tests/model/test_golden.py).
  *
+ * Shared prefixes ("cascade" attention): decodes and short suffixes whose block tables point at the same cache
+ * blocks for their first keys (one system prompt or document, found by comparing the tables: same block id =
+ * same content) are attended by one work item per KV head, or a few when the threads need more items: each
+ * shared key and value block is loaded (and transposed) once for the rows of every sequence in the item, and
+ * each sequence's own later blocks are loaded from its own table. A row still meets its key blocks in the
+ * same order, two at a time in pass 1 and one at a time in pass 2, with the same instructions, so sharing a
+ * load changes no bit of any row.
+ *
  * float32 caches (and bf16 caches on CPUs without AVX512-BF16) convert K/V to float32 and use float32
  * fused multiply-adds. bf16 caches on AVX512-BF16 CPUs use VDPBF16PS: q.k from the bf16 query and keys
  * (exact products, float32 sums, times the scale), and P.V from the weights rounded to bf16 (the exp sums
@@ -20,6 +28,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <limits.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -29,6 +38,8 @@
 #include "kvmath.h"
 
 #define KB 16
+#define MAX_GROUP 16 /* tiles per item at most when sequences share key blocks */
+#define MAX_ROWS 96  /* query rows per item at most (their scores and accumulators are the item's scratch) */
 
 /* A 32-bit word (a pair of bf16 values) from memory of another declared type, without aliasing trouble. */
 static inline int32_t ld32(const void *p) {
@@ -73,7 +84,18 @@ typedef struct {
     int32_t ntok;      /* tokens in the tile */
     int32_t seq;       /* row of the block table */
     int32_t kv_head;
+    int32_t member0;   /* its members (see Member) are members[member0 .. member0 + nmembers); the first is the */
+    int32_t nmembers;  /* tile above, the leader */
 } Item;
+
+/* One tile of a sequence attended together with others that read the same leading KV blocks (a shared system
+ * prompt or document): for key blocks b < shared (16-key blocks, an even count) its block table points at the
+ * same cache blocks as its item's leader, so those blocks are loaded once, from the leader's table, for the
+ * rows of every member that shares them; later blocks each member loads from its own table. */
+typedef struct {
+    int32_t row_start, ntok, seq;
+    int32_t shared; /* the leader: all of its blocks */
+} Member;
 
 /* Asks for the first FETCH_AHEAD key blocks of an item's K (part 0) or V (part 1) head. */
 static void prefetch_item(const Item *it, int part, const void *kv, int e, const int32_t *tables, int max_blocks,
@@ -475,15 +497,22 @@ static void softmax_weights(float *s, int nblk, float mx, float *l, int to_pairs
 #endif
 }
 
-/* One tile of tokens of one sequence against one KV head: rows = ntok * G query heads. */
-/* fetched: its first blocks were asked for while the previous item ran; next: the item whose blocks to ask for
- * meanwhile (or NULL). */
-static void attend_item(const Item *it, int fetched, const Item *next, const void *q, float scale, const void *kv,
-                        int is_bf16, const int32_t *tables, int max_blocks, const int64_t *pos, float *out, int H,
-                        int G, int KVH, int64_t nb, int bs, int hd, float *buf) {
-    const int nrows = it->ntok * G;
-    const int64_t maxpos = pos[it->row_start + it->ntok - 1];
-    const int nblk = (int)(maxpos / KB) + 1;
+/* Rows (of its members' tokens x G query heads, member after member) of one item against one KV head.
+ * fetched: its first blocks were asked for while the previous item ran; next: the item whose blocks to ask for
+ * meanwhile (or NULL). Each row takes exactly the operations it takes alone: key blocks in order, two at a time
+ * in pass 1, one at a time in pass 2, from whichever table holds them; so sharing a load changes no bit. */
+static void attend_item(const Item *it, const Member *members, int fetched, const Item *next, const void *q,
+                        float scale, const void *kv, int is_bf16, const int32_t *tables, int max_blocks,
+                        const int64_t *pos, float *out, int H, int G, int KVH, int64_t nb, int bs, int hd,
+                        float *buf) {
+    const Member *mem = members + it->member0;
+    const int nm = it->nmembers;
+    int nrows = 0, nblk = 0;
+    for (int m = 0; m < nm; ++m) {
+        nrows += mem[m].ntok * G;
+        const int mb = (int)(pos[mem[m].row_start + mem[m].ntok - 1] / KB) + 1;
+        nblk = mb > nblk ? mb : nblk;
+    }
     const int width = nblk * KB;
     float *scores = buf;                        /* nrows * width */
     float *kt = scores + (size_t)nrows * width; /* hd * 2 KB: two key blocks, transposed */
@@ -493,7 +522,6 @@ static void attend_item(const Item *it, int fetched, const Item *next, const voi
     float *qs = lanes + (size_t)nrows * KB;     /* nrows * hd: float32 queries times scale */
     const int pairs = KVSERVE_DPBF16 && is_bf16 && hd % 2 == 0;
     const int vpairs = pairs && hd % 16 == 0; /* P.V from bf16 weights too, as torch's bf16 flash kernel does */
-    const int32_t *table = tables + (size_t)it->seq * max_blocks;
     const int64_t head_stride = nb * bs * hd; /* elements between heads in the cache */
     const int64_t kofs = (int64_t)it->kv_head * head_stride;
     const int64_t vofs = ((int64_t)KVH + it->kv_head) * head_stride;
@@ -507,88 +535,139 @@ static void attend_item(const Item *it, int fetched, const Item *next, const voi
     const int per_step = (fnext.n * fnext.lines + nblk + (nblk + 1) / 2 - 1) / (nblk + (nblk + 1) / 2);
     const float *qrow[nrows];
     const uint16_t *qpair[nrows];
-    const float *epair[nrows]; /* a row's bf16 weight pairs, one 32-bit word per float slot's worth */
-    float *erow[nrows], *orow[nrows], *mrow[nrows], *srow1[nrows];
-    int64_t rpos[nrows], lim[nrows];
-    for (int r = 0; r < nrows; ++r) {
-        int t = r / G, g = r % G;
-        const int64_t qofs = ((int64_t)(it->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
-        float *qr = qs + (size_t)r * hd;
-        if (is_bf16) {
-            qpair[r] = (const uint16_t *)q + qofs;
-            for (int d = 0; d < hd; ++d) qr[d] = bf16_to_f32(((const uint16_t *)q)[qofs + d]) * scale;
-        } else {
-            for (int d = 0; d < hd; ++d) qr[d] = ((const float *)q)[qofs + d] * scale;
-        }
-        qrow[r] = qr;
-        rpos[r] = pos[it->row_start + t];
-        orow[r] = acc + (size_t)r * hd;
-        for (int j = 0; j < KB; ++j) lanes[r * KB + j] = -INFINITY;
+    float *orow[nrows];
+    int64_t rpos[nrows];
+    int rmem[nrows];      /* the member of each row */
+    int mfirst[nm + 1];   /* rows of member m: mfirst[m] .. mfirst[m + 1] */
+    int act[nrows];       /* the rows a block step computes (gathered into the pointer arrays below) */
+    const float *aq[nrows];
+    const uint16_t *aqp[nrows];
+    const float *aep[nrows]; /* bf16 weight pairs, one 32-bit word per float slot's worth */
+    float *ae[nrows], *as1[nrows], *am[nrows], *ao[nrows];
+    int64_t alim[nrows];
+    int r = 0;
+    for (int m = 0; m < nm; ++m) {
+        mfirst[m] = r;
+        for (int t = 0; t < mem[m].ntok; ++t)
+            for (int g = 0; g < G; ++g, ++r) {
+                const int64_t qofs = ((int64_t)(mem[m].row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
+                float *qr = qs + (size_t)r * hd;
+                if (is_bf16) {
+                    qpair[r] = (const uint16_t *)q + qofs;
+                    for (int d = 0; d < hd; ++d) qr[d] = bf16_to_f32(((const uint16_t *)q)[qofs + d]) * scale;
+                } else {
+                    for (int d = 0; d < hd; ++d) qr[d] = ((const float *)q)[qofs + d] * scale;
+                }
+                qrow[r] = qr;
+                rpos[r] = pos[mem[m].row_start + t];
+                rmem[r] = m;
+                orow[r] = acc + (size_t)r * hd;
+                for (int j = 0; j < KB; ++j) lanes[r * KB + j] = -INFINITY;
+            }
     }
-    /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time. Rows are in
-     * position order, so the rows whose last block comes before block b are a prefix of them: skipped. */
+    mfirst[nm] = r;
+    /* pass 1: scores, masked past each row's position, and lane maxima, two key blocks at a time: first the
+     * leader's blocks for every member that shares them, then each other member's own. */
     for (int b = 0; b < nblk; b += 2) {
-        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, maxpos);
-        prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, maxpos);
-        fetch_lines(&fnext, per_step);
-        if (pairs) {
+        for (int m = 0; m < nm; ++m) {
+            if (m > 0 && mem[m].shared > b) continue; /* loaded with the leader's */
+            const int64_t mpos = pos[mem[m].row_start + mem[m].ntok - 1];
+            if (mpos / KB < b) continue; /* this member has no block b */
+            const int32_t *table = tables + (size_t)mem[m].seq * max_blocks;
+            prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD, mpos);
+            prefetch_block(kv, e, kofs, table, bs, hd, b + FETCH_AHEAD + 1, mpos);
+            if (m == 0) fetch_lines(&fnext, per_step);
+            if (pairs) {
 #if KVSERVE_DPBF16
-            load_kpairs((uint32_t *)kt, 0, kv, kofs, table, bs, hd, b, maxpos);
-            load_kpairs((uint32_t *)kt, KB, kv, kofs, table, bs, hd, b + 1, maxpos);
+                load_kpairs((uint32_t *)kt, 0, kv, kofs, table, bs, hd, b, mpos);
+                load_kpairs((uint32_t *)kt, KB, kv, kofs, table, bs, hd, b + 1, mpos);
 #endif
-        } else {
-            load_block(kt, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b, maxpos);
-            load_block(kt + KB, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b + 1, maxpos); /* zeros past the end */
-        }
-        int first = 0;
-        while (first < nrows && rpos[first] / KB < b) ++first;
-        for (int r = first; r < nrows; ++r) {
-            erow[r] = scores + (size_t)r * width + b * KB;
-            srow1[r] = erow[r] + KB; /* written only when the row reaches block b + 1 (inside width) */
-            mrow[r] = lanes + r * KB;
-            lim[r] = rpos[r] - (int64_t)b * KB;
-        }
-        if (pairs) {
+            } else {
+                load_block(kt, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b, mpos);
+                load_block(kt + KB, 1, 2 * KB, kv, is_bf16, kofs, table, bs, hd, b + 1, mpos); /* zeros past it */
+            }
+            int na = 0;
+            for (int x = mfirst[m]; x < (m == 0 ? nrows : mfirst[m + 1]); ++x) {
+                if (m == 0 && rmem[x] > 0 && mem[rmem[x]].shared <= b) continue;
+                if (rpos[x] / KB < b) continue;
+                act[na++] = x;
+            }
+            for (int i = 0; i < na; ++i) {
+                const int x = act[i];
+                aq[i] = qrow[x];
+                aqp[i] = qpair[x];
+                ae[i] = scores + (size_t)x * width + b * KB;
+                as1[i] = ae[i] + KB; /* written only when the row reaches block b + 1 (inside width) */
+                am[i] = lanes + x * KB;
+                alim[i] = rpos[x] - (int64_t)b * KB;
+            }
+            if (na == 0) continue;
+            if (pairs) {
 #if KVSERVE_DPBF16
-            qk_pair_bf16(qpair + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first,
-                         (const uint32_t *)kt, hd, scale);
+                qk_pair_bf16(aqp, ae, as1, am, alim, na, (const uint32_t *)kt, hd, scale);
 #endif
-        } else {
-            qk_pair(qrow + first, erow + first, srow1 + first, mrow + first, lim + first, nrows - first, kt, hd);
+            } else {
+                qk_pair(aq, ae, as1, am, alim, na, kt, hd);
+            }
         }
     }
     /* pass 2: exp(score - max) over each row's own blocks, lane sums, P.V. The first values are asked for again
      * after a long pass 1, which may have pushed them out. */
     if (nblk > FETCH_AHEAD) prefetch_item(it, 1, kv, e, tables, max_blocks, pos, KVH, nb, bs, hd);
     memset(acc, 0, sizeof(float) * (size_t)nrows * hd);
-    for (int r = 0; r < nrows; ++r) {
+    for (int x = 0; x < nrows; ++x) {
         float mx = -INFINITY;
-        for (int j = 0; j < KB; ++j) mx = lanes[r * KB + j] > mx ? lanes[r * KB + j] : mx;
-        softmax_weights(scores + (size_t)r * width, (int)(rpos[r] / KB) + 1, mx, lanes + r * KB, vpairs);
+        for (int j = 0; j < KB; ++j) mx = lanes[x * KB + j] > mx ? lanes[x * KB + j] : mx;
+        softmax_weights(scores + (size_t)x * width, (int)(rpos[x] / KB) + 1, mx, lanes + x * KB, vpairs);
     }
     for (int b = 0; b < nblk; ++b) {
-        prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, maxpos);
-        fetch_lines(&fnext, per_step);
-        int first = 0;
-        while (first < nrows && rpos[first] / KB < b) ++first;
-        if (vpairs) {
+        for (int m = 0; m < nm; ++m) {
+            if (m > 0 && mem[m].shared > b) continue;
+            const int64_t mpos = pos[mem[m].row_start + mem[m].ntok - 1];
+            if (mpos / KB < b) continue;
+            const int32_t *table = tables + (size_t)mem[m].seq * max_blocks;
+            prefetch_block(kv, e, vofs, table, bs, hd, b + FETCH_AHEAD, mpos);
+            if (m == 0) fetch_lines(&fnext, per_step);
+            int na = 0;
+            for (int x = mfirst[m]; x < (m == 0 ? nrows : mfirst[m + 1]); ++x) {
+                if (m == 0 && rmem[x] > 0 && mem[rmem[x]].shared <= b) continue;
+                if (rpos[x] / KB < b) continue;
+                act[na++] = x;
+            }
+            if (na == 0) continue;
+            for (int i = 0; i < na; ++i) ao[i] = orow[act[i]];
+            if (vpairs) {
 #if KVSERVE_DPBF16
-            load_vpairs((uint32_t *)vb, kv, vofs, table, bs, hd, b, maxpos);
-            for (int r = first; r < nrows; ++r) epair[r] = scores + (size_t)r * width + b * (KB / 2);
-            pv_block_bf16(epair + first, orow + first, nrows - first, (const uint32_t *)vb, hd);
+                load_vpairs((uint32_t *)vb, kv, vofs, table, bs, hd, b, mpos);
+                for (int i = 0; i < na; ++i) aep[i] = scores + (size_t)act[i] * width + b * (KB / 2);
+                pv_block_bf16(aep, ao, na, (const uint32_t *)vb, hd);
 #endif
-        } else {
-            load_block(vb, 0, 0, kv, is_bf16, vofs, table, bs, hd, b, maxpos);
-            for (int r = first; r < nrows; ++r) erow[r] = scores + (size_t)r * width + b * KB;
-            pv_block(erow + first, orow + first, nrows - first, vb, hd);
+            } else {
+                load_block(vb, 0, 0, kv, is_bf16, vofs, table, bs, hd, b, mpos);
+                for (int i = 0; i < na; ++i) ae[i] = scores + (size_t)act[i] * width + b * KB;
+                pv_block(ae, ao, na, vb, hd);
+            }
         }
     }
-    for (int r = 0; r < nrows; ++r) {
+    for (int x = 0; x < nrows; ++x) {
         float den = 0.0f;
-        for (int j = 0; j < KB; ++j) den += lanes[r * KB + j];
-        float *dst = out + ((int64_t)(it->row_start + r / G) * H + (int64_t)it->kv_head * G + r % G) * hd;
-        for (int d = 0; d < hd; ++d) dst[d] = acc[(size_t)r * hd + d] / den;
+        for (int j = 0; j < KB; ++j) den += lanes[x * KB + j];
+        const Member *mm = &mem[rmem[x]];
+        const int t = (x - mfirst[rmem[x]]) / G, g = (x - mfirst[rmem[x]]) % G;
+        float *dst = out + ((int64_t)(mm->row_start + t) * H + (int64_t)it->kv_head * G + g) * hd;
+        for (int d = 0; d < hd; ++d) dst[d] = acc[(size_t)x * hd + d] / den;
     }
+}
+
+/* Key blocks (16 keys, an even count) that sequences a and b read from the same cache blocks, counted only
+ * where both have keys: block tables equal up to there. */
+static int shared_blocks(const int32_t *ta, int64_t pa, const int32_t *tb, int64_t pb, int bs) {
+    const int64_t keys = (pa < pb ? pa : pb) + 1; /* keys both sequences have */
+    int64_t same = 0;
+    while (same * bs < keys && ta[same] == tb[same]) ++same;
+    int64_t k = same * bs < keys ? same * bs : keys;
+    int blocks = (int)(k / KB);
+    return blocks & ~1;
 }
 
 /* Bit 0: bf16 caches take the VDPBF16PS path (their numbers differ from the float32-conversion path's). */
@@ -614,19 +693,102 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
         if (tile <= 8 || nitems >= 2 * nthreads) break;
         tile /= 2;
     }
-    Item *items = (Item *)malloc(sizeof(Item) * (nitems > 0 ? nitems : 1));
-    if (!items) return -1;
-    int n = 0;
+    /* Tiles; a sequence whose new tokens fit one tile (a decode, a short suffix) may join the group of an earlier
+     * such sequence whose first key blocks it reads from the same cache blocks. */
+    int ntiles = 0;
+    for (int s = 0; s < num_segs; ++s) ntiles += (segs[2 * s + 1] + tile - 1) / tile;
+    Member *tiles = (Member *)malloc(sizeof(Member) * (ntiles > 0 ? ntiles : 1));
+    Member *members = (Member *)malloc(sizeof(Member) * (ntiles > 0 ? ntiles : 1));
+    int *group = (int *)malloc(sizeof(int) * (ntiles > 0 ? ntiles : 1)); /* leader tile of each tile */
+    if (!tiles || !members || !group) {
+        free(tiles), free(members), free(group);
+        return -1;
+    }
+    int nt = 0;
     int64_t max_width = KB;
     for (int s = 0; s < num_segs; ++s) {
         for (int t0 = 0; t0 < segs[2 * s + 1]; t0 += tile) {
             int ntok = segs[2 * s + 1] - t0 < tile ? segs[2 * s + 1] - t0 : tile;
             int64_t w = (pos[segs[2 * s] + t0 + ntok - 1] / KB + 1) * KB;
             if (w > max_width) max_width = w;
-            for (int h = 0; h < KVH; ++h) items[n++] = (Item){segs[2 * s] + t0, ntok, s, h};
+            tiles[nt] = (Member){segs[2 * s] + t0, ntok, s, INT32_MAX};
+            group[nt] = segs[2 * s + 1] <= tile ? -1 : nt; /* -1: may join a group */
+            ++nt;
         }
     }
-    const int64_t rows = (int64_t)tile * G;
+    int largest = 1;
+    for (int i = 0; i < nt; ++i) {
+        if (group[i] != -1) continue;
+        group[i] = i;
+        int size = 1;
+        const int32_t *ti = tables + (size_t)tiles[i].seq * max_blocks;
+        const int64_t pi = pos[tiles[i].row_start + tiles[i].ntok - 1];
+        for (int j = i + 1; j < nt; ++j) {
+            if (group[j] != -1) continue;
+            const int32_t *tj = tables + (size_t)tiles[j].seq * max_blocks;
+            if (ti[0] != tj[0]) continue;
+            const int sb = shared_blocks(ti, pi, tj, pos[tiles[j].row_start + tiles[j].ntok - 1], bs);
+            if (sb < 2) continue;
+            group[j] = i;
+            tiles[j].shared = sb;
+            ++size;
+        }
+        largest = size > largest ? size : largest;
+    }
+    /* Items: each group cut into chunks of at most `cap` tiles and MAX_ROWS rows, times the KV heads; the cap is
+     * halved while that leaves fewer than two items per thread (a shared block is then read once per chunk). */
+    int cap = largest < MAX_GROUP ? largest : MAX_GROUP;
+    for (;;) {
+        nitems = 0;
+        for (int i = 0; i < nt; ++i) {
+            if (group[i] != i) continue;
+            int in_chunk = 0, rows = 0;
+            for (int j = i; j < nt; ++j) {
+                if (group[j] != i) continue;
+                const int r = tiles[j].ntok * G;
+                if (in_chunk == 0 || in_chunk == cap || rows + r > MAX_ROWS) nitems += KVH, in_chunk = 0, rows = 0;
+                ++in_chunk, rows += r;
+            }
+        }
+        if (cap <= 1 || nitems >= 2 * nthreads) break;
+        cap = (cap + 1) / 2;
+    }
+    Item *items = (Item *)malloc(sizeof(Item) * (nitems > 0 ? nitems : 1));
+    if (!items) {
+        free(tiles), free(members), free(group);
+        return -1;
+    }
+    int n = 0, nmem = 0, max_rows = 1;
+    for (int i = 0; i < nt; ++i) {
+        if (group[i] != i) continue;
+        int in_chunk = 0, rows = 0, first = 0, lead = i;
+        for (int j = i; j < nt; ++j) {
+            if (group[j] != i) continue;
+            const int r = tiles[j].ntok * G;
+            if (in_chunk == 0 || in_chunk == cap || rows + r > MAX_ROWS) { /* a new chunk, led by tile j */
+                if (in_chunk) {
+                    for (int h = 0; h < KVH; ++h) {
+                        const Member *l = &members[first];
+                        items[n++] = (Item){l->row_start, l->ntok, l->seq, h, first, nmem - first};
+                    }
+                }
+                first = nmem, lead = j, in_chunk = 0, rows = 0;
+                members[nmem] = tiles[j];
+                members[nmem++].shared = INT32_MAX;
+            } else { /* shares with the chunk's leader what both share with the group's leader */
+                members[nmem] = tiles[j];
+                const int32_t a = tiles[j].shared, c = tiles[lead].shared;
+                members[nmem++].shared = a < c ? a : c;
+            }
+            ++in_chunk, rows += r;
+            max_rows = rows > max_rows ? rows : max_rows;
+        }
+        for (int h = 0; h < KVH; ++h) {
+            const Member *l = &members[first];
+            items[n++] = (Item){l->row_start, l->ntok, l->seq, h, first, nmem - first};
+        }
+    }
+    const int64_t rows = max_rows;
     const size_t scratch = (size_t)(rows * max_width + 3 * (int64_t)hd * KB + 2 * rows * hd + rows * KB);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -644,11 +806,11 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
             const int fetched = i == predicted;
             predicted = i - nthreads;
             if (buf)
-                attend_item(&items[i], fetched, next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H, G, KVH,
-                            nb, bs, hd, buf);
+                attend_item(&items[i], members, fetched, next, q, scale, kv, is_bf16, tables, max_blocks, pos, out, H,
+                            G, KVH, nb, bs, hd, buf);
         }
         free(buf);
     }
-    free(items);
+    free(items), free(tiles), free(members), free(group);
     return failed ? -1 : 0;
 }
