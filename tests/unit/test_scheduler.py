@@ -223,3 +223,36 @@ def test_running_requests_keep_stepping_while_a_store_lookup_is_in_flight(tmp_pa
     for i, block in enumerate(stored):
         assert torch.equal(kv_tensor[:, :, :, table[i]], block)  # loaded into the pool before b's prefill
     tiers.close()
+
+
+def test_a_prefix_being_computed_is_waited_for_not_recomputed():
+    """Requests arriving together with one prompt prefix: the first computes it, the others wait for its blocks
+    and reuse them (each shared KV block computed once); an unrelated request behind them is not held up."""
+    sched, kv = make(num_blocks=64, budget=40)
+    a, b = req("a", list(range(30)) + [100]), req("b", list(range(30)) + [200])
+    c = req("c", range(500, 509))
+    for r in (a, b, c):
+        sched.add_request(r)
+    out = run_step(sched)
+    assert [s.request.request_id for s in out.scheduled] == ["a", "c"]  # b waits for a's blocks; c goes on
+    assert b.status == RequestStatus.WAITING
+    out = run_step(sched)
+    sb = [s for s in out.scheduled if s.request is b][0]
+    assert b.num_cached_tokens == 28 and sb.num_new_tokens == 3  # 7 of a's blocks, shared
+    assert kv.block_ids(a)[:7] == kv.block_ids(b)[:7]
+    assert a.num_prompt_tokens_computed + b.num_prompt_tokens_computed == 31 + 3
+
+
+def test_a_waiting_request_runs_when_the_request_computing_its_prefix_goes_away():
+    sched, _ = make(num_blocks=64, budget=8)
+    a, b = req("a", range(40)), req("b", list(range(40)) + [1])
+    sched.add_request(a)
+    sched.add_request(b)
+    run_step(sched)  # a computes 8 tokens; b waits for a's third block
+    assert b.status == RequestStatus.WAITING
+    sched.finish_request(a, RequestStatus.FINISHED_ABORTED)
+    run_step(sched)
+    assert b.status == RequestStatus.RUNNING and b.num_cached_tokens == 8  # what a published before it went
+    for _ in range(20):
+        run_step(sched)
+    assert b.num_output_tokens > 0
