@@ -208,3 +208,47 @@ def test_config_is_frozen():
     cfg = ModelConfig.from_hf_config(LLAMA3_CONFIG)
     with pytest.raises(AttributeError):
         cfg.hidden_size = 1  # type: ignore[misc]
+
+
+# A template with its own tool support (it reads `tools`, assistant `tool_calls` and `tool` messages), written
+# for this test in the shape Qwen2.5's takes: kvserve must hand it what transformers hands it.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant"
+    "{% for c in m.tool_calls %}\n<call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "</call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_with_tools_renders_them_as_transformers_does(tok, hf_tok):
+    """The server's chat rendering (kvserve/server/prompts.py) with a template that takes tools: the tools, the
+    assistant's tool_calls (arguments as objects) and the tool results go to the template itself, and the text
+    equals transformers' apply_chat_template on the same template."""
+    from kvserve.server.prompts import chat_text
+    from kvserve.server.protocol import ChatMessage, ToolDef
+
+    templated = Tokenizer(tok._backend, bos_token_id=0, eos_token_ids=(2,), chat_template=TOOLS_TEMPLATE)
+    assert templated.template_takes_tools and not tok.template_takes_tools
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 3}'},
+    ]
+    ours = chat_text([ChatMessage.model_validate(m) for m in messages], templated, tools=[ToolDef.model_validate(tool)])
+    hf_messages = [dict(m) for m in messages]
+    hf_messages[1] = {
+        **messages[1],
+        "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}],
+    }
+    expected = hf_tok.apply_chat_template(
+        hf_messages, tools=[tool], chat_template=TOOLS_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert ours == expected
+    assert '<call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</call>' in ours
