@@ -44,10 +44,11 @@ def attention_flops(cfg, keys: int) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     import cpu_peak
-    from offline import prefill_all, prompt_ids
+    from offline import prompt_ids
     from tqdm import tqdm
 
     from kvserve import LLM, SamplingParams
+    from kvserve.engine import NewRequest
     from kvserve.model import native
 
     peak = cpu_peak.measure(0.5, quiet=True)
@@ -67,23 +68,27 @@ def run(args: argparse.Namespace) -> dict:
     elem = 2 if args.dtype == "bfloat16" else 4
     flops_peak = (peak["bf16_gflops"] if bf16_kernel else peak["fp32_gflops"]) * 1e9
     read_bw = peak["read_gbs"] * 1e9
-    steps_total = 3 + args.steps
     rows = []
     cases = [(b, kind, L) for b in args.batches for kind in ("shared", "distinct") for L in args.contexts]
     cases = [c for c in cases if c[1] == "shared" or c[0] * c[2] <= args.max_distinct_tokens]
     salt = 1000
     for batch, kind, L in tqdm(cases, desc="cases"):
-        params = SamplingParams(temperature=0, max_tokens=steps_total + 1, ignore_eos=True)
+        # every sequence decodes through the timed steps (none finishes early); aborted after them
+        params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
         salt += 1
         if kind == "shared":
             base = prompt_ids(llm, L - 1, salt=salt)
-            prefill_all(eng, [base + [7]], SamplingParams(temperature=0, max_tokens=1))  # into the cache
+            eng.add_requests([NewRequest(base + [7], SamplingParams(temperature=0, max_tokens=1))])  # into the cache
             while eng.has_unfinished_requests():
                 eng.step()
             prompts = [base + [100 + i] for i in range(batch)]
         else:
             prompts = [prompt_ids(llm, L, salt=salt * 100 + i) for i in range(batch)]
-        prefill_all(eng, prompts, params)
+        ids = eng.add_requests([NewRequest(p, params) for p in prompts])
+        while eng.has_unfinished_requests():  # until every prompt is computed: then only decodes run
+            out = eng.step()
+            if all(len(o.outputs[0].token_ids) > 0 for o in out) and len(out) == batch:
+                break
         for _ in range(3):
             eng.step()
         steps, attn = [], []
@@ -96,6 +101,8 @@ def run(args: argparse.Namespace) -> dict:
             if lib is not None:
                 attn.append(lib.kvserve_layer_section_time(3))
                 lib.kvserve_layer_timing(0)
+        for rid in ids:
+            eng.abort(rid)
         while eng.has_unfinished_requests():
             eng.step()
         ctx = L + 3 + args.steps // 2  # mean context over the timed steps

@@ -282,6 +282,10 @@ def export_hf_model() -> None:
     gguf = model_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are plain tensors once loaded: drop the GGUF "quantizer" that refuses to save them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(HF_EXPORT, safe_serialization=True)
     tokenizer.save_pretrained(HF_EXPORT)
     config = json.loads((HF_EXPORT / "config.json").read_text())

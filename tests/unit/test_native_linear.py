@@ -273,3 +273,14 @@ def test_an_odd_bf16_width_keeps_the_unfused_path_and_plain_gate_up():
     ref = _reference_logits(cfg, weights, ids)
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 through 2 layers: a loose bound
+
+
+def test_bf16_linears_run_on_amx_where_the_cpu_has_it():
+    """On CPUs with AMX, bf16 linears (K a multiple of 32) run on AMX tiles: prefill and batched decode are
+    several times faster there than on VDPBF16PS (docs/benchmarks.md). Rows stay invariant (the tests above run
+    whichever path this machine takes)."""
+    from tests.conftest import require_cpu_flags
+
+    require_native_linear(torch.bfloat16)
+    require_cpu_flags("amx_tile", "amx_bf16")
+    assert native.load().kvserve_linear_features() & 4, "the kernel was built without AMX or refused the AMX state"

@@ -18,6 +18,10 @@
  * linear's outputs are, and the SwiGLU (swiglu16) uses kvmath.h's exp, so act has the bits of gate_up, then
  * SwiGLU.
  *
+ * bfloat16 on CPUs with AMX runs on AMX tiles instead (see KVSERVE_AMX below): the same packed panels, each
+ * output element one chain of TDPBF16PS steps over k in chunks of 32; its roundings differ from VDPBF16PS's,
+ * so a process uses one or the other for every bf16 linear.
+ *
  * Built with kvserve/model/csrc/paged_attention.c's flags (-ffp-contract=off: every fused multiply-add is
  * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
  */
@@ -25,6 +29,10 @@
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "kvmath.h"
@@ -45,8 +53,75 @@
 #define KVSERVE_LINEAR_F32 0
 #endif
 
-/* Bit 0: float32 linears available; bit 1: bfloat16 ones (VDPBF16PS). */
-int kvserve_linear_features(void) { return KVSERVE_LINEAR_F32 | KVSERVE_LINEAR_BF16; }
+#if KVSERVE_LINEAR_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KVSERVE_AMX 1
+#else
+#define KVSERVE_AMX 0
+#endif
+
+#if KVSERVE_AMX
+/* bfloat16 on CPUs with AMX: each output element is one chain of TDPBF16PS steps over k in chunks of 32, in
+ * order, from zero (then bias and residual as below), whatever the rows around it: a tile row's sums read only
+ * that row of x and the panel, so rows stay batch-invariant, M = 1 included. The packed panels are already
+ * AMX's B layout (for each pair of k, 16 columns' pairs in 64 bytes); 16 rows x 48 columns per tile step, three
+ * accumulator tiles. Used for every bf16 linear whose K is a multiple of 32 once the kernel grants this process
+ * the AMX state; otherwise VDPBF16PS for all of them (a process never mixes the two: their roundings differ). */
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_state = -1; /* -1: not asked yet; 1: granted; 0: refused */
+
+static int amx_granted(void) {
+    if (amx_state < 0) { /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA */
+        int ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+        __atomic_store_n(&amx_state, ok, __ATOMIC_SEQ_CST);
+    }
+    return amx_state;
+}
+
+/* Tiles 0-2: accumulators (rows x 16 floats), 3: x (rows x 32 bf16), 4-6: the panel's three 16-column slices. */
+static void amx_configure(int rows) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 4; ++t) c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
+    for (int t = 4; t < 7; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* Rows 0..mr-1 (as configured) of x times one panel -> c[m * NR + n]. */
+static void tile_amx(const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *wp, float *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(3, x + k, ldx * 2);
+        _tile_loadd(4, wp + k * NR, NR * 4);
+        _tile_loadd(5, wp + k * NR + 32, NR * 4);
+        _tile_loadd(6, wp + k * NR + 64, NR * 4);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+    }
+    _tile_stored(0, c, NR * 4);
+    _tile_stored(1, c + 16, NR * 4);
+    _tile_stored(2, c + 32, NR * 4);
+}
+#endif
+
+/* Bit 0: float32 linears available; bit 1: bfloat16 ones (VDPBF16PS); bit 2: bfloat16 ones on AMX (K % 32 == 0). */
+int kvserve_linear_features(void) {
+#if KVSERVE_AMX
+    const int amx = amx_granted() ? 4 : 0;
+#else
+    const int amx = 0;
+#endif
+    return KVSERVE_LINEAR_F32 | KVSERVE_LINEAR_BF16 | amx;
+}
 
 /* Output columns per packed panel (the Python side sizes the packed buffers with it). */
 int kvserve_linear_panel_width(void) { return NR; }
@@ -269,6 +344,30 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
             const int64_t n0 = p * NR, count = N - n0 < NR ? N - n0 : NR;
             const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
             const char *panel = (const char *)wp + p * panel_bytes;
+#if KVSERVE_AMX
+            if (bf && K % 32 == 0 && amx_granted()) {
+                float c[16 * NR];
+                int configured = 0;
+                for (int64_t m0 = b * MB; m0 < m1; m0 += 16) {
+                    const int rows = m1 - m0 < 16 ? (int)(m1 - m0) : 16;
+                    if (rows != configured) amx_configure(rows), configured = rows;
+                    tile_amx((const uint16_t *)x + m0 * ldx, ldx, K, (const uint16_t *)panel, c);
+                    for (int h = 0; h < rows; h += MR) { /* the epilogues take MR rows of accumulators at a time */
+                        const int mr = rows - h < MR ? rows - h : MR;
+                        for (int m = 0; m < mr; ++m)
+                            for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_loadu_ps(c + (h + m) * NR + 16 * v);
+                        const int64_t r0 = m0 + h;
+                        if (inter)
+                            store_swiglu(acc, mr, bf, (char *)y + r0 * inter * e, inter, p * HALF,
+                                         inter - p * HALF < HALF ? inter - p * HALF : HALF);
+                        else
+                            store_bf16(acc, mr, (uint16_t *)y + r0 * N, N, bias,
+                                       res ? (const uint16_t *)res + r0 * N : NULL, N, n0, count);
+                    }
+                }
+                continue;
+            }
+#endif
             for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
                 const int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR, tile = (int)((m0 - b * MB) / MR);
                 /* tiles 1-3: one of the next panel's three 64-byte lines per k each; tile 0 reads 8 KB ahead */
