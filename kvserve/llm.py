@@ -120,16 +120,38 @@ class LLM:
         *,
         use_tqdm: bool = False,
         cache_salt: str | None = None,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        """Apply the model's chat template to one conversation (or a list of them) and generate.
+
+        As vLLM's ``LLM.chat``: messages as OpenAI sends them (assistant ``tool_calls``, ``tool`` messages),
+        ``tools`` as OpenAI function tools (rendered by the template, or in kvserve's default Hermes format:
+        docs/structured-outputs.md#tool-calling), ``chat_template_kwargs`` passed to the template. The output is
+        the model's text; ask for a guaranteed call with ``SamplingParams(structured_outputs=...)``."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not conversations or any(not c for c in conversations):
             raise ValueError("messages must hold at least one message per conversation")
         for conversation in conversations:
             for m in conversation:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                    raise ValueError(f"each message needs a 'role' (string) and a 'content', got {m!r}")
-        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise ValueError(f"each message needs a 'role' (string), got {m!r}")
+                if "content" not in m and not m.get("tool_calls"):
+                    raise ValueError(f"each message needs a 'content' (or, from the assistant, 'tool_calls'): {m!r}")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        prompts = [
+            self.tokenizer.render_chat(
+                list(c),
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            for c in conversations
+        ]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm, cache_salt=cache_salt)
 

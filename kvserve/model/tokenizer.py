@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as FastTokenizer
 from kvserve.model.chat_template import compile_template, template_reads
 from kvserve.model.gguf_metadata import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
 from kvserve.model.gguf_vocab import byte_level_bpe, byte_level_inverse, register_added_tokens
+from kvserve.model.tool_format import native_messages, template_messages
 
 
 class Tokenizer:
@@ -177,6 +178,30 @@ class Tokenizer:
                 raise ValueError("continue_final_message: the last message's content is not in the rendered chat")
             text = text[: end + len(final)]
         return text
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """A conversation as OpenAI sends it (dicts: tool_calls, tool messages, tools as function dicts) through
+        the chat template: tools as the template takes them, or kvserve's default Hermes rendering when it has
+        no tool support (kvserve/model/tool_format.py)."""
+        if self.template_takes_tools:
+            messages, template_tools = native_messages(messages), tools
+        else:
+            messages, template_tools = template_messages(messages, tools), None
+        return self.apply_chat_template(
+            messages,
+            add_generation_prompt,
+            tools=template_tools,
+            continue_final_message=continue_final_message,
+            **kwargs,
+        )
 
     @property
     def template_takes_tools(self) -> bool:

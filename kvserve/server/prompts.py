@@ -25,7 +25,7 @@ from kvserve.server.protocol import (
     SamplingRequest,
     ToolDef,
 )
-from kvserve.server.tools import native_messages, template_messages, tool_constraint
+from kvserve.server.tools import tool_constraint
 
 
 @dataclass(frozen=True)
@@ -99,17 +99,17 @@ def chat_text(
 ) -> str:
     """The conversation through the model's chat template (a 400 naming messages if the template refuses it).
     Tools, tool calls and tool results go in as the template takes them, or in kvserve's default (Hermes)
-    format when it has no tool support (kvserve/server/tools.py)."""
+    format when it has no tool support (Tokenizer.render_chat)."""
     dicts = [m.template_dict() for m in messages]
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
-    if tokenizer.template_takes_tools:
-        dicts, template_tools = native_messages(dicts), tool_dicts
-    else:
-        dicts, template_tools = template_messages(dicts, tool_dicts), None
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _TEMPLATE_RESERVED}
     try:
-        return tokenizer.apply_chat_template(
-            dicts, add_generation_prompt, tools=template_tools, continue_final_message=continue_final_message, **kwargs
+        return tokenizer.render_chat(
+            dicts,
+            tools=tool_dicts,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **kwargs,
         )
     except (ValueError, TypeError, jinja2.TemplateError) as e:
         raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from None

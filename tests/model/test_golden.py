@@ -182,6 +182,38 @@ def test_chat_prompts_are_transformers_chat_template(ours, hf_tokenizer):
         assert out.outputs[0].token_ids == llm.generate([ids], params)[0].outputs[0].token_ids
 
 
+def test_chat_takes_tools_tool_history_and_vllm_options_as_the_server_does(ours):
+    """LLM.chat(tools=..., continue_final_message=...) renders exactly what the server's chat endpoint renders
+    for the same body: tool signatures, the assistant's earlier call as <tool_call> text and the tool result
+    as <tool_response> (the bundled template has no tool support: kvserve's default Hermes rendering)."""
+    from kvserve.server.prompts import chat_text
+    from kvserve.server.protocol import ChatMessage, ToolDef
+
+    llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=128)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    conv = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'},
+    ]
+    out = llm.chat(conv, params, tools=[tool])[0]
+    text = llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+    server = chat_text(
+        [ChatMessage.model_validate(m) for m in conv], llm.tokenizer, tools=[ToolDef.model_validate(tool)]
+    )
+    assert text == server
+    assert '{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert '<tool_response>\n{"temp_c": 18}\n</tool_response>' in text and text.endswith("<|im_start|>assistant\n")
+    start = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "It is sunny and"}]
+    cont = llm.chat(start, params, add_generation_prompt=False, continue_final_message=True)[0]
+    assert llm.tokenizer.decode(cont.prompt_token_ids, skip_special_tokens=False).endswith("It is sunny and")
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        llm.chat(start, params, continue_final_message=True)
+
+
 def test_bad_input_raises_clear_errors_and_leaks_nothing(ours):
     llm = LLM(loaded=ours, dtype="float32", num_kv_blocks=64, max_model_len=256)
     with pytest.raises(ValueError, match="max_model_len"):
