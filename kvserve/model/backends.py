@@ -29,10 +29,11 @@ class Backends:
     def tag(self, device: torch.device, dtype: torch.dtype) -> str:
         """Names the arithmetic KV blocks are computed with (KV at layer > 0 depends on every layer below):
         replicas sharing a KV store exchange only blocks made the same way."""
-        lin = f"-lin{native.LINEAR_ARITHMETIC}" if self.native_linear else ""
+        lib = native.load()
+        amx = dtype == torch.bfloat16 and lib is not None and lib.kvserve_linear_features() & 4  # rounds apart
+        lin = f"-lin{native.LINEAR_ARITHMETIC}" + ("-amx" if amx else "") if self.native_linear else ""
         if not self.native_attention:
             return f"torch-{device.type}{lin}"
-        lib = native.load()
         dp = dtype == torch.bfloat16 and lib is not None and lib.kvserve_attention_features() & 1
         return f"k{native.ARITHMETIC}" + ("-dpbf16" if dp else "") + lin
 

@@ -53,6 +53,8 @@ def test_backends_name_their_arithmetic_in_the_kv_store_tag():
         for lin in ("native", "onednn")
     }
     assert len(tags) == 4
+    bf16 = resolve_backends(CPU, torch.bfloat16, linear="native").tag(CPU, torch.bfloat16)
+    assert bf16.endswith("-amx") == bool(native.load().kvserve_linear_features() & 4)  # AMX linears round apart
 
 
 def test_onednn_is_refused_in_bfloat16_where_its_rows_depend_on_the_batch():
