@@ -1,4 +1,4 @@
-"""Tool calling: tools into the prompt, the model's tool-call text out as OpenAI tool_calls.
+"""Tool calling: the constraint that forces a call, and the model's tool-call text out as OpenAI tool_calls.
 
 The format is Hermes-style (the one Qwen2.5, Qwen3 and the Hermes models are trained on): each call is a JSON
 object ``{"name": ..., "arguments": {...}}`` between ``<tool_call>`` and ``</tool_call>`` lines. How tools,
