@@ -328,6 +328,24 @@ static void rows_bf16(int mr, const uint16_t *x, int64_t ldx, int64_t K, const u
 #endif
 
 #ifdef __AVX512F__
+/* A tile's accumulators (rows r0 .. r0 + mr - 1, panel p) out through the linear's epilogue: the SwiGLU
+ * activation (inter > 0), else y = acc + bias + residual in the dtype. */
+static inline void store_rows(__m512 acc[MR][3], int mr, int bf, int64_t r0, void *y, int64_t N, const void *bias,
+                              const void *res, int64_t p, int64_t inter) {
+    const int64_t n0 = p * NR, count = N - n0 < NR ? N - n0 : NR;
+    if (inter) {
+        store_swiglu(acc, mr, bf, (char *)y + r0 * inter * (bf ? 2 : 4), inter, p * HALF,
+                     inter - p * HALF < HALF ? inter - p * HALF : HALF);
+    } else if (bf) {
+#if KVSERVE_LINEAR_BF16
+        store_bf16(acc, mr, (uint16_t *)y + r0 * N, N, bias, res ? (const uint16_t *)res + r0 * N : NULL, N, n0,
+                   count);
+#endif
+    } else {
+        store_f32(acc, mr, (float *)y + r0 * N, N, bias, res ? (const float *)res + r0 * N : NULL, N, n0, count);
+    }
+}
+
 /* The blocked loop both dtypes share (e: bytes per element): (row block, panel) pairs split over the threads,
  * each pair's rows in tiles of MR; tiles of one panel after the first prefetch the next panel. */
 static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t N,
@@ -341,7 +359,6 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
         for (int64_t j = 0; j < np; ++j) {
             const int64_t b = panel_major ? (i * np + j) % nb : i, p = panel_major ? (i * np + j) / nb : j;
             __m512 acc[MR][3];
-            const int64_t n0 = p * NR, count = N - n0 < NR ? N - n0 : NR;
             const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
             const char *panel = (const char *)wp + p * panel_bytes;
 #if KVSERVE_AMX
@@ -356,13 +373,7 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
                         const int mr = rows - h < MR ? rows - h : MR;
                         for (int m = 0; m < mr; ++m)
                             for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_loadu_ps(c + (h + m) * NR + 16 * v);
-                        const int64_t r0 = m0 + h;
-                        if (inter)
-                            store_swiglu(acc, mr, bf, (char *)y + r0 * inter * e, inter, p * HALF,
-                                         inter - p * HALF < HALF ? inter - p * HALF : HALF);
-                        else
-                            store_bf16(acc, mr, (uint16_t *)y + r0 * N, N, bias,
-                                       res ? (const uint16_t *)res + r0 * N : NULL, N, n0, count);
+                        store_rows(acc, mr, bf, m0 + h, y, N, bias, res, p, inter);
                     }
                 }
                 continue;
@@ -375,19 +386,11 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
                 if (bf) {
 #if KVSERVE_LINEAR_BF16
                     rows_bf16(mr, (const uint16_t *)x + m0 * ldx, ldx, K, (const uint16_t *)panel, pf, tile == 0, acc);
-                    if (!inter)
-                        store_bf16(acc, mr, (uint16_t *)y + m0 * N, N, bias,
-                                   res ? (const uint16_t *)res + m0 * N : NULL, N, n0, count);
 #endif
                 } else {
                     rows_f32(mr, (const float *)x + m0 * ldx, ldx, K, (const float *)panel, pf, tile == 0, acc);
-                    if (!inter)
-                        store_f32(acc, mr, (float *)y + m0 * N, N, bias, res ? (const float *)res + m0 * N : NULL, N,
-                                  n0, count);
                 }
-                if (inter)
-                    store_swiglu(acc, mr, bf, (char *)y + m0 * inter * e, inter, p * HALF,
-                                 inter - p * HALF < HALF ? inter - p * HALF : HALF);
+                store_rows(acc, mr, bf, m0, y, N, bias, res, p, inter);
             }
         }
 }

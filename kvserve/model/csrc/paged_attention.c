@@ -670,6 +670,43 @@ static int shared_blocks(const int32_t *ta, int64_t pa, const int32_t *tb, int64
     return blocks & ~1;
 }
 
+/* The items for groups cut into chunks of at most `cap` tiles and MAX_ROWS rows (a tile that alone has more
+ * rows is a chunk of its own), times the KV heads. Returns how many; with out, writes them and their members
+ * (a chunk's first tile leads it; a member shares with it what both share with the group's leader).
+ * *max_rows: the most rows in one item. */
+static int plan_items(const Member *tiles, const int *group, int nt, int cap, int G, int KVH, Item *out,
+                      Member *members, int *max_rows) {
+    int n = 0, nmem = 0;
+    *max_rows = 1;
+    for (int i = 0; i < nt; ++i) {
+        if (group[i] != i) continue;
+        int in_chunk = 0, rows = 0, first = 0, lead = i;
+        for (int j = i; j <= nt; ++j) {
+            if (j < nt && group[j] != i) continue;
+            const int r = j < nt ? tiles[j].ntok * G : 0;
+            if (j == nt || (in_chunk > 0 && (in_chunk == cap || rows + r > MAX_ROWS))) { /* close the chunk */
+                for (int h = 0; h < KVH; ++h, ++n)
+                    if (out) {
+                        const Member *l = &members[first];
+                        out[n] = (Item){l->row_start, l->ntok, l->seq, h, first, nmem - first};
+                    }
+                if (j == nt) break;
+                in_chunk = 0, rows = 0;
+            }
+            if (in_chunk == 0) { /* tile j leads a new chunk */
+                first = nmem, lead = j;
+                if (out) members[nmem] = tiles[j], members[nmem].shared = INT32_MAX;
+            } else if (out) {
+                const int32_t a = tiles[j].shared, c = tiles[lead].shared;
+                members[nmem] = tiles[j], members[nmem].shared = a < c ? a : c;
+            }
+            ++nmem, ++in_chunk, rows += r;
+            *max_rows = rows > *max_rows ? rows : *max_rows;
+        }
+    }
+    return n;
+}
+
 /* Bit 0: bf16 caches take the VDPBF16PS path (their numbers differ from the float32-conversion path's). */
 int kvserve_attention_features(void) { return KVSERVE_DPBF16; }
 
@@ -737,19 +774,9 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
     }
     /* Items: each group cut into chunks of at most `cap` tiles and MAX_ROWS rows, times the KV heads; the cap is
      * halved while that leaves fewer than two items per thread (a shared block is then read once per chunk). */
-    int cap = largest < MAX_GROUP ? largest : MAX_GROUP;
+    int cap = largest < MAX_GROUP ? largest : MAX_GROUP, max_rows = 1;
     for (;;) {
-        nitems = 0;
-        for (int i = 0; i < nt; ++i) {
-            if (group[i] != i) continue;
-            int in_chunk = 0, rows = 0;
-            for (int j = i; j < nt; ++j) {
-                if (group[j] != i) continue;
-                const int r = tiles[j].ntok * G;
-                if (in_chunk == 0 || in_chunk == cap || rows + r > MAX_ROWS) nitems += KVH, in_chunk = 0, rows = 0;
-                ++in_chunk, rows += r;
-            }
-        }
+        nitems = plan_items(tiles, group, nt, cap, G, KVH, NULL, NULL, &max_rows);
         if (cap <= 1 || nitems >= 2 * nthreads) break;
         cap = (cap + 1) / 2;
     }
@@ -758,36 +785,7 @@ int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_b
         free(tiles), free(members), free(group);
         return -1;
     }
-    int n = 0, nmem = 0, max_rows = 1;
-    for (int i = 0; i < nt; ++i) {
-        if (group[i] != i) continue;
-        int in_chunk = 0, rows = 0, first = 0, lead = i;
-        for (int j = i; j < nt; ++j) {
-            if (group[j] != i) continue;
-            const int r = tiles[j].ntok * G;
-            if (in_chunk == 0 || in_chunk == cap || rows + r > MAX_ROWS) { /* a new chunk, led by tile j */
-                if (in_chunk) {
-                    for (int h = 0; h < KVH; ++h) {
-                        const Member *l = &members[first];
-                        items[n++] = (Item){l->row_start, l->ntok, l->seq, h, first, nmem - first};
-                    }
-                }
-                first = nmem, lead = j, in_chunk = 0, rows = 0;
-                members[nmem] = tiles[j];
-                members[nmem++].shared = INT32_MAX;
-            } else { /* shares with the chunk's leader what both share with the group's leader */
-                members[nmem] = tiles[j];
-                const int32_t a = tiles[j].shared, c = tiles[lead].shared;
-                members[nmem++].shared = a < c ? a : c;
-            }
-            ++in_chunk, rows += r;
-            max_rows = rows > max_rows ? rows : max_rows;
-        }
-        for (int h = 0; h < KVH; ++h) {
-            const Member *l = &members[first];
-            items[n++] = (Item){l->row_start, l->ntok, l->seq, h, first, nmem - first};
-        }
-    }
+    plan_items(tiles, group, nt, cap, G, KVH, items, members, &max_rows);
     const int64_t rows = max_rows;
     const size_t scratch = (size_t)(rows * max_width + 3 * (int64_t)hd * KB + 2 * rows * hd + rows * KB);
     int failed = 0;
