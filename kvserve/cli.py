@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import typing
 
@@ -116,7 +117,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        threads=args.threads,
     )
+    if args.replicas > 1:  # Ray is imported only here
+        from kvserve.fleet.launch import FleetOptions, run_fleet
+
+        fleet = FleetOptions(args.replicas, args.routing, args.ray_address, args.ray_dashboard)
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_fleet(engine_config(args), options, fleet)
+        return 0
     run_server(engine_config(args), options)
     return 0
 
@@ -164,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: MODEL)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads for the engine(s) (default: every core)")
+    fleet = srv.add_argument_group("fleet (Ray Serve)")
+    fleet.add_argument(
+        "--replicas", type=int, default=1, help="engine replicas behind one endpoint (>= 2 starts Ray Serve)"
+    )
+    fleet.add_argument(
+        "--routing",
+        default="cache-aware",
+        choices=["round-robin", "least-load", "prefix-aware", "cache-aware"],
+        help="how the fleet picks a replica (docs/scale-out.md)",
+    )
+    fleet.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one locally")
+    fleet.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard (off by default)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

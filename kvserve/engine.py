@@ -24,6 +24,7 @@ from kvserve.batch import ScheduledRequest, SchedulerOutput
 from kvserve.builder import build_parts, build_tiers
 from kvserve.config import EngineConfig
 from kvserve.errors import InvalidRequestError
+from kvserve.kv.events import KVEventBatch, KVEventLog
 from kvserve.model.backends import Backends
 from kvserve.model.batch import ModelOutput
 from kvserve.model.config import ModelConfig
@@ -146,6 +147,19 @@ class LLMEngine:
         """Assert the KV pool's and cache manager's invariants (no leaked, double-freed or shared-mutable
         block; ref counts equal block-table references). For tests and debugging."""
         self._parts.kv.check_invariants()
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block: the unit of the prefix cache's hash chain (kvserve/kv/hashing.py)."""
+        return self._config.block_size
+
+    def drain_kv_events(self) -> KVEventBatch | None:
+        """Blocks the prefix cache stored and removed since the last call (kvserve/kv/events.py), or None when
+        nothing changed. The first call turns recording on (its batch says `reset`: start from nothing)."""
+        pool = self._parts.pool
+        if pool.events is None:
+            pool.events = KVEventLog()
+        return pool.events.drain()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no request holds (benchmarks measuring cold prefill)."""

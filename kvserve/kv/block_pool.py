@@ -14,6 +14,8 @@ the rank it had. Only when no other evictable block is left (every cached child 
 referenced) is a parent taken anyway; its orphaned children reconnect as soon as the parent's content is cached
 again, since addresses are content hashes.
 `on_evict(block)` runs just before a victim's hash is dropped, while its KV is still intact (the tier hook).
+`events`, when set, hears of every block indexed and every indexed block dropped (kvserve/kv/events.py: what a
+replica tells the fleet's router).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
+from kvserve.kv.events import KVEventLog
 from kvserve.kv.eviction import EvictionPolicy, LRUPolicy
 from kvserve.kv.hashing import BlockHash
 
@@ -62,6 +65,7 @@ class BlockPool:
         self._cached: dict[BlockHash, Block] = {}
         self.num_evictions = 0
         self.on_evict: Callable[[Block], None] | None = None
+        self.events: KVEventLog | None = None
 
     # ----------------------------------------------------------------------------------------------- queries
     @property
@@ -112,6 +116,8 @@ class BlockPool:
             block = self._parents.pop(next(iter(self._parents)))
         if self.on_evict is not None:
             self.on_evict(block)
+        if self.events is not None:
+            self.events.removed(block.block_hash)
         del self._cached[block.block_hash]
         self._drop_child(block.parent_hash)
         block.block_hash = block.token_ids = block.parent_hash = None
@@ -185,6 +191,8 @@ class BlockPool:
         block.hits = max(block.hits, 1)
         self._cached[block_hash] = block
         self._add_child(parent_hash)
+        if self.events is not None:
+            self.events.stored(block_hash)
         return True
 
     def cached_block(self, block_hash: BlockHash) -> Block | None:

@@ -141,6 +141,17 @@ def load_model(model: str) -> LoadedModel:
     return _load_hf_dir(model, path)
 
 
+def load_tokenizer(model: str) -> Tokenizer:
+    """Only the tokenizer (and chat template) of ``model``, without reading its weights: for a process that
+    tokenizes for engines elsewhere (the fleet's ingress)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    from gguf import GGUFReader
+
+    return Tokenizer.from_gguf(GGUFReader(str(path)))
+
+
 def _load_gguf(name: str, path: Path) -> LoadedModel:
     from gguf import GGUFReader  # imported lazily: only GGUF loading needs it
 

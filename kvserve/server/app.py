@@ -28,6 +28,7 @@ from kvserve.config import EngineConfig
 from kvserve.model.loader import LoadedModel
 from kvserve.server import serving
 from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.engine_client import EngineClient
 from kvserve.server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -73,16 +74,37 @@ def build_app(
     async_engine = AsyncEngine.from_config(
         engine_config, loaded=loaded, max_waiting_requests=max_waiting_requests, metrics=metrics
     )
-    routes = _Routes(async_engine, served_model_name or engine_config.model)
+    return make_app(
+        async_engine,
+        served_model_name or engine_config.model,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        metrics=metrics,
+    )
+
+
+def make_app(
+    client: EngineClient,
+    model_name: str,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: ServerMetrics | None = None,
+) -> FastAPI:
+    """The HTTP API over an engine client: one AsyncEngine (build_app), or a fleet of replicas behind Ray
+    Serve (kvserve/fleet/ingress.py); the client starts and stops with the app."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    routes = _Routes(client, model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
+        client.start()
         yield
-        async_engine.shutdown()
+        client.shutdown()
 
     app = FastAPI(title="kvserve", version=__version__, lifespan=lifespan)
-    app.state.async_engine = async_engine
+    app.state.async_engine = client
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
@@ -97,7 +119,7 @@ def build_app(
     app.add_api_route("/detokenize", routes.detokenize, methods=post, openapi_extra=_json_body(DetokenizeRequest))
     app.add_api_route("/v1/models", routes.models, methods=get)
     app.add_api_route("/health", routes.health, methods=get)
-    app.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=get)
+    app.add_api_route("/metrics", routes.metrics, methods=get)
     app.add_api_route("/version", lambda: {"version": __version__}, methods=get)
     return app
 
@@ -105,14 +127,13 @@ def build_app(
 class _Routes:
     """The handlers, and what they share: the engine, the names it answers to, a request's limits."""
 
-    def __init__(self, async_engine: AsyncEngine, model_name: str):
-        engine = async_engine.engine
-        limits = engine.limits()
-        self.async_engine = async_engine
+    def __init__(self, client: EngineClient, model_name: str):
+        limits = client.limits()
+        self.async_engine = client
         self.model_name = model_name
-        self.accepted_names = {model_name, *engine.model_names}
+        self.accepted_names = {model_name, *client.model_names}
         self.limits = Limits(limits.max_model_len, limits.kv_capacity_tokens)
-        self.tokenizer = engine.get_tokenizer()
+        self.tokenizer = client.get_tokenizer()
         self.vocab_size = limits.vocab_size
 
     async def completions(self, request: Request) -> Response:
@@ -163,10 +184,13 @@ class _Routes:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.limits.max_model_len)])
 
     async def health(self) -> JSONResponse:
-        if not self.async_engine.is_healthy:
-            reason = self.async_engine.dead_reason or "not started"
-            raise ServiceUnavailableError(f"the engine is not running: {reason}")
-        return JSONResponse({"status": "ok"})
+        healthy, reason, details = await self.async_engine.health()
+        if not healthy:
+            raise ServiceUnavailableError(f"the engine is not running: {reason or 'not started'}")
+        return JSONResponse({"status": "ok", **details})
+
+    async def metrics(self) -> Response:
+        return Response(await self.async_engine.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name not in self.accepted_names:
@@ -200,6 +224,7 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     served_model_name: str | None = None
     log_level: str = "info"
+    threads: int | None = None  # CPU threads for the engine (a fleet splits them between its replicas)
 
 
 def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
@@ -208,6 +233,10 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     api_key = options.api_key or os.environ.get("KVSERVE_API_KEY") or None
     if not api_key and not _is_loopback(options.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", options.host)
+    if options.threads is not None:
+        import torch
+
+        torch.set_num_threads(options.threads)
     app = build_app(
         engine_config,
         api_key=api_key,

@@ -19,12 +19,14 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvserve.config import EngineConfig
-from kvserve.engine import LLMEngine, NewRequest
+from kvserve.engine import EngineLimits, LLMEngine, NewRequest
 from kvserve.model.loader import LoadedModel
+from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.metrics import ServerMetrics
@@ -78,10 +80,16 @@ class AsyncEngine:
         *,
         max_waiting_requests: int = 512,
         metrics: ServerMetrics | None = None,
+        kv_event_sink: Callable[[Any], None] | None = None,
     ):
+        """kv_event_sink: called on the engine thread with each batch of the prefix cache's KV events
+        (LLMEngine.drain_kv_events; an engine replica hands them to the fleet's router)."""
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         self.engine = engine
+        self._kv_event_sink = kv_event_sink
+        if kv_event_sink is not None:  # record from the first request on (the first batch says `reset`)
+            kv_event_sink(engine.drain_kv_events())
         self.max_waiting_requests = max_waiting_requests
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
@@ -100,12 +108,13 @@ class AsyncEngine:
         loaded: LoadedModel | None = None,
         max_waiting_requests: int = 512,
         metrics: ServerMetrics | None = None,
+        kv_event_sink: Callable[[Any], None] | None = None,
     ) -> AsyncEngine:
         """Load the model and build its engine (the step thread starts with start())."""
         if max_waiting_requests < 1:  # before the model loads
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         engine = LLMEngine(config, loaded=loaded)
-        return cls(engine, max_waiting_requests=max_waiting_requests, metrics=metrics)
+        return cls(engine, max_waiting_requests=max_waiting_requests, metrics=metrics, kv_event_sink=kv_event_sink)
 
     # ------------------------------------------------------------------------------- event-loop side
     def start(self) -> None:
@@ -134,6 +143,23 @@ class AsyncEngine:
     @property
     def dead_reason(self) -> str | None:
         return self._dead
+
+    # EngineClient (kvserve/server/engine_client.py): what the HTTP routes read
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.engine.model_names
+
+    def limits(self) -> EngineLimits:
+        return self.engine.limits()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.get_tokenizer()
+
+    async def health(self) -> tuple[bool, str | None, dict[str, Any]]:
+        return self.is_healthy, self.dead_reason, {}
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     async def add(
         self,
@@ -178,6 +204,8 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())
                 self.metrics.set_snapshot(engine.get_stats())
+                if self._kv_event_sink is not None and (batch := engine.drain_kv_events()) is not None:
+                    self._kv_event_sink(batch)
         except BaseException as exc:  # noqa: BLE001 - any escape leaves the engine in an unknown state
             log.exception("the engine loop died; failing every request")
             self._close(f"{type(exc).__name__}: {exc}", abort=False)

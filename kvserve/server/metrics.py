@@ -185,6 +185,11 @@ class ServerMetrics:
     def set_snapshot(self, snapshot: EngineStats) -> None:
         self._snapshot = snapshot
 
+    @property
+    def snapshot(self) -> EngineStats:
+        """The engine's counters and gauges as last set (readable from any thread)."""
+        return self._snapshot
+
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 

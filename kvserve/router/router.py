@@ -1,0 +1,58 @@
+"""Router: a routing policy over the fleet's block index, with the counters the ingress exports.
+
+  route(request, loads)   -> Decision; the decision's blocks are claimed for the chosen replica at once
+  apply(replica, batch)   KV events from a replica's engine (kvserve/kv/events.py)
+  set_replicas(names)     the live replicas: everyone else's entries are forgotten
+
+No Ray here: kvserve/fleet/ray_router.py calls it from Ray Serve's RequestRouter, bench/routing.py from its
+simulator, the unit tests directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from kvserve.kv.events import KVEventBatch, block_key
+from kvserve.kv.hashing import hash_block_chain
+from kvserve.router.index import BlockIndex
+from kvserve.router.policies import Decision, ReplicaLoad, RouteRequest, RoutingPolicy, make_policy
+
+
+def request_keys(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None) -> list[int]:
+    """The block keys of a prompt's full blocks, exactly as the engines compute them (salt included)."""
+    extra = (cache_salt,) if cache_salt else ()
+    return [block_key(h) for h in hash_block_chain(token_ids, block_size, extra)]
+
+
+class Router:
+    def __init__(self, policy: RoutingPolicy | str, block_size: int):
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.block_size = block_size
+        self.index = BlockIndex()
+        self.decisions: Counter[str] = Counter()  # reason -> count
+        self.matched_tokens = 0  # prompt tokens routed to a replica that held them
+        self.lost_batches = 0  # KV event batches found missing (the replica's entries were relearned)
+
+    def request(self, token_ids: Sequence[int], cache_salt: str | None = None) -> RouteRequest:
+        return RouteRequest(request_keys(token_ids, self.block_size, cache_salt), len(token_ids), self.block_size)
+
+    def route(self, request: RouteRequest, loads: Sequence[ReplicaLoad]) -> Decision:
+        if not loads:
+            raise ValueError("no replica to route to")
+        matches = self.index.match(request.block_keys)
+        decision = self.policy.choose(request, loads, matches)
+        self.index.add(decision.replica, request.block_keys)
+        self.decisions[decision.reason] += 1
+        self.matched_tokens += decision.matched_tokens
+        return decision
+
+    def apply(self, replica: str, batch: KVEventBatch) -> None:
+        if not self.index.apply(replica, batch):
+            self.lost_batches += 1
+
+    def set_replicas(self, replicas: Iterable[str]) -> None:
+        live = set(replicas)
+        for name in self.index.replicas:
+            if name not in live:
+                self.index.forget(name)
