@@ -80,6 +80,7 @@ class EngineStats:
     num_blocks: int = 0
     num_running: int = 0
     num_waiting: int = 0
+    num_queued_tokens: int = 0  # prompt tokens of waiting and running requests not computed yet (a router's load)
     tiers: dict[str, TierCounters] = field(default_factory=dict)  # KV tiers below the pool, by name
     host_tier_bytes: int = 0
     checkpoints: CheckpointCounters | None = None  # hybrid models only

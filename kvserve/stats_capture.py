@@ -27,6 +27,7 @@ def capture_stats(
         num_blocks=parts.num_blocks,
         num_running=len(scheduler.running),
         num_waiting=len(scheduler.waiting),
+        num_queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in (*scheduler.running, *scheduler.waiting)),
         tiers=_tier_counters(tiers),
         host_tier_bytes=tiers.host.bytes_held if tiers is not None and tiers.host is not None else 0,
         checkpoints=_checkpoints(parts.recurrent),

@@ -34,6 +34,7 @@ class KVServeRequestRouter(RequestRouter):
     # Serve probes a chosen replica's queue length before sending; an engine replica busy with a step can take
     # longer than the default 0.1 s to answer on 2 cores, and a missed deadline costs a routing retry
     queue_len_response_deadline_s = 0.5
+
     def initialize_state(
         self, policy: str = "cache-aware", block_size: int = 16, state_name: str = "", state_namespace: str = ""
     ) -> None:
@@ -43,6 +44,7 @@ class KVServeRequestRouter(RequestRouter):
         self._cursor = 0
         self._last_pull = 0.0
         self._loads: dict[str, Any] = {}  # replica -> EngineStats
+        self._versions: dict[str, int] = {}  # replica -> reports seen
         self._in_flight: Tally[str] = Tally()
         self._routed: dict[str, str] = {}  # internal request id -> replica
 
@@ -65,6 +67,10 @@ class KVServeRequestRouter(RequestRouter):
             if replica in self._replicas_by_name():
                 self._router.apply(replica, batch)
         self._loads = pulled.stats
+        for replica, version in pulled.versions.items():
+            if self._versions.get(replica) != version:
+                self._versions[replica] = version
+                self._router.reported(replica)  # its queued tokens now include what we sent before
         router_metrics.ROUTER_METRICS.index_blocks.set(len(self._router.index))
 
     def _replicas_by_name(self) -> dict[str, RunningReplica]:
@@ -94,6 +100,7 @@ class KVServeRequestRouter(RequestRouter):
             name,
             running=stats.num_running,
             waiting=stats.num_waiting,
+            queued_tokens=stats.num_queued_tokens,
             kv_usage=stats.kv_cache_usage,
             in_flight=self._in_flight[name],
         )

@@ -28,6 +28,7 @@ class Pulled:
     cursor: int  # pass it to the next pull
     batches: list[tuple[str, KVEventBatch]]  # (replica, batch), in arrival order
     stats: dict[str, EngineStats]  # latest stats of every live replica
+    versions: dict[str, int]  # how many reports each live replica has made (a change = fresh stats)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class _Replica:
     stats: EngineStats | None = None
     metrics: bytes = b""
     seen: float = 0.0
+    reports: int = 0
 
 
 class FleetState:
@@ -65,6 +67,7 @@ class FleetState:
         if metrics:
             r.metrics = metrics
         r.seen = time.monotonic()
+        r.reports += 1
 
     def pull(self, cursor: int) -> Pulled:
         """Batches after `cursor` (0 at first). A cursor older than the log gets every replica's blocks as one
@@ -76,7 +79,8 @@ class FleetState:
             ]
         else:
             batches = [(name, batch) for pos, name, batch in self._log if pos > cursor]
-        return Pulled(self._next - 1, batches, {name: r.stats for name, r in self._live() if r.stats is not None})
+        live = [(name, r) for name, r in self._live() if r.stats is not None]
+        return Pulled(self._next - 1, batches, {n: r.stats for n, r in live}, {n: r.reports for n, r in live})
 
     def metrics(self) -> dict[str, bytes]:
         """Each live replica's last /metrics exposition."""

@@ -7,19 +7,22 @@ simulator in bench/routing.py drives the same classes), each a `choose(request, 
   least-load    fewest requests in flight (running + waiting + routed and not yet reported), KV usage breaks ties;
   prefix-aware  the longest cached prefix wins (least-load among equals): best hit rate, but a hot prefix pins
                 every request to the one replica that holds it;
-  cache-aware   the lowest estimated cost of serving the request there, in prompt tokens of prefill work:
-                  cost(r) = uncached prompt tokens on r
-                          + queued prompt tokens on r (admitted, not yet computed)
-                          + RUNNING_COST x requests in flight on r
+  cache-aware   the lowest estimated cost of serving the request there, in prompt tokens of prefill work
+                (a proxy for its time to first token):
+                  cost(r) = uncached prompt tokens on r            (this request's own prefill there)
+                          + queued prompt tokens on r              (prefill admitted or routed, not yet computed)
+                          + RUNNING_COST x requests on r           (each running sequence lengthens every step)
                           + a KV-pressure term once r's pool is nearly full (its cached prefixes are being
                             evicted and its requests may be preempted)
-                so a long cached match wins until its replica is busier than the match is worth; then the
-                request goes elsewhere and that replica caches the prefix too (hot prefixes spread).
+                so a long cached match wins until its replica's queue is longer than the match is worth; then the
+                request goes elsewhere and that replica caches the prefix too (a hot prefix spreads).
 
-The constants are in prefill-token units, measured on the bundled model with this machine's kernels
-(docs/scale-out.md): a prompt token of prefill costs ~0.6 ms, a decode step ~10 ms plus ~0.3 ms per running
-sequence, and a request in flight holds its replica's steps for ~64 prefill tokens' worth of time over its
-life at our workloads' 32-128 output tokens, hence RUNNING_COST = 64.
+The constants are in prefill-token units from the step-time model fitted on this machine (bench/routing.py
+--calibrate; docs/scale-out.md): a step costs base + per-prefill-token x tokens + per-sequence x sequences, and a
+newcomer waits about (queued + uncached) / budget steps, each longer by per-sequence x running; per-sequence
+is about half a prefill token's cost, and the requests in flight also stand for work not yet reported, hence
+RUNNING_COST = 8. KV pressure starts at 90% usage and is worth 4,096 tokens at 100% (a full pool evicts the
+prefixes that make hits and preempts, which costs recomputation).
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-RUNNING_COST = 64  # prefill tokens a request in flight is worth (see the module docstring)
+RUNNING_COST = 8  # prefill tokens a request on a replica is worth (see the module docstring)
 KV_PRESSURE_START = 0.9  # KV usage above which a replica is penalised
 KV_PRESSURE_COST = 4096  # prefill tokens added at 100% KV usage (linear from KV_PRESSURE_START)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReplicaLoad:
     """What the router knows of one replica's load: reported by its engine (a little late) and counted
     locally (requests routed there and not finished: exact and fresh)."""
@@ -136,11 +139,26 @@ class CacheAware(RoutingPolicy):
         return uncached + r.queued_tokens + self.running_cost * r.requests + self.kv_pressure_cost * pressure
 
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaLoad], matches: Mapping[str, int]) -> Decision:
-        r = min(replicas, key=lambda r: (self.cost(request, r, matches.get(r.replica, 0)), r.requests, r.replica))
-        matched = self._matched_tokens(request, matches.get(r.replica, 0))
-        best = max((matches.get(x.replica, 0) for x in replicas), default=0)
-        reason = "no-match" if best == 0 else "prefix" if matched == self._matched_tokens(request, best) else "cost"
-        return Decision(r.replica, reason, matched)
+        # cost() inlined: this loop runs over every replica for every request (128 replicas: ~1 us each)
+        n, bs, running_cost = request.num_tokens, request.block_size, self.running_cost
+        start, span, pressure_cost = (
+            self.kv_pressure_start,
+            max(1e-9, 1 - self.kv_pressure_start),
+            self.kv_pressure_cost,
+        )
+        best_key, best, best_matched = None, replicas[0], 0
+        for r in replicas:
+            matched = min(matches.get(r.replica, 0) * bs, n)
+            requests = max(r.running + r.waiting, r.in_flight)
+            cost = n - matched + r.queued_tokens + running_cost * requests
+            if r.kv_usage > start:
+                cost += pressure_cost * (r.kv_usage - start) / span
+            key = (cost, requests, r.replica)
+            if best_key is None or key < best_key:
+                best_key, best, best_matched = key, r, matched
+        top = self._matched_tokens(request, max(matches.values(), default=0))
+        reason = "no-match" if top == 0 else "prefix" if best_matched == top else "cost"
+        return Decision(best.replica, reason, best_matched)
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (RoundRobin, LeastLoad, PrefixAware, CacheAware)}

@@ -14,7 +14,7 @@ def test_import_contracts_are_kept():
     assert lint.exists(), "import-linter is a test dependency (pyproject.toml [test])"
     run = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "3 kept, 0 broken" in run.stdout, run.stdout
+    assert "4 kept, 0 broken" in run.stdout, run.stdout
 
 
 def test_a_broken_contract_is_reported(tmp_path):
@@ -29,3 +29,11 @@ def test_a_broken_contract_is_reported(tmp_path):
         [str(lint), "--no-cache", "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert run.returncode != 0 and "BROKEN" in run.stdout
+
+
+def test_a_single_server_never_imports_ray():
+    """Ray is for `kvserve serve --replicas N` only: the CLI, the server and the engine import without it."""
+    modules = "kvserve.cli, kvserve.server.app, kvserve.engine, kvserve.router.router"
+    code = f"import sys, {modules}; print('ray' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
