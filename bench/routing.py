@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/routing.py sim [--replicas 8 32 128] [--calibrate]
     .venv/bin/python bench/routing.py cost [--replicas 128] [--blocks 1000000]
+    .venv/bin/python bench/routing.py real [--policies ...] [--workloads ...] [--vllm-router]
+
+real: bench/routing_real.py: N replicas of the bundled model on this machine, one run per policy and workload
+(`kvserve serve --replicas N --routing P` under `kvserve bench`), beside one engine alone and, with
+--vllm-router, vLLM's router (cache_aware) in front of N single kvserve servers: fleet hit rate, TTFT P50/P99,
+output tok/s, requests per replica. Writes bench/results/routing_real.{json,md}.
 
 sim: the real policy classes (kvserve/router/) and two baselines (Ray Serve's default power-of-two choices,
 Ray's prefix-tree router) in front of modelled engines that are kvserve's own scheduler, cache manager and
@@ -204,6 +210,22 @@ def write_sim(result: dict) -> None:
     print("\n".join(lines))
 
 
+def write_real(result: dict) -> None:
+    lines = [
+        "| workload | system | hit rate | TTFT P50 ms | TTFT P99 ms | output tok/s | requests per replica |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        per = r.get("requests_per_replica")
+        lines.append(
+            f"| {r['workload']} | {r['system']} | {r['hit_rate']:.3f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {r['output_tok_s']:.1f} | {'' if per is None else per} |"
+        )
+    (RESULTS / "routing_real.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "routing_real.json").write_text(json.dumps(result, indent=1))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -211,6 +233,18 @@ def main() -> None:
     sim.add_argument("--replicas", type=int, nargs="+", default=[8, 32, 128])
     sim.add_argument("--calibrate", action="store_true")
     sim.add_argument("--seed", type=int, default=0)
+    real = sub.add_parser("real")
+    real.add_argument("--policies", nargs="+", default=["round-robin", "least-load", "prefix-aware", "cache-aware"])
+    real.add_argument(
+        "--workloads", nargs="+", default=["document-qa", "multi-turn", "agent-loop", "shared-system-prompt"]
+    )
+    real.add_argument("--replicas", type=int, default=2)
+    real.add_argument("--threads", type=int, default=2, help="CPU threads in all (split between replicas)")
+    real.add_argument("--dtype", default="bfloat16")
+    real.add_argument("--num-requests", type=int, default=32)
+    real.add_argument("--concurrency", type=int, default=8)
+    real.add_argument("--max-tokens", type=int, default=32)
+    real.add_argument("--vllm-router", action="store_true")
     cost = sub.add_parser("cost")
     cost.add_argument("--replicas", type=int, default=128)
     cost.add_argument("--blocks", type=int, default=1_000_000)
@@ -218,7 +252,14 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     stamp = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if args.part == "sim":
+    if args.part == "real":
+        from routing_real import run_real
+
+        opts = {k: getattr(args, k) for k in ("replicas", "threads", "dtype", "num_requests", "concurrency")}
+        opts.update(model="smollm2-135m", max_tokens=args.max_tokens)
+        result = {**stamp, **run_real(args.policies, args.workloads, opts, args.vllm_router)}
+        write_real(result)
+    elif args.part == "sim":
         model = calibrate() if args.calibrate else StepModel()
         write_sim({**stamp, **run_sim(args.replicas, model, args.seed)})
     else:

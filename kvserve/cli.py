@@ -119,10 +119,14 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         threads=args.threads,
     )
-    if args.replicas > 1:  # Ray is imported only here
+    if args.replicas > 1 or args.disaggregate:  # Ray is imported only here
         from kvserve.fleet.launch import FleetOptions, run_fleet
 
-        fleet = FleetOptions(args.replicas, args.routing, args.ray_address, args.ray_dashboard)
+        ray_args = dict(routing=args.routing, ray_address=args.ray_address, ray_dashboard=args.ray_dashboard)
+        if args.disaggregate:
+            fleet = FleetOptions.disaggregated(args.disaggregate, **ray_args)
+        else:
+            fleet = FleetOptions(args.replicas, **ray_args)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_fleet(engine_config(args), options, fleet)
         return 0
@@ -183,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="cache-aware",
         choices=["round-robin", "least-load", "prefix-aware", "cache-aware"],
         help="how the fleet picks a replica (docs/scale-out.md)",
+    )
+    fleet.add_argument(
+        "--disaggregate",
+        metavar="P:D",
+        default=None,
+        help="P prefill and D decode replicas: prefill computes the prompt's KV into the shared --kv-store "
+        "(a fleet-local directory if none), decode loads it as a prefix hit",
     )
     fleet.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one locally")
     fleet.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard (off by default)")

@@ -7,6 +7,8 @@ engines' hash chain. The replica answers ("accepted", None) or an error item fir
 HTTP error as on one server, and a replica that dies before accepting is retried once on another. After that,
 outputs are forwarded into the request's RequestStream; a replica lost mid-request ends that request with an
 error (503) and nothing else. Aborting the stream cancels the replica call, which aborts the engine request.
+With a prefill deployment (--disaggregate P:D), a prefill replica first computes the prompt's KV into the
+shared KV store, and the decode replica (chosen by the same router) loads it as a prefix hit.
 
 /metrics: this ingress's own latency histograms and the fleet's summed engine counters (kvserve/fleet/stats.py),
 the router's counters, then every replica's exposition with a `replica` label. /health: how many replicas run.
@@ -44,8 +46,10 @@ class FleetClient:
         app_name: str,
         deployment: str,
         router_registry: Any = None,
+        prefill_handle: Any = None,
     ):
         self._handle = handle.options(stream=True)
+        self._prefill = None if prefill_handle is None else prefill_handle.options(stream=True)
         self._info = info
         self._tokenizer = tokenizer
         self._state = state
@@ -123,6 +127,8 @@ class FleetClient:
             "request_id": stream.request_id,
             "route": {"keys": request_keys(first, self._info["block_size"], cache_salt), "num_tokens": len(first)},
         }
+        if self._prefill is not None and params.prompt_logprobs is None:
+            await self._prefill_first(payload)
         for attempt in (0, 1):
             response = self._handle.generate.remote(payload)
             try:
@@ -141,6 +147,29 @@ class FleetClient:
         task = asyncio.get_running_loop().create_task(self._forward(response, stream))
         self._calls[stream.request_id] = (response, task)
         return stream
+
+    async def _prefill_first(self, payload: dict[str, Any]) -> None:
+        """Disaggregated prefill: a prefill replica computes the prompts' KV (one token each, discarded) and
+        writes it through to the shared KV store; the decode replica then finds it there as a prefix hit. A
+        failed prefill only costs the decode replica the computation."""
+        prefill = {
+            **payload,
+            "params": SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, speculative=False),
+            "request_id": payload["request_id"] + "-prefill",
+            "prefill_only": True,
+        }
+        response = self._prefill.generate.remote(prefill)
+        try:
+            async for item in response:
+                if isinstance(item, dict):
+                    raise _refusal(item)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except (InvalidRequestError, QueueFullError):
+            raise  # the decode replica would refuse it too
+        except Exception as exc:  # noqa: BLE001 - decode computes the prompt itself
+            log.warning("prefill of %s failed, decoding computes it: %s", payload["request_id"], exc)
 
     async def _forward(self, response: Any, stream: RequestStream) -> None:
         first_token: dict[int, float] = {}

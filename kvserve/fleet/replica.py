@@ -3,6 +3,8 @@
   generate(payload)    an async generator (Serve streams it back through the ingress's handle):
                          first ("accepted", None) once the engine queued the request, or an error item;
                          then (index, RequestOutput) deltas until every choice finished
+  generate({..., "prefill_only": True})   a prefill replica's part of a disaggregated request: the prompt's KV
+                       is computed, written through to the shared KV store, and flushed before the last item
   info()               what the ingress needs to validate requests: limits, model names, block size
   check_health()       Serve's health check: the engine thread is alive (else Serve replaces the replica)
 
@@ -105,5 +107,9 @@ class EngineReplica:
                 yield (index, out)
         except (EngineDeadError, RequestAbortedError) as exc:
             yield error_item(exc)
+            return
         finally:
             stream.abort()  # cancelled (client gone) or failed: free the request's blocks now
+        if payload.get("prefill_only"):  # disaggregated: the decode replica reads these blocks from the store
+            await asyncio.to_thread(self.engine.engine.flush_kv_store)
+            yield ("stored", None)
