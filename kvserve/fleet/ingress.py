@@ -84,7 +84,7 @@ class FleetClient:
         from ray import serve
         from ray.serve._private.common import ReplicaState
 
-        status = serve.status().applications.get(self._app_name)
+        status = (await asyncio.to_thread(serve.status)).applications.get(self._app_name)  # a controller call
         running = 0
         if status is not None and self._deployment in status.deployments:
             running = status.deployments[self._deployment].replica_states.get(ReplicaState.RUNNING, 0)

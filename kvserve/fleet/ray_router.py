@@ -117,6 +117,8 @@ class KVServeRequestRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        if not hasattr(self, "_router"):  # before initialize_state: nothing indexed yet
+            return
         live = {r.replica_id.unique_id for r in replicas}
         self._router.set_replicas(live)  # a replica that left (or died) takes its index entries with it
         for name in [n for n in self._in_flight if n not in live]:
