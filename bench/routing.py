@@ -212,14 +212,16 @@ def write_sim(result: dict) -> None:
 
 def write_real(result: dict) -> None:
     lines = [
-        "| workload | system | hit rate | TTFT P50 ms | TTFT P99 ms | output tok/s | requests per replica |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | system | hit rate | TTFT P50 ms | TTFT P99 ms | TPOT P99 ms | output tok/s "
+        "| requests per replica |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         per = r.get("requests_per_replica")
         lines.append(
             f"| {r['workload']} | {r['system']} | {r['hit_rate']:.3f} | {r['ttft_p50_ms']:.0f} | "
-            f"{r['ttft_p99_ms']:.0f} | {r['output_tok_s']:.1f} | {'' if per is None else per} |"
+            f"{r['ttft_p99_ms']:.0f} | {r['tpot_p99_ms']:.0f} | {r['output_tok_s']:.1f} | "
+            f"{'' if per is None else per} |"
         )
     (RESULTS / "routing_real.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "routing_real.json").write_text(json.dumps(result, indent=1))
@@ -245,6 +247,7 @@ def main() -> None:
     real.add_argument("--concurrency", type=int, default=8)
     real.add_argument("--max-tokens", type=int, default=32)
     real.add_argument("--vllm-router", action="store_true")
+    real.add_argument("--disaggregate", default=None, help="also a P:D disaggregated fleet (cache-aware)")
     cost = sub.add_parser("cost")
     cost.add_argument("--replicas", type=int, default=128)
     cost.add_argument("--blocks", type=int, default=1_000_000)
@@ -257,7 +260,7 @@ def main() -> None:
 
         opts = {k: getattr(args, k) for k in ("replicas", "threads", "dtype", "num_requests", "concurrency")}
         opts.update(model="smollm2-135m", max_tokens=args.max_tokens)
-        result = {**stamp, **run_real(args.policies, args.workloads, opts, args.vllm_router)}
+        result = {**stamp, **run_real(args.policies, args.workloads, opts, args.vllm_router, args.disaggregate)}
         write_real(result)
     elif args.part == "sim":
         model = calibrate() if args.calibrate else StepModel()

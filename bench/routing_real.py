@@ -81,6 +81,7 @@ def bench(url: str, workload: str, n: int, concurrency: int, max_tokens: int) ->
         "hit_rate": summary["prefix_cache_hit_rate"],
         "ttft_p50_ms": summary["ttft_ms"]["median"],
         "ttft_p99_ms": summary["ttft_ms"]["p99"],
+        "tpot_p99_ms": summary["tpot_ms"]["p99"],
         "output_tok_s": summary["output_tokens_per_s"],
         "failed": summary["failed"],
     }
@@ -90,12 +91,16 @@ def engine_args(model: str, dtype: str, threads: int) -> list[str]:
     return [model, "--dtype", dtype, "--threads", str(threads), "--log-level", "warning"]
 
 
-def run_fleet(policy: str, workload: str, opts: dict, logs: Path) -> dict:
+def run_fleet(policy: str, workload: str, opts: dict, logs: Path, disaggregate: str | None = None) -> dict:
+    """One fleet run; with disaggregate "P:D", P prefill and D decode replicas instead of opts' replicas."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = engine_args(opts["model"], opts["dtype"], opts["threads"])
-    args += ["--port", str(port), "--replicas", str(opts["replicas"]), "--routing", policy]
-    with serving(args, url, opts["replicas"], logs / f"fleet-{policy}-{workload}.log"):
+    args += ["--port", str(port), "--routing", policy]
+    args += ["--disaggregate", disaggregate] if disaggregate else ["--replicas", str(opts["replicas"])]
+    replicas = int(disaggregate.split(":")[1]) if disaggregate else opts["replicas"]
+    name = f"disaggregated-{disaggregate.replace(':', '-')}" if disaggregate else policy
+    with serving(args, url, replicas, logs / f"fleet-{name}-{workload}.log"):
         row = bench(url, workload, opts["num_requests"], opts["concurrency"], opts["max_tokens"])
         row["requests_per_replica"] = sorted(per_replica_requests(url).values(), reverse=True)
     return row
@@ -139,20 +144,26 @@ def run_vllm_router(workload: str, opts: dict, logs: Path) -> dict:
     return row
 
 
-def run_real(policies: list[str], workloads: list[str], opts: dict, with_vllm_router: bool) -> dict:
+def run_real(
+    policies: list[str], workloads: list[str], opts: dict, with_vllm_router: bool, disaggregate: str | None = None
+) -> dict:
     from tqdm import tqdm
 
     logs = Path(tempfile.mkdtemp(prefix="kvserve-routing-"))
     rows = []
     systems = [("single", None)] + [("fleet", p) for p in policies] + ([("vllm-router", None)] * with_vllm_router)
+    systems += [("disaggregated", disaggregate)] if disaggregate else []
     for workload in workloads:
         for kind, policy in tqdm(systems, desc=workload, unit="system"):
             if kind == "single":
                 row = run_single(workload, opts, logs)
             elif kind == "fleet":
                 row = run_fleet(policy, workload, opts, logs)
+            elif kind == "disaggregated":
+                row = run_fleet("cache-aware", workload, opts, logs, disaggregate=policy)
             else:
                 row = run_vllm_router(workload, opts, logs)
-            rows.append({"workload": workload, "system": kind if policy is None else policy, **row})
+            system = kind if policy is None else f"disaggregated {policy}" if kind == "disaggregated" else policy
+            rows.append({"workload": workload, "system": system, **row})
             print(json.dumps(rows[-1]), flush=True)
     return {"options": opts, "logs": str(logs), "rows": rows, "cpu": os.cpu_count()}

@@ -190,6 +190,16 @@ def test_metrics_label_replicas_and_count_the_fleet(fleet):
     assert fleet.get("/health").json() == {"status": "ok", "replicas": 2}
 
 
+def test_the_index_forgets_what_the_engines_evict(fleet):
+    """16 distinct 29-block prompts overflow the two 192-block pools: without the engines' eviction events the
+    router's index would keep every block it routed; with them it holds at most what the pools hold."""
+    for i in range(16):
+        _complete(fleet, f"Ticket {i}: " + " ".join(f"w{i}x{j}" for j in range(90)), max_tokens=1)
+    time.sleep(0.5)
+    _complete(fleet, "One more request, so the router pulls the last events.", max_tokens=1)
+    assert 0 < _metric(fleet.get("/metrics").text, "kvserve:router_index_blocks") <= 2 * ENGINE["num_kv_blocks"]
+
+
 def test_killed_replica_fails_only_its_own_requests(fleet):
     """Streams on both replicas; one replica is killed: its streams end with an error event, the others
     finish, nothing hangs, Serve replaces the replica and the fleet serves again."""
