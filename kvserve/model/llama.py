@@ -18,7 +18,7 @@ from kvserve.model import native
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.config import ModelConfig
-from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
+from kvserve.model.invariant import linear, packs_linears, prepack_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
 from kvserve.model.weights import fuse, take
 
@@ -57,6 +57,8 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")  # (V, D)
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        if packs_linears(device, dtype, backends.native_linear):  # packed while little else is resident: the
+            prepack_linears(self, ("lm_head",), backends.native_linear)  # plain copy's peak is the largest
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
