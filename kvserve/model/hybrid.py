@@ -24,6 +24,7 @@ from kvserve.model.config import MAMBA, ModelConfig
 from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
 from kvserve.model.mamba2 import MixerStates, MixerWeights, mamba_mixer
 from kvserve.model.rope import apply_rope, rope_tables
+from kvserve.model.weights import fuse, take
 
 
 @dataclass
@@ -118,15 +119,16 @@ class HybridModel:
         self.native_attention = backends.native_attention
         self.names = _names(config)
 
-        def w(name: str, dt: torch.dtype = dtype) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dt).contiguous()
+        def w(name: str, dt: torch.dtype = dtype) -> torch.Tensor:  # converted once from the file's dtype
+            return take(weights, name, dt, device)
 
         self._w = w
+        self._fuse = lambda *names: fuse(weights, names, dtype, device)  # no part outlives its copy
         self.embed = w(self.names["embed"])  # (V, D)
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         self.final_norm = w(self.names["final_norm"])
         self.layers = [self._layer(i) for i in range(config.num_hidden_layers)]
-        del self._w  # drop the reference to the float32 source weights
+        del self._w, self._fuse  # drop the references to the source weights
         # the kernel's panels (else oneDNN's blocked layout): faster
         if packs_linears(device, dtype, backends.native_linear):
             prepack_model_linears(self, backends.native_linear)
@@ -147,12 +149,12 @@ class HybridModel:
             mixer = self._mixer(n["mixer"].format(i=i))
         else:
             p = n["attn"].format(i=i)
-            qkv = torch.cat([w(p + f"{x}_proj.weight") for x in "qkv"]).contiguous()
+            qkv = self._fuse(*(p + f"{x}_proj.weight" for x in "qkv"))
             o_proj = w(p + "o_proj.weight")
         if cfg.has_mlp:
             p = n["mlp"].format(i=i)
             post_norm = w(n["post_norm"].format(i=i))
-            gate_up = torch.cat([w(p + "gate_proj.weight"), w(p + "up_proj.weight")]).contiguous()
+            gate_up = self._fuse(p + "gate_proj.weight", p + "up_proj.weight")
             down = w(p + "down_proj.weight")
         return HybridLayer(w(n["input_norm"].format(i=i)), mixer, qkv, o_proj, post_norm, gate_up, down)
 

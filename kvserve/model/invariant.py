@@ -96,7 +96,7 @@ def prepack_linears(owner: object, names: tuple[str, ...], native_linear: bool) 
     pack_linear_weight copies."""
     for name in names:
         weight = getattr(owner, name)
-        if weight is not None and not isinstance(weight, native.PackedLinear):
+        if weight is not None and not isinstance(weight, native.PackedLinear) and not weight.is_mkldnn:
             setattr(owner, name, pack_linear_weight(weight, native_linear))
 
 

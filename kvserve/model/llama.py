@@ -18,8 +18,9 @@ from kvserve.model import native
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.config import ModelConfig
-from kvserve.model.invariant import linear, packs_linears, prepack_model_linears
+from kvserve.model.invariant import linear, packs_linears, prepack_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
+from kvserve.model.weights import fuse, take
 
 
 @dataclass
@@ -51,11 +52,13 @@ class LlamaModel:
         backends = backends or resolve_backends(device, dtype)  # the `auto` choice
         self.native_attention = backends.native_attention
 
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype).contiguous()
+        def w(name: str) -> torch.Tensor:  # converted once from the file's dtype (model/weights.py)
+            return take(weights, name, dtype, self.device)
 
         self.embed = w("model.embed_tokens.weight")  # (V, D)
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        if packs_linears(device, dtype, backends.native_linear):  # packed while little else is resident: the
+            prepack_linears(self, ("lm_head",), backends.native_linear)  # plain copy's peak is the largest
         self.final_norm = w("model.norm.weight")
         self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
@@ -106,16 +109,20 @@ class LlamaModel:
     def _layer(self, w, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
+
+        def fused(*names: str) -> torch.Tensor:  # filled part by part: no part outlives its copy
+            return fuse(weights, names, self.dtype, self.device)
+
         qkv_bias = None
         if self.config.attention_bias:
-            qkv_bias = torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"]).contiguous()
+            qkv_bias = fused(*(attn + f"{n}_proj.bias" for n in "qkv"))
         return LayerWeights(
             input_norm=w(p + "input_layernorm.weight"),
-            qkv=torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]).contiguous(),
+            qkv=fused(*(attn + f"{n}_proj.weight" for n in "qkv")),
             qkv_bias=qkv_bias,
             o_proj=w(attn + "o_proj.weight"),
             post_norm=w(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
+            gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
             down=w(p + "mlp.down_proj.weight"),
         )
 

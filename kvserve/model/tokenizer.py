@@ -1,8 +1,9 @@
 """Text <-> token ids and chat-template rendering for the served model.
 
 :class:`Tokenizer` wraps a fast ``tokenizers.Tokenizer`` and is built either from the
-vocabulary stored in a GGUF file (:meth:`Tokenizer.from_gguf`, byte-level BPE with the
-pre-tokenizer llama.cpp uses for the file's ``tokenizer.ggml.pre``: model/gguf_vocab.py) or from a
+vocabulary stored in a GGUF file (:meth:`Tokenizer.from_gguf`: byte-level BPE with the pre-tokenizer
+llama.cpp uses for the file's ``tokenizer.ggml.pre``, or SentencePiece BPE with byte fallback for Llama 2
+and Mistral files: model/gguf_vocab.py) or from a
 Hugging Face model folder (:meth:`Tokenizer.from_dir`, ``tokenizer.json`` + ``tokenizer_config.json``).
 Chat templates are rendered as transformers renders them (model/chat_template.py).
 """
@@ -19,7 +20,7 @@ from tokenizers import Tokenizer as FastTokenizer
 
 from kvserve.model.chat_template import compile_template, template_reads
 from kvserve.model.gguf_metadata import GGUFMetadata, gguf_eos_token_ids, merge_token_ids, token_id_tuple
-from kvserve.model.gguf_vocab import byte_level_bpe, byte_level_inverse, register_added_tokens
+from kvserve.model.gguf_vocab import byte_level_inverse, gguf_backend
 from kvserve.model.tool_format import native_messages, template_messages
 
 
@@ -49,23 +50,16 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader: Any) -> Tokenizer:
-        """Build from the ``tokenizer.*`` metadata of a ``gguf.GGUFReader`` (byte-level BPE only)."""
+        """Build from the ``tokenizer.*`` metadata of a ``gguf.GGUFReader``: byte-level BPE ("gpt2") or
+        SentencePiece BPE ("llama"); any other ``tokenizer.ggml.model`` is refused by name."""
         meta = GGUFMetadata(reader)
-        model_type = meta.get("tokenizer.ggml.model")
-        if model_type != "gpt2":
-            raise ValueError(
-                f"unsupported GGUF tokenizer model {model_type!r}; only byte-level BPE ('gpt2') is supported"
-            )
-        tokens = meta.require("tokenizer.ggml.tokens")
-        token_types = meta.get("tokenizer.ggml.token_type") or []
-        pre = str(meta.get("tokenizer.ggml.pre", "default"))
-        backend = byte_level_bpe(tokens, meta.require("tokenizer.ggml.merges"), pre)
-        register_added_tokens(backend, tokens, token_types)
+        is_spm = meta.get("tokenizer.ggml.model") == "llama"
         return cls(
-            backend,
+            gguf_backend(meta),
             bos_token_id=_as_int(meta.get("tokenizer.ggml.bos_token_id")),
             eos_token_ids=gguf_eos_token_ids(meta),
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", is_spm)),
             chat_template=meta.get("tokenizer.chat_template"),
         )
 
