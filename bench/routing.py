@@ -204,7 +204,13 @@ def write_sim(result: dict) -> None:
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Simulated fleets (kvserve's scheduler and block pool, step model fitted on this machine)")
+    m = result["step_model"]
+    fig.suptitle(
+        "Simulated fleets: kvserve's scheduler and block pool per replica; step = "
+        f"{m['base'] * 1e3:.1f} ms + {m['per_prefill_token'] * 1e3:.2f} ms/prefill token + "
+        f"{m['per_sequence'] * 1e3:.2f} ms/sequence",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "routing_sim.png", dpi=120)
     print("\n".join(lines))
