@@ -201,6 +201,7 @@ def _load_hf_dir(name: str, path: Path) -> LoadedModel:
         raise ValueError(f"{path}: quantized checkpoints ({method}) are not supported; use float weights")
     config = _with_generation_eos(ModelConfig.from_hf_config(raw_config), path)
     weights = _read_safetensors(path)
+    split_fused(weights, config)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     _check_weights(weights, config, str(path))
@@ -237,7 +238,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def expected_weight_names(config: ModelConfig) -> set[str]:
-    """The exact parameter names a model with ``config`` must have."""
+    """The exact parameter names a model with ``config`` must have (Phi-3's fused tensors already split)."""
     if config.is_hybrid:
         from kvserve.model.hybrid import expected_weight_names as hybrid_weight_names
 
@@ -250,7 +251,31 @@ def expected_weight_names(config: ModelConfig) -> set[str]:
         names.update(prefix + f"{part}.weight" for part in _GGUF_LAYER_NAMES.values())
         if config.attention_bias:
             names.update(prefix + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj"))
+        if config.o_proj_bias:
+            names.add(prefix + "self_attn.o_proj.bias")
+        if config.qk_norm:
+            names.update(prefix + f"self_attn.{n}_norm.weight" for n in "qk")
+        if config.gemma_norms:  # the norms around the MLP: pre_feedforward is the MLP's input norm
+            names.update(prefix + f"{n}_feedforward_layernorm.weight" for n in ("pre", "post"))
     return names
+
+
+def split_fused(weights: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Phi-3's qkv_proj and gate_up_proj, split in place into the q/k/v and gate/up tensors every other family
+    has (the model fuses them again its own way); other families' weights are left alone."""
+    if config.architecture != "phi3":
+        return
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = weights.pop(p + "self_attn.qkv_proj.weight", None)
+        if qkv is not None:
+            for name, part in zip("qkv", qkv.split([q, kv, kv])):
+                weights[p + f"self_attn.{name}_proj.weight"] = part.contiguous()
+        gate_up = weights.pop(p + "mlp.gate_up_proj.weight", None)
+        if gate_up is not None:  # transformers' Phi3MLP: gate is the first half
+            gate, up = gate_up.chunk(2)
+            weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
 
 
 def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
