@@ -48,9 +48,11 @@ FAMILIES = {
     "qwen3-head-dim": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**COMMON, head_dim=64, rope_theta=1e6,
                                                                                tie_word_embeddings=True)),
     "qwen3-bias": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**COMMON, attention_bias=True)),
-    # layer 0 has a 16-token window, layer 1 full attention; soft-capping at transformers' defaults (50, 30)
+    # layer 0 has a 16-token window, layer 1 full attention; caps low enough to bend the scores and logits
     "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**COMMON, head_dim=32, sliding_window=16,
-                                                                         query_pre_attn_scalar=24)),
+                                                                         query_pre_attn_scalar=24,
+                                                                         attn_logit_softcapping=2.0,
+                                                                         final_logit_softcapping=10.0)),
     "gemma3": (
         transformers.Gemma3ForCausalLM,
         transformers.Gemma3TextConfig(
@@ -183,3 +185,16 @@ def test_unsupported_families_and_rope_are_refused(tmp_path, hf_tokenizer_dir):
 
     with pytest.raises(ValueError, match="unsupported model architecture 'gemma3'"):
         ModelConfig.from_hf_config({"model_type": "gemma3", "text_config": {}})
+
+
+def test_gemma2_logprobs_follow_the_capped_logits(tmp_path, hf_tokenizer_dir, hf_tokenizer):
+    """Final soft-capping leaves the argmax alone (tanh is monotonic): the logprobs show it is applied."""
+    cls, config = FAMILIES["gemma2"]
+    model = _save(cls, config, hf_tokenizer_dir, tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=0)
+    out = llm.generate(PROMPTS[0], params)[0].outputs[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([hf_tokenizer.encode(PROMPTS[0])])).logits[0, -1]
+    expected = torch.log_softmax(logits, -1)[out.token_ids[0]].item()
+    assert out.logprobs[0] == pytest.approx(expected, abs=2e-4)
