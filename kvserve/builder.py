@@ -19,6 +19,7 @@ from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.block_io import TorchBlockIO
 from kvserve.model.config import ModelConfig
 from kvserve.model.device import keep_freed_memory_mapped, resolve_device, resolve_dtype
+from kvserve.model.families import attention_kernel_gaps
 from kvserve.model.fingerprint import model_fingerprint
 from kvserve.model.hybrid import HybridModel
 from kvserve.model.hybrid_runner import HybridModelRunner
@@ -58,11 +59,12 @@ def build_parts(config: EngineConfig, loaded: LoadedModel) -> EngineParts:
     if device.type == "cpu":
         keep_freed_memory_mapped()
     dtype = resolve_dtype(config.dtype, device)
-    backends = resolve_backends(device, dtype, config.attention_backend, config.linear_backend)
     model_max = mc.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {model_max}")
     max_model_len = config.max_model_len or model_max
+    gaps = attention_kernel_gaps(mc, max_model_len)  # e.g. sliding windows: attention on the torch path
+    backends = resolve_backends(device, dtype, config.attention_backend, config.linear_backend, gaps)
     per_block = kv_bytes_per_block(mc, config.block_size, dtype)
     num_blocks = _num_blocks(config, mc, per_block, dtype, max_model_len)
     model_cls = HybridModel if mc.is_hybrid else LlamaModel

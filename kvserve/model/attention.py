@@ -27,16 +27,23 @@ takes the same arithmetic whatever its neighbours:
     rows in one GEMM, and each row still gets the bits it gets alone (tests/model/test_golden.py);
   * GEMM row counts are kept in the shapes where MKL's result for a row does not depend on the row count
     (see kvserve/model/invariant.py).
+
+Sliding windows (Mistral, Qwen2/3, Phi-3, Gemma's local layers): a query at position p sees keys
+p - window + 1 .. p, as transformers' sliding-window mask. Each group also holds, per window size, its keys
+from the first chunk any of its rows sees, masked on both sides (AttentionGroup.windows); the chunks it skips
+would add exact zeros, so a row's bits still depend only on the row. Blocks that fall out of every window
+stay allocated (the KV manager frees a sequence's blocks when it finishes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from kvserve.model import native
+from kvserve.model.attention_cuda import sdpa_chunk
+from kvserve.model.families import softcap_
 from kvserve.model.invariant import invariant_rows
 from kvserve.model.native import NativeMeta
 
@@ -65,6 +72,9 @@ class AttentionGroup:
     shared: int = 0  # S: leading keys (whole chunks) every sequence of the group reads from the same blocks
     shared_table: torch.Tensor | None = None  # (1, blocks) long: the blocks holding keys [0, S)
     key_offset: int = 0  # where key S sits in the gather of `tables` (which starts at block S // block_size)
+    # a sliding window's view of the group: keys from first_key (a KEY_CHUNK multiple), every chunk masked
+    first_key: int = 0
+    windows: dict[int, AttentionGroup] = field(default_factory=dict)  # window -> view, for windows that hide keys
 
 
 @dataclass
@@ -90,10 +100,12 @@ def build_group(
     group_size: int,
     device: torch.device,
     need_mask: bool = True,
+    windows: tuple[int, ...] = (),
 ) -> AttentionGroup:
     """positions[b] = the n absolute positions of sequence b's new tokens; tables[b] its block table.
 
     need_mask=False (one sequence's prefill chunk on CUDA) skips the chunked mask: SDPA makes its own.
+    windows: the model's sliding windows; the group gets a view for each one that hides a key from some row.
     """
     B, n = len(positions), len(positions[0])
     L = padded_keys(max(p[-1] for p in positions) + 1)
@@ -115,7 +127,35 @@ def build_group(
     tables_t = torch.tensor(padded, dtype=torch.long, device=device)
     offset = S - skip * block_size
     masked = masked[None].to(device) if masked is not None else None
-    return AttentionGroup(row_start, B, n, tables_t, masked, L, mask_from, S, shared_table, offset)
+    group = AttentionGroup(row_start, B, n, tables_t, masked, L, mask_from, S, shared_table, offset)
+    for window in windows if need_mask else ():  # (SDPA applies a CUDA prefill chunk's window in its mask)
+        if max(p[-1] for p in positions) >= window:  # else no row has a key outside the window
+            group.windows[window] = _window_view(group, q_pos, tables, block_size, window, device)
+    return group
+
+
+def _window_view(
+    g: AttentionGroup,
+    q_pos: torch.Tensor,
+    tables: list[list[int]],
+    block_size: int,
+    window: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """The group as a layer with this sliding window attends it: keys from the first KEY_CHUNK any row sees
+    (q_pos (B, Mp): each row's position), masked where above the row or window or more below it. No shared
+    prefix: the sequences' windows start at their own positions."""
+    first = max(0, g.mask_from - window) // KEY_CHUNK * KEY_CHUNK  # the lowest row sees from mask_from - window
+    keys = torch.arange(first, g.keys).view(1, -1, 1, KEY_CHUNK)  # (1, chunks, 1, KEY_CHUNK)
+    rows = q_pos[:, None, :, None]  # (B, 1, Mp, 1)
+    masked = ((keys > rows) | (keys <= rows - window))[None].to(device)
+    skip = first // block_size
+    width = -(-g.keys // block_size) - skip
+    padded = [(t[skip : skip + width] + [0] * width)[:width] for t in tables]  # padding: block 0, masked
+    tables_t = torch.tensor(padded, dtype=torch.long, device=device)
+    # mask_from = first: every chunk of the view is masked (its `first` chunk in _attend_group is 0)
+    return replace(g, tables=tables_t, masked=masked, mask_from=first, shared=0, shared_table=None,
+                   key_offset=first - skip * block_size, first_key=first)  # fmt: skip
 
 
 def _shared_keys(tables: list[list[int]], block_size: int, mask_from: int) -> int:
@@ -144,7 +184,12 @@ def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_group(
-    q: torch.Tensor, kv: torch.Tensor, g: AttentionGroup, scale: float, shared_kv: torch.Tensor | None
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    g: AttentionGroup,
+    scale: float,
+    shared_kv: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q (B * n, heads, hd), kv from _gather, shared_kv (2, kvh, S, hd) or None -> (B * n, heads, hd) float32.
 
@@ -159,17 +204,20 @@ def _attend_group(
     kvh = kv.shape[1]
     G = H // kvh
     S, L = g.shared, g.keys
-    C = (L - S) // KEY_CHUNK
-    # (kvh, B, C, KEY_CHUNK, hd): this group's keys [S, L) cut into chunks (a view of the gather)
-    keys = kv[0, :, :, g.key_offset : g.key_offset + L - S].view(kvh, B, C, KEY_CHUNK, hd)
-    values = kv[1, :, :, g.key_offset : g.key_offset + L - S].view(kvh, B, C, KEY_CHUNK, hd)
+    start = S or g.first_key  # the gathered keys start here: after the shared ones, or at a window's first
+    C = (L - start) // KEY_CHUNK
+    # (kvh, B, C, KEY_CHUNK, hd): this group's keys [start, L) cut into chunks (a view of the gather)
+    keys = kv[0, :, :, g.key_offset : g.key_offset + L - start].view(kvh, B, C, KEY_CHUNK, hd)
+    values = kv[1, :, :, g.key_offset : g.key_offset + L - start].view(kvh, B, C, KEY_CHUNK, hd)
     # (B, n, kvh, G, hd) -> (kvh, B, n*G, hd): row t*G + g is token t, query head kv_head * G + g
     qg = (q.float() * scale).view(B, n, kvh, G, hd).permute(2, 0, 1, 3, 4).reshape(kvh, B, n * G, hd)
     M, Mp = n * G, g.masked.shape[-2]
     if Mp != M:
         qg = torch.nn.functional.pad(qg, (0, 0, 0, Mp - M))
     scores = torch.matmul(qg[:, :, None], keys.transpose(3, 4))  # (kvh, B, C, Mp, KEY_CHUNK)
-    first = (g.mask_from // KEY_CHUNK * KEY_CHUNK - S) // KEY_CHUNK
+    if softcap is not None:  # before the mask, as transformers (padding keys' scores are masked after)
+        softcap_(scores, softcap)
+    first = (g.mask_from // KEY_CHUNK * KEY_CHUNK - start) // KEY_CHUNK
     scores[:, :, first:].masked_fill_(g.masked, float("-inf"))  # only the chunks on a tile's diagonal
     row_max = scores.amax(dim=(2, 4), keepdim=True)  # (kvh, B, 1, Mp, 1)
     if S:  # the rows of every sequence against the shared chunks, one GEMM per chunk for the whole batch
@@ -178,6 +226,8 @@ def _attend_group(
         shared_v = shared_kv[1].view(kvh, Cs, KEY_CHUNK, hd)
         shared = torch.matmul(qg.reshape(kvh, 1, B * Mp, hd), shared_k.transpose(2, 3))  # (kvh, Cs, B*Mp, KC)
         shared = shared.view(kvh, Cs, B, Mp, KEY_CHUNK)
+        if softcap is not None:
+            softcap_(shared, softcap)
         row_max = torch.maximum(row_max, shared.amax(dim=(1, 4)).view(kvh, B, 1, Mp, 1))
         shared_sums, shared_outs = _exp_chunks(
             shared.view(kvh, Cs, B * Mp, KEY_CHUNK), row_max.view(kvh, 1, B * Mp, 1), shared_v
@@ -202,43 +252,31 @@ def _exp_chunks(scores: torch.Tensor, row_max: torch.Tensor, values: torch.Tenso
     return weights.sum(-1), torch.matmul(weights, values)
 
 
-def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written)."""
+def paged_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q: (T, heads, head_dim) -> (T, heads, head_dim) in q's dtype, reading K/V from kv_layer (already written).
+
+    window: the layer's sliding window (None: every earlier key); softcap: scores -> softcap * tanh(s / softcap).
+    The native kernel implements neither (the model keeps it off for models that need them).
+    """
     if meta.native is not None:
+        assert window is None and softcap is None, "the attention kernel has no sliding window or soft-capping"
         return native.paged_attention(q, kv_layer, meta.native, scale)
     out = torch.empty_like(q)
-    for g in meta.groups:
-        if g.masked is None:  # a prefill chunk on CUDA
-            out[g.row_start : g.row_start + g.tokens] = _sdpa_chunk(
-                q[g.row_start : g.row_start + g.tokens], kv_layer, g, scale
-            )
+    for group in meta.groups:
+        if group.masked is None:  # a prefill chunk on CUDA
+            rows = slice(group.row_start, group.row_start + group.tokens)
+            out[rows] = sdpa_chunk(q[rows], kv_layer, group, scale, window)
             continue
+        g = group.windows.get(window, group) if window is not None else group
         kv = _gather(kv_layer, g.tables)
         shared_kv = _gather(kv_layer, g.shared_table)[:, :, 0, : g.shared] if g.shared_table is not None else None
         rows = slice(g.row_start, g.row_start + g.batch * g.tokens)
-        out[rows] = _attend_group(q[rows], kv, g, scale, shared_kv).to(q.dtype)
+        out[rows] = _attend_group(q[rows], kv, g, scale, shared_kv, softcap).to(q.dtype)
     return out
-
-
-def _sdpa_chunk(q: torch.Tensor, kv_layer: torch.Tensor, g: AttentionGroup, scale: float) -> torch.Tensor:
-    """One sequence's prefill chunk on CUDA: torch's fused SDPA over its gathered keys, causal from its offset.
-
-    CUDA makes no batch-invariance claim (README), so a chunk takes the library kernel in one call instead of
-    QUERY_TILE-row tiles of chunked GEMMs (which keep CPU rows invariant but launch many small kernels). A chunk
-    from position 0 is plainly causal (flash attention); one over cached keys needs an explicit mask, which
-    the memory-efficient kernel takes with K/V repeated per query head (it does not take GQA and a mask).
-    """
-    n, H, hd = q.shape
-    kvh = kv_layer.shape[1]
-    start = g.mask_from - 1  # the chunk's first position; its keys are positions 0 .. start + n - 1
-    raw = kv_layer.index_select(2, g.tables.view(-1)).view(2, kvh, -1, hd)[:, :, : start + n]
-    k, v = raw[0][None], raw[1][None]  # (1, kvh, L, hd)
-    qh = q.transpose(0, 1)[None]  # (1, H, n, hd)
-    if start == 0:
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=kvh != H)
-    else:
-        keys = torch.arange(start + n, device=q.device)
-        visible = keys[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]  # (n, L)
-        k, v = (t.repeat_interleave(H // kvh, dim=1) for t in (k, v))
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=visible, scale=scale)
-    return out[0].transpose(0, 1)  # (n, H, hd)

@@ -39,18 +39,31 @@ class Backends:
 
 
 def resolve_backends(
-    device: torch.device, dtype: torch.dtype, attention: str = "auto", linear: str = "auto"
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str = "auto",
+    linear: str = "auto",
+    model_gaps: str | None = None,
 ) -> Backends:
-    """The backends to run; ValueError when a kernel asked for by name cannot run here."""
+    """The backends to run; ValueError when a kernel asked for by name cannot run here.
+
+    model_gaps: what the model needs that the attention kernel does not implement (families.attention_kernel_gaps,
+    e.g. sliding windows): then attention runs on the torch path, and asking for the kernel is an error.
+    """
     where = f"here: {device.type}, {str(dtype).removeprefix('torch.')}"
+    needs = f"a CPU device, float32 or bfloat16, and a C compiler with OpenMP ({where})"
+    if model_gaps is not None:
+        needs = f"a model without {model_gaps} (this model has them; the kernel does not implement them)"
+        if attention == "auto":
+            logger.info("attention runs on the torch path: the kernel does not implement %s", model_gaps)
     backends = Backends(
         native_attention=_choose(
             "attention_backend",
             attention,
             "KVSERVE_ATTENTION",
             "torch",
-            native.kernel_attention_available(device, dtype),
-            f"a CPU device, float32 or bfloat16, and a C compiler with OpenMP ({where})",
+            native.kernel_attention_available(device, dtype) and model_gaps is None,
+            needs,
         ),
         native_linear=_choose(
             "linear_backend",

@@ -2,15 +2,15 @@
 
 :class:`ModelConfig` is the one description of a decoder-only transformer that the rest of
 kvserve uses (engine, KV cache sizing, sampling stop ids). Accepted: the Llama family (``llama``,
-``mistral``, ``qwen2`` = Llama with q/k/v bias) and two Mamba-2 families: ``bamba`` (a hybrid whose layers are
-either attention or a Mamba-2 mixer, each followed by a SwiGLU MLP) and ``mamba2`` (pure recurrent: every
-layer is a Mamba-2 mixer, no MLP). For those, ``layer_types`` names each layer's mixer and ``mamba`` holds the
-mixer's shape; the attention fields describe the attention layers (if any).
+``mistral``, ``qwen2`` = Llama with q/k/v bias, ``qwen3``, ``gemma2``, ``gemma3_text``, ``phi3``: what each
+changes is a field below, read from config.json by kvserve/model/family_config.py) and two Mamba-2
+families: ``bamba`` (a hybrid whose layers are either attention or a Mamba-2 mixer, each followed by a SwiGLU
+MLP) and ``mamba2`` (pure recurrent: every layer is a Mamba-2 mixer, no MLP). For those, ``layer_types`` names
+each layer's mixer and ``mamba`` holds the mixer's shape; the attention fields describe the attention layers.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +19,10 @@ from kvserve.model.gguf_metadata import (
     gguf_eos_token_ids,
     gguf_rope_scaling,
     gguf_vocab_size,
-    token_id_tuple,
 )
 
-log = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "bamba", "mamba2")
+LLAMA_FAMILY: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (*LLAMA_FAMILY, "bamba", "mamba2")
 HYBRID_ARCHITECTURES: tuple[str, ...] = ("bamba", "mamba2")
 ATTENTION, MAMBA = "attention", "mamba"  # layer_types entries
 
@@ -85,6 +83,18 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Bamba: 0.5)
     has_mlp: bool = True  # False for mamba2 (mixer only)
     residual_in_fp32: bool = False  # mamba2: the residual stream is float32 whatever the model dtype
+    # Llama-family variants (defaults: Llama). kvserve/model/families.py says which of them the C kernels run.
+    o_proj_bias: bool = False  # transformers' attention_bias for Llama, Qwen3, Gemma (not Qwen2's q/k/v-only)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu or gelu_pytorch_tanh (Gemma)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
+    gemma_norms: bool = False  # Gemma: norms scale by (1 + weight) in float32, four per layer (pre and post
+    # attention and MLP), embeddings times sqrt(hidden_size)
+    query_scale: float | None = None  # attention scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits
+    layer_windows: tuple[int | None, ...] = ()  # sliding window (keys a query sees) per layer, None = full;
+    # () = no window anywhere
+    local_rope_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (Gemma 3)
 
     @property
     def is_hybrid(self) -> bool:
@@ -121,44 +131,9 @@ class ModelConfig:
             from kvserve.model.hybrid_config import hybrid_from_hf  # it builds this class
 
             return hybrid_from_hf(architecture, config)
-        if config.get("mlp_bias"):
-            raise ValueError("mlp_bias=True is not supported (no bias on gate/up/down projections)")
-        act = config.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act={act!r} is not supported: the MLP is SwiGLU (silu)")
-        hidden_size = int(config["hidden_size"])
-        num_heads = int(config["num_attention_heads"])
-        rope_theta, rope_scaling = hf_rope(config)
-        context = int(config.get("max_position_embeddings", 2048))
-        window = config.get("sliding_window")
-        uses_window = window is not None and (architecture != "qwen2" or bool(config.get("use_sliding_window")))
-        if uses_window and int(window) < context:
-            # Sliding-window attention is not implemented. Within the window it equals full attention, so the
-            # context is capped there and every output stays exact (Mistral 7B v0.1: 32,768 -> 4,096).
-            log.warning(
-                "%s uses sliding-window attention (window %d) which kvserve does not implement; the context "
-                "length is capped at the window (%d -> %d tokens) so outputs stay exact",
-                architecture, int(window), context, int(window),
-            )  # fmt: skip
-            context = int(window)
-        return cls(
-            architecture=architecture,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden_size,
-            intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=num_heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden_size // num_heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=context,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
-            bos_token_id=optional_int(config.get("bos_token_id")),
-            eos_token_ids=token_id_tuple(config.get("eos_token_id")),
-        )
+        from kvserve.model.family_config import llama_family_from_hf  # it builds this class
+
+        return llama_family_from_hf(architecture, config)
 
     @classmethod
     def from_gguf(cls, reader: Any) -> ModelConfig:
@@ -214,17 +189,18 @@ def _hf_architecture(config: dict[str, Any]) -> str:
     return str(model_type)
 
 
-def hf_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """``(rope_theta, rope_scaling)`` from either the 4.x keys or 5.x ``rope_parameters``."""
+def hf_rope(config: dict[str, Any], default_theta: float = DEFAULT_ROPE_THETA) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either the 4.x keys or 5.x ``rope_parameters`` (its
+    ``partial_rotary_factor`` is not scaling: the caller reads it)."""
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = params.get("rope_theta", config.get("rope_theta", default_theta))
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
         if scaling.get("rope_type", scaling.get("type", "default")) == "default":
             return float(theta), None
         return float(theta), scaling
     scaling = config.get("rope_scaling")
-    return float(config.get("rope_theta", DEFAULT_ROPE_THETA)), dict(scaling) if scaling else None
+    return float(config.get("rope_theta", default_theta)), dict(scaling) if scaling else None
 
 
 def _check_full_rotary(rope_dims: Any, head_dim: int) -> None:

@@ -1,10 +1,16 @@
-"""Our own forward pass of the Llama family (Llama, Mistral, Qwen2) over a flat batch and a paged KV cache.
+"""Our own forward pass of the Llama family over a flat batch and a paged KV cache.
 
 RMSNorm -> fused QKV (+bias for Qwen2) -> RoPE -> paged attention (GQA) -> o_proj -> residual
         -> RMSNorm -> fused gate/up -> SwiGLU -> down_proj -> residual;  final RMSNorm -> (tied) lm_head.
 Numerics follow Hugging Face's modeling_llama (RoPE tables cast to the model dtype, residual stream in the
 model dtype) except that RMSNorm is torch's fused op, which applies the weight before rounding to bfloat16.
 Logits are computed only for the rows that sample.
+
+The other families (Mistral, Qwen2/3, Gemma 2/3, Phi-3: kvserve/model/family_config.py) are this layer with
+the variations of kvserve/model/families.py: q/k norms, Gemma's (1 + w) norms around attention and MLP,
+GELU, soft-capping, partial rotary, per-layer RoPE bases and sliding windows. Where a model needs one that
+the C kernels lack, the layers run op by op here (`fused` False) and attention on the torch path if the
+attention kernel lacks it (families.attention_kernel_gaps).
 """
 
 from __future__ import annotations
@@ -12,12 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvserve.model import native
 from kvserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from kvserve.model.backends import Backends, resolve_backends
 from kvserve.model.config import ModelConfig
+from kvserve.model.families import (
+    active_windows,
+    attention_kernel_gaps,
+    embed_scale,
+    fused_layer_gaps,
+    gated_activation,
+    norm_weight,
+    rms_norm,
+    softcap_,
+)
 from kvserve.model.invariant import linear, packs_linears, prepack_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
 from kvserve.model.weights import fuse, take
@@ -32,6 +47,14 @@ class LayerWeights:
     post_norm: torch.Tensor  # (D,)
     gate_up: torch.Tensor  # (2 * I, D)
     down: torch.Tensor  # (D, I)
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # (hd,) per-head norms of q and k (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None = None
+    # Gemma: post_norm normalises the attention output; these are the MLP's input and output norms
+    pre_ffn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+    window: int | None = None  # keys a query sees (sliding window), None: all before it
+    rope: int = 0  # which of the model's RoPE tables (Gemma 3's windowed layers have their own base)
 
 
 class LlamaModel:
@@ -50,24 +73,31 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         backends = backends or resolve_backends(device, dtype)  # the `auto` choice
-        self.native_attention = backends.native_attention
+        # the attention kernel only where it implements what the model needs (the builder resolves the same)
+        self.native_attention = backends.native_attention and attention_kernel_gaps(config, max_len) is None
+        self.gemma = config.gemma_norms
 
         def w(name: str) -> torch.Tensor:  # converted once from the file's dtype (model/weights.py)
             return take(weights, name, dtype, self.device)
 
+        def norm(name: str) -> torch.Tensor:  # Gemma's norms keep (1 + w) in float32, as transformers
+            return norm_weight(w(name), self.gemma)
+
         self.embed = w("model.embed_tokens.weight")  # (V, D)
+        self.embed_scale = embed_scale(config, dtype, device)
         self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
         if packs_linears(device, dtype, backends.native_linear):  # packed while little else is resident: the
             prepack_linears(self, ("lm_head",), backends.native_linear)  # plain copy's peak is the largest
-        self.final_norm = w("model.norm.weight")
-        self.layers = [self._layer(w, weights, i) for i in range(config.num_hidden_layers)]
+        self.final_norm = norm("model.norm.weight")
+        windows = active_windows(config, max_len)
+        self.layers = [self._layer(w, weights, norm, i, windows[i]) for i in range(config.num_hidden_layers)]
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
         # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
         fusable = (
-            backends.native_attention
+            self.native_attention
             and backends.native_linear
             and config.head_dim % 2 == 0
-            and config.partial_rotary_factor == 1.0
+            and fused_layer_gaps(config, max_len) is None  # the C layer is Llama's (families.py)
             # VDPBF16PS takes input features in pairs: every linear's input width even in bf16
             and (dtype != torch.bfloat16 or config.hidden_size % 2 == config.intermediate_size % 2 == 0)
         )
@@ -77,10 +107,17 @@ class LlamaModel:
         # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
         if packs_linears(device, dtype, backends.native_linear):
             prepack_model_linears(self, backends.native_linear)
-        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
-        self.cos = cos.to(device=device, dtype=dtype)  # (max_len, hd)
-        self.sin = sin.to(device=device, dtype=dtype)
-        self.scale = config.head_dim**-0.5
+        self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
+        # (cos, sin) per RoPE base, (max_len, rotary_dim) in the model dtype: [0] global, [1] Gemma 3's local
+        bases = [(config.rope_theta, config.rope_scaling)]
+        if config.local_rope_theta is not None:
+            bases.append((config.local_rope_theta, None))
+        self.ropes = []
+        for theta, scaling in bases:
+            cos, sin = rope_tables(self.rotary_dim, theta, scaling, max_len)
+            self.ropes.append((cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)))
+        self.cos, self.sin = self.ropes[0]  # the fused layer's (one base, full rotary)
+        self.scale = config.query_scale if config.query_scale is not None else config.head_dim**-0.5
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
         names = ("qkv", "o_proj", "gate_up", "down")
@@ -106,29 +143,42 @@ class LlamaModel:
                 dtype=torch.int64,
             )
 
-    def _layer(self, w, weights: dict[str, torch.Tensor], i: int) -> LayerWeights:
-        p = f"model.layers.{i}."
+    @property
+    def attention_windows(self) -> tuple[int, ...]:
+        """The distinct sliding windows of the layers (the runner builds each one's key ranges per step)."""
+        return tuple(sorted({layer.window for layer in self.layers if layer.window is not None}))
+
+    def _layer(self, w, weights, norm, i: int, window: int | None) -> LayerWeights:
+        cfg, p = self.config, f"model.layers.{i}."
         attn = p + "self_attn."
 
         def fused(*names: str) -> torch.Tensor:  # filled part by part: no part outlives its copy
             return fuse(weights, names, self.dtype, self.device)
 
         qkv_bias = None
-        if self.config.attention_bias:
+        if cfg.attention_bias:
             qkv_bias = fused(*(attn + f"{n}_proj.bias" for n in "qkv"))
         return LayerWeights(
-            input_norm=w(p + "input_layernorm.weight"),
+            input_norm=norm(p + "input_layernorm.weight"),
             qkv=fused(*(attn + f"{n}_proj.weight" for n in "qkv")),
             qkv_bias=qkv_bias,
             o_proj=w(attn + "o_proj.weight"),
-            post_norm=w(p + "post_attention_layernorm.weight"),
+            post_norm=norm(p + "post_attention_layernorm.weight"),
             gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
             down=w(p + "mlp.down_proj.weight"),
+            o_bias=w(attn + "o_proj.bias") if cfg.o_proj_bias else None,
+            q_norm=norm(attn + "q_norm.weight") if cfg.qk_norm else None,
+            k_norm=norm(attn + "k_norm.weight") if cfg.qk_norm else None,
+            pre_ffn_norm=norm(p + "pre_feedforward_layernorm.weight") if self.gemma else None,
+            post_ffn_norm=norm(p + "post_feedforward_layernorm.weight") if self.gemma else None,
+            window=window,
+            # Gemma 3: the layers transformers calls sliding (window active or not) take the local base
+            rope=int(cfg.local_rope_theta is not None and cfg.layer_windows[i] is not None),
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op (row-wise, so batch-invariant); torch computes it in float32 internally.
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=self.config.rms_norm_eps)
+        return rms_norm(x, weight, self.config.rms_norm_eps, self.gemma)
 
     @torch.inference_mode()
     def forward(
@@ -137,26 +187,46 @@ class LlamaModel:
         """input_ids: (T,); kv_cache: (layers, 2, kvh, blocks, bs, hd); -> logits (S, V) float32."""
         if self.fused:
             return self._forward_fused(input_ids, kv_cache, meta, logits_rows)
-        cfg = self.config
-        T = input_ids.shape[0]
-        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         positions = meta.positions
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, hd)
-        sin = self.sin[positions].unsqueeze(1)
+        ropes = [(cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)) for cos, sin in self.ropes]  # (T, 1, rd)
         x = self.embed[input_ids]  # (T, D)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for layer, kv_layer in zip(self.layers, kv_cache):
-            h = self._norm(x, layer.input_norm)
-            qkv = linear(h, layer.qkv, layer.qkv_bias)  # (T, (H + 2 KVH) hd)
-            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, hd), cos, sin)
-            q, k = qk[:, :H], qk[:, H:]
-            write_kv(kv_layer, k, qkv[:, self.q_size + self.kv_size :].view(T, KVH, hd), meta.slot_mapping)
-            attn = paged_attention(q, kv_layer, meta, self.scale)  # (T, H, hd)
-            x = linear(attn.view(T, H * hd), layer.o_proj, residual=x)
-            h = self._norm(x, layer.post_norm)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down, residual=x)
+            x = self._layer_forward(x, layer, kv_layer, meta, ropes[layer.rope])
         h = self._norm(x[logits_rows], self.final_norm)
-        return linear(h, self.lm_head).float()
+        logits = linear(h, self.lm_head)
+        if self.config.final_softcap is not None:
+            logits = softcap_(logits, self.config.final_softcap)
+        return logits.float()
+
+    def _layer_forward(
+        self, x: torch.Tensor, layer: LayerWeights, kv_layer: torch.Tensor, meta: AttentionMetadata, rope
+    ) -> torch.Tensor:
+        cfg = self.config
+        T = x.shape[0]
+        H, KVH, hd, rd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, self.rotary_dim
+        h = self._norm(x, layer.input_norm)
+        qkv = linear(h, layer.qkv, layer.qkv_bias)  # (T, (H + 2 KVH) hd)
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, hd)
+        if layer.q_norm is not None:  # each head normalised before RoPE
+            qk = torch.cat([self._norm(qk[:, :H], layer.q_norm), self._norm(qk[:, H:], layer.k_norm)], dim=1)
+        cos, sin = rope
+        qk = apply_rope(qk, cos, sin) if rd == hd else torch.cat([apply_rope(qk[..., :rd], cos, sin), qk[..., rd:]], -1)
+        q, k = qk[:, :H], qk[:, H:]
+        write_kv(kv_layer, k, qkv[:, self.q_size + self.kv_size :].view(T, KVH, hd), meta.slot_mapping)
+        attn = paged_attention(q, kv_layer, meta, self.scale, layer.window, cfg.attn_softcap)  # (T, H, hd)
+        if layer.pre_ffn_norm is None:  # Llama: residual + o_proj, then the MLP's input norm
+            x = linear(attn.view(T, H * hd), layer.o_proj, layer.o_bias, residual=x)
+            h = self._norm(x, layer.post_norm)
+        else:  # Gemma: the attention output normalised before the residual add, and the MLP's own input norm
+            x = x + self._norm(linear(attn.view(T, H * hd), layer.o_proj, layer.o_bias), layer.post_norm)
+            h = self._norm(x, layer.pre_ffn_norm)
+        gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+        act = gated_activation(gate, up, cfg.hidden_act)
+        if layer.post_ffn_norm is None:
+            return linear(act, layer.down, residual=x)
+        return x + self._norm(linear(act, layer.down), layer.post_ffn_norm)
 
     def _forward_fused(
         self, input_ids: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor

@@ -25,7 +25,7 @@ from kvserve.model.gguf_metadata import merge_token_ids, token_id_tuple
 from kvserve.model.gguf_weights import GGUF_LAYER_NAMES, GGUFWeights, unpermute_qk
 from kvserve.model.safetensors_weights import SafetensorsWeights
 from kvserve.model.tokenizer import Tokenizer
-from kvserve.model.weights import weight_shape
+from kvserve.model.weights import split_fused, weight_shape
 
 __all__ = ["BUNDLED_MODELS", "LoadedModel", "expected_weight_names", "load_model", "resolve_model_path", "unpermute_qk"]
 
@@ -154,7 +154,7 @@ def _load_hf_dir(name: str, path: Path) -> LoadedModel:
         method = raw_config["quantization_config"].get("quant_method", "unknown")
         raise ValueError(f"{path}: quantized checkpoints ({method}) are not supported; use float weights")
     config = _with_generation_eos(ModelConfig.from_hf_config(raw_config), path)
-    weights = SafetensorsWeights(_safetensors_files(path))
+    weights = split_fused(SafetensorsWeights(_safetensors_files(path)), config)
     if config.tie_word_embeddings:
         weights.discard("lm_head.weight")
     _check_weights(weights, config, str(path))
@@ -180,7 +180,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def expected_weight_names(config: ModelConfig) -> set[str]:
-    """The exact parameter names a model with ``config`` must have."""
+    """The exact parameter names a model with ``config`` must have (Phi-3's fused tensors already split)."""
     if config.is_hybrid:
         from kvserve.model.hybrid import expected_weight_names as hybrid_weight_names
 
@@ -193,6 +193,12 @@ def expected_weight_names(config: ModelConfig) -> set[str]:
         names.update(prefix + f"{part}.weight" for part in GGUF_LAYER_NAMES.values())
         if config.attention_bias:
             names.update(prefix + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj"))
+        if config.o_proj_bias:
+            names.add(prefix + "self_attn.o_proj.bias")
+        if config.qk_norm:
+            names.update(prefix + f"self_attn.{n}_norm.weight" for n in "qk")
+        if config.gemma_norms:  # the norms around the MLP: pre_feedforward is the MLP's input norm
+            names.update(prefix + f"{n}_feedforward_layernorm.weight" for n in ("pre", "post"))
     return names
 
 

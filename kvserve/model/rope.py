@@ -10,20 +10,28 @@ import math
 
 import torch
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_type(scaling: dict | None) -> str:
+    """The scaling's kind (4.x configs name it `type`, 5.x `rope_type`); ValueError when not supported."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    return kind
+
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """(inv_freq (head_dim/2,) float32, attention factor applied to cos/sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_type(scaling)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":
         return _llama3(inv_freq, scaling), 1.0
-    if kind == "yarn":
-        return _yarn(inv_freq, head_dim, theta, scaling)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, yarn")
+    return _yarn(inv_freq, head_dim, theta, scaling)
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

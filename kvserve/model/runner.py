@@ -174,18 +174,20 @@ class ModelRunner:
         (on CUDA one per prefill chunk)."""
         bs, dev = self.block_size, self.device
         group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
+        windows = getattr(self.model, "attention_windows", ())  # sliding windows (hybrid models have none)
         groups, row = [], 0
         for cluster in clusters:
-            groups.append(
-                build_group(row, [[s.start] for s in cluster], [s.block_ids for s in cluster], bs, group, dev)
-            )
+            positions, tables = [[s.start] for s in cluster], [s.block_ids for s in cluster]
+            groups.append(build_group(row, positions, tables, bs, group, dev, windows=windows))
             row += len(cluster)
-        cuda = dev.type == "cuda"  # a whole chunk per group, attended by SDPA (attention.py: no invariance claim)
+        # on CUDA a whole chunk per group, attended by SDPA (attention.py: no invariance claim); SDPA has no
+        # soft-capping, so a model with it takes the chunked path there too
+        cuda = dev.type == "cuda" and self.model.config.attn_softcap is None
         for s in prefills:
             step = s.num_new_tokens if cuda else QUERY_TILE
             for t0 in range(s.start, s.end, step):
                 tile = list(range(t0, min(t0 + step, s.end)))
-                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev, not cuda))
+                groups.append(build_group(row + t0 - s.start, [tile], [s.block_ids], bs, group, dev, not cuda, windows))
             row += s.num_new_tokens
         return groups
 

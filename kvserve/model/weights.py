@@ -66,6 +66,53 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         return name in self._shapes
 
 
+class SplitWeights(WeightFiles):
+    """Weights whose fused tensors (Phi-3's qkv_proj, gate_up_proj) read as the parts every other family has:
+    part name -> (fused name, first row, rows). A part read reads its fused tensor once and keeps its rows."""
+
+    def __init__(self, base: WeightFiles, parts: dict[str, tuple[str, int, int]]) -> None:
+        shapes = {n: base.shape(n) for n in base if not any(n == src for src, _, _ in parts.values())}
+        dtypes = {n: base.dtype(n) for n in shapes}
+        for name, (src, _, rows) in parts.items():
+            shapes[name] = (rows, *base.shape(src)[1:])
+            dtypes[name] = base.dtype(src)
+        super().__init__(shapes, dtypes)
+        self._base, self._parts = base, parts
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self._parts:
+            src, row, rows = self._parts[name]
+            return self._base.read(src)[row : row + rows].clone()
+        return self._base.read(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        if name in self._parts:
+            out.copy_(self.read(name).view(out.shape))
+        else:
+            self._base.read_into(name, out)
+
+
+def split_fused(weights: WeightFiles, config: object) -> WeightFiles:
+    """Phi-3's qkv_proj and gate_up_proj as the q/k/v and gate/up tensors every other family has (the model
+    fuses them again its own way; transformers' Phi3MLP puts gate first); other families' weights as they are."""
+    if getattr(config, "architecture", None) != "phi3":
+        return weights
+    q = config.num_attention_heads * config.head_dim  # type: ignore[attr-defined]
+    kv = config.num_key_value_heads * config.head_dim  # type: ignore[attr-defined]
+    parts: dict[str, tuple[str, int, int]] = {}
+    for i in range(config.num_hidden_layers):  # type: ignore[attr-defined]
+        p = f"model.layers.{i}."
+        qkv, gate_up = p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"
+        if qkv in weights:
+            for name, row, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                parts[p + f"self_attn.{name}_proj.weight"] = (qkv, row, rows)
+        if gate_up in weights:
+            half = weights.shape(gate_up)[0] // 2
+            parts[p + "mlp.gate_proj.weight"] = (gate_up, 0, half)
+            parts[p + "mlp.up_proj.weight"] = (gate_up, half, half)
+    return SplitWeights(weights, parts) if parts else weights
+
+
 def weight_shape(weights: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
     """Shape of one weight, read without loading it where the weights are files."""
     if isinstance(weights, WeightFiles):

@@ -200,8 +200,29 @@ def test_from_hf_config_qwen2_and_mistral():
 
 
 def test_from_hf_config_rejects_unsupported_architecture():
-    with pytest.raises(ValueError, match="'gemma2'"):
-        ModelConfig.from_hf_config({**LLAMA3_CONFIG, "model_type": "gemma2"})
+    # gemma3 is the multimodal wrapper (its text model, gemma3_text, is supported)
+    for model_type in ("falcon", "gemma3"):
+        with pytest.raises(ValueError, match=f"unsupported model architecture '{model_type}'"):
+            ModelConfig.from_hf_config({**LLAMA3_CONFIG, "model_type": model_type})
+
+
+def test_from_hf_config_windows_and_gemma_defaults():
+    """Which layers get the sliding window, per family, as transformers assigns them when config.json lists no
+    layer_types; Gemma 2's soft-capping and query scale at transformers' defaults."""
+    base = {**LLAMA3_CONFIG, "num_hidden_layers": 4, "sliding_window": 8}
+    assert ModelConfig.from_hf_config({**base, "model_type": "mistral"}).layer_windows == (8, 8, 8, 8)
+    assert ModelConfig.from_hf_config({**base, "model_type": "qwen2"}).layer_windows == ()  # use_sliding_window off
+    qwen = {**base, "model_type": "qwen3", "use_sliding_window": True, "max_window_layers": 2}
+    assert ModelConfig.from_hf_config(qwen).layer_windows == (None, None, 8, 8)
+    gemma2 = ModelConfig.from_hf_config({**base, "model_type": "gemma2"})
+    assert gemma2.layer_windows == (8, None, 8, None) and gemma2.tie_word_embeddings
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.query_scale) == (50.0, 30.0, 256**-0.5)
+    gemma3 = {**base, "model_type": "gemma3_text", "sliding_window_pattern": 2, "rope_local_base_freq": 10.0}
+    assert ModelConfig.from_hf_config(gemma3).layer_windows == (8, None, 8, None)
+    assert ModelConfig.from_hf_config(gemma3).local_rope_theta == 10.0
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_hf_config({**base, "model_type": "qwen3", "use_sliding_window": True,
+                                    "layer_types": ["chunked_attention"] * 4})  # fmt: skip
 
 
 def test_config_is_frozen():
