@@ -216,7 +216,7 @@ def write_sim(result: dict) -> None:
     print("\n".join(lines))
 
 
-def write_real(result: dict) -> None:
+def write_real(result: dict, name: str = "routing_real") -> None:
     lines = [
         "| workload | system | hit rate | TTFT P50 ms | TTFT P99 ms | TPOT P99 ms | output tok/s "
         "| requests per replica |",
@@ -229,8 +229,8 @@ def write_real(result: dict) -> None:
             f"{r['ttft_p99_ms']:.0f} | {r['tpot_p99_ms']:.0f} | {r['output_tok_s']:.1f} | "
             f"{'' if per is None else per} |"
         )
-    (RESULTS / "routing_real.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "routing_real.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     print("\n".join(lines))
 
 
@@ -254,6 +254,7 @@ def main() -> None:
     real.add_argument("--max-tokens", type=int, default=32)
     real.add_argument("--vllm-router", action="store_true")
     real.add_argument("--disaggregate", default=None, help="also a P:D disaggregated fleet (cache-aware)")
+    real.add_argument("--name", default="routing_real", help="results file stem under bench/results/")
     cost = sub.add_parser("cost")
     cost.add_argument("--replicas", type=int, default=128)
     cost.add_argument("--blocks", type=int, default=1_000_000)
@@ -267,7 +268,7 @@ def main() -> None:
         opts = {k: getattr(args, k) for k in ("replicas", "threads", "dtype", "num_requests", "concurrency")}
         opts.update(model="smollm2-135m", max_tokens=args.max_tokens)
         result = {**stamp, **run_real(args.policies, args.workloads, opts, args.vllm_router, args.disaggregate)}
-        write_real(result)
+        write_real(result, args.name)
     elif args.part == "sim":
         model = calibrate() if args.calibrate else StepModel()
         write_sim({**stamp, **run_sim(args.replicas, model, args.seed)})
