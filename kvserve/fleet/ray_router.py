@@ -44,7 +44,6 @@ class KVServeRequestRouter(RequestRouter):
         self._cursor = 0
         self._last_pull = 0.0
         self._loads: dict[str, Any] = {}  # replica -> EngineStats
-        self._versions: dict[str, int] = {}  # replica -> reports seen
         self._in_flight: Tally[str] = Tally()
         self._routed: dict[str, str] = {}  # internal request id -> replica
 
@@ -67,10 +66,8 @@ class KVServeRequestRouter(RequestRouter):
             if replica in self._replicas_by_name():
                 self._router.apply(replica, batch)
         self._loads = pulled.stats
-        for replica, version in pulled.versions.items():
-            if self._versions.get(replica) != version:
-                self._versions[replica] = version
-                self._router.reported(replica)  # its queued tokens now include what we sent before
+        for replica, covers in pulled.covers.items():
+            self._router.reported(replica, covers)  # its queued tokens now count what we sent before `covers`
         router_metrics.ROUTER_METRICS.index_blocks.set(len(self._router.index))
 
     def _replicas_by_name(self) -> dict[str, RunningReplica]:

@@ -73,8 +73,10 @@ class EngineReplica:
             with self._pending_lock:
                 batches, self._pending = self._pending, []
             try:
+                engine = self.engine
+                covers = engine.snapshot_covers
                 self._state.publish.remote(
-                    self.replica_id, batches, self.engine.metrics.snapshot, self.engine.metrics.render()
+                    self.replica_id, batches, engine.metrics.snapshot, engine.metrics.render(), covers
                 )
             except Exception:  # noqa: BLE001 - the state actor is gone (shutting down): keep serving
                 log.warning("could not publish to the fleet state", exc_info=True)

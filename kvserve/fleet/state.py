@@ -28,7 +28,7 @@ class Pulled:
     cursor: int  # pass it to the next pull
     batches: list[tuple[str, KVEventBatch]]  # (replica, batch), in arrival order
     stats: dict[str, EngineStats]  # latest stats of every live replica
-    versions: dict[str, int]  # how many reports each live replica has made (a change = fresh stats)
+    covers: dict[str, float]  # wall time up to which each live replica's stats count the requests sent to it
 
 
 @dataclass
@@ -38,7 +38,7 @@ class _Replica:
     stats: EngineStats | None = None
     metrics: bytes = b""
     seen: float = 0.0
-    reports: int = 0
+    covers: float = 0.0
 
 
 class FleetState:
@@ -49,7 +49,12 @@ class FleetState:
         self._replicas: dict[str, _Replica] = {}
 
     def publish(
-        self, replica: str, batches: list[KVEventBatch], stats: EngineStats | None = None, metrics: bytes = b""
+        self,
+        replica: str,
+        batches: list[KVEventBatch],
+        stats: EngineStats | None = None,
+        metrics: bytes = b"",
+        covers: float = 0.0,
     ) -> None:
         r = self._replicas.setdefault(replica, _Replica(set()))
         for batch in batches:
@@ -67,7 +72,7 @@ class FleetState:
         if metrics:
             r.metrics = metrics
         r.seen = time.monotonic()
-        r.reports += 1
+        r.covers = max(r.covers, covers)
 
     def pull(self, cursor: int) -> Pulled:
         """Batches after `cursor` (0 at first). A cursor older than the log gets every replica's blocks as one
@@ -80,7 +85,7 @@ class FleetState:
         else:
             batches = [(name, batch) for pos, name, batch in self._log if pos > cursor]
         live = [(name, r) for name, r in self._live() if r.stats is not None]
-        return Pulled(self._next - 1, batches, {n: r.stats for n, r in live}, {n: r.reports for n, r in live})
+        return Pulled(self._next - 1, batches, {n: r.stats for n, r in live}, {n: r.covers for n, r in live})
 
     def metrics(self) -> dict[str, bytes]:
         """Each live replica's last /metrics exposition."""

@@ -2,11 +2,12 @@
 
   route(request, loads)   -> Decision; the decision's blocks are claimed for the chosen replica at once
   apply(replica, batch)   KV events from a replica's engine (kvserve/kv/events.py)
-  reported(replica)       a fresh load report of a replica arrived (its queued tokens now count what was sent)
+  reported(replica, t)    a replica's load report counts every request sent to it before wall time t
   set_replicas(names)     the live replicas: everyone else's entries are forgotten
 
 Load reports arrive every 50 ms or so; a burst routed in between would all see the same stale queue. So the
-router adds to each replica's reported queued tokens the uncached tokens it sent there since that report.
+router adds to each replica's reported queued tokens the uncached tokens it sent there that the report does
+not count yet (sent after the last moment the replica's engine took in its queue before that report).
 
 No Ray here: kvserve/fleet/ray_router.py calls it from Ray Serve's RequestRouter, bench/routing.py from its
 simulator, the unit tests directly.
@@ -14,6 +15,7 @@ simulator, the unit tests directly.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -37,7 +39,7 @@ class Router:
         self.decisions: Counter[str] = Counter()  # reason -> count
         self.matched_tokens = 0  # prompt tokens routed to a replica that held them
         self.lost_batches = 0  # KV event batches found missing (the replica's entries were relearned)
-        self.pending_tokens: dict[str, int] = {}  # uncached tokens sent to a replica since its last report
+        self.pending: dict[str, list[tuple[float, int]]] = {}  # replica -> (sent at, uncached tokens) not reported
 
     def request(self, token_ids: Sequence[int], cache_salt: str | None = None) -> RouteRequest:
         return RouteRequest(request_keys(token_ids, self.block_size, cache_salt), len(token_ids), self.block_size)
@@ -46,7 +48,7 @@ class Router:
         if not loads:
             raise ValueError("no replica to route to")
         matches = self.index.match(request.block_keys)
-        pending = self.pending_tokens
+        pending = {name: sum(n for _, n in sent) for name, sent in self.pending.items() if sent}
         if pending:
             loads = [
                 ReplicaLoad(
@@ -59,13 +61,16 @@ class Router:
         decision = self.policy.choose(request, loads, matches)
         self.index.add(decision.replica, request.block_keys)
         uncached = request.num_tokens - decision.matched_tokens
-        self.pending_tokens[decision.replica] = self.pending_tokens.get(decision.replica, 0) + uncached
+        self.pending.setdefault(decision.replica, []).append((time.time(), uncached))
         self.decisions[decision.reason] += 1
         self.matched_tokens += decision.matched_tokens
         return decision
 
-    def reported(self, replica: str) -> None:
-        self.pending_tokens.pop(replica, None)
+    def reported(self, replica: str, covers: float | None = None) -> None:
+        """A load report of `replica` counts what was sent before wall time `covers` (None: everything)."""
+        sent = self.pending.get(replica)
+        if sent:
+            self.pending[replica] = [] if covers is None else [(t, n) for t, n in sent if t >= covers]
 
     def apply(self, replica: str, batch: KVEventBatch) -> None:
         if not self.index.apply(replica, batch):
@@ -76,5 +81,5 @@ class Router:
         for name in self.index.replicas:
             if name not in live:
                 self.index.forget(name)
-        for name in [n for n in self.pending_tokens if n not in live]:
-            del self.pending_tokens[name]
+        for name in [n for n in self.pending if n not in live]:
+            del self.pending[name]

@@ -99,6 +99,10 @@ class AsyncEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._drained_at = 0.0
+        # Wall time up to which submitted requests are reflected in metrics.snapshot (a fleet router drops
+        # its own count of what it sent a replica once the replica's report covers it)
+        self.snapshot_covers = 0.0
 
     @classmethod
     def from_config(
@@ -204,6 +208,7 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())
                 self.metrics.set_snapshot(engine.get_stats())
+                self.snapshot_covers = self._drained_at
                 if self._kv_event_sink is not None and (batch := engine.drain_kv_events()) is not None:
                     self._kv_event_sink(batch)
         except BaseException as exc:  # noqa: BLE001 - any escape leaves the engine in an unknown state
@@ -221,6 +226,7 @@ class AsyncEngine:
         try:
             command = self._commands.get(block=block)
         except queue.Empty:
+            self._drained_at = time.time()
             return True
         while True:
             if isinstance(command, _Stop):
@@ -232,6 +238,7 @@ class AsyncEngine:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
+                self._drained_at = time.time()  # everything submitted before now is applied
                 return True
 
     def _add(self, cmd: _Add) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -189,3 +190,16 @@ def test_cache_aware_spreads_a_hot_prefix_and_round_robin_dilutes_it():
     assert min(outcome["cache-aware"][0].values()) >= 5  # the router counts the tokens it sent a replica
     assert max(outcome["prefix-aware"][0].values()) == 40
     assert outcome["cache-aware"][1] >= 0.9 * outcome["prefix-aware"][1]
+
+
+def test_sent_tokens_count_against_a_replica_until_its_report_covers_them():
+    router = Router("cache-aware", BS)
+    req = RouteRequest([], 1000, BS)  # nothing cached anywhere: the least queued replica wins
+    assert router.route(req, loads("a", "b")).replica == "a"
+    assert router.route(req, loads("a", "b")).replica == "b"  # a's 1,000 sent tokens are not reported yet
+    before = time.time() - 60
+    router.reported("a", before)  # a report taken before the send: it cannot count it
+    router.reported("b")  # b's report counts everything
+    assert router.route(req, loads("a", "b")).replica == "b"
+    router.reported("a", time.time())
+    assert router.pending["a"] == []
