@@ -46,6 +46,7 @@ class KVServeRequestRouter(RequestRouter):
         self._loads: dict[str, Any] = {}  # replica -> EngineStats
         self._in_flight: Tally[str] = Tally()
         self._routed: dict[str, str] = {}  # internal request id -> replica
+        self._decided: dict[str, tuple[RouteRequest, Any]] = {}  # internal request id -> (request, decision)
 
     async def _pull(self) -> None:
         now = time.monotonic()
@@ -86,6 +87,9 @@ class KVServeRequestRouter(RequestRouter):
         decision = self._router.route(request, loads)
         router_metrics.ROUTER_METRICS.decisions.labels(policy=self._router.policy.name, reason=decision.reason).inc()
         router_metrics.ROUTER_METRICS.matched.inc(decision.matched_tokens)
+        if len(self._decided) > 4096:  # requests cancelled before Serve sent them: drop the oldest
+            self._decided.pop(next(iter(self._decided)))
+        self._decided[pending_request.metadata.internal_request_id] = (request, decision)
         first = by_name[decision.replica]
         return [[first], [r for r in candidate_replicas if r is not first]]
 
@@ -103,9 +107,12 @@ class KVServeRequestRouter(RequestRouter):
         )
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        name = replica_id.unique_id
+        name, rid = replica_id.unique_id, pending_request.metadata.internal_request_id
         self._in_flight[name] += 1
-        self._routed[pending_request.metadata.internal_request_id] = name
+        self._routed[rid] = name
+        decided = self._decided.pop(rid, None)
+        if decided is not None:  # Serve may have fallen back to another rank: claims follow the request
+            self._router.moved(decided[0], decided[1], name)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         name = self._routed.pop(internal_request_id, None)

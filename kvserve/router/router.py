@@ -3,6 +3,7 @@
   route(request, loads)   -> Decision; the decision's blocks are claimed for the chosen replica at once
   apply(replica, batch)   KV events from a replica's engine (kvserve/kv/events.py)
   reported(replica, t)    a replica's load report counts every request sent to it before wall time t
+  moved(request, d, r)    the request went to replica r instead of d.replica (the framework fell back)
   set_replicas(names)     the live replicas: everyone else's entries are forgotten
 
 Load reports arrive every 50 ms or so; a burst routed in between would all see the same stale queue. So the
@@ -59,12 +60,25 @@ class Router:
                 for r in loads
             ]
         decision = self.policy.choose(request, loads, matches)
-        self.index.add(decision.replica, request.block_keys)
+        claimed = request.block_keys[matches.get(decision.replica, 0) :]  # the blocks it will store there
+        self.index.add(decision.replica, claimed)
         uncached = request.num_tokens - decision.matched_tokens
         self.pending.setdefault(decision.replica, []).append((time.time(), uncached))
         self.decisions[decision.reason] += 1
         self.matched_tokens += decision.matched_tokens
         return decision
+
+    def moved(self, request: RouteRequest, decision: Decision, replica: str) -> None:
+        """The request was sent to `replica`, not to the decided one (Serve fell back to the next rank): move
+        the claim and the pending tokens, so the index never keeps blocks a replica was never sent."""
+        if replica == decision.replica:
+            return
+        claimed = request.block_keys[decision.matched_tokens // request.block_size :]
+        self.index.remove(decision.replica, claimed)
+        self.index.add(replica, request.block_keys)
+        sent = self.pending.get(decision.replica)
+        if sent:
+            self.pending.setdefault(replica, []).append(sent.pop())
 
     def reported(self, replica: str, covers: float | None = None) -> None:
         """A load report of `replica` counts what was sent before wall time `covers` (None: everything)."""

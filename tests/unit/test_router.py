@@ -203,3 +203,17 @@ def test_sent_tokens_count_against_a_replica_until_its_report_covers_them():
     assert router.route(req, loads("a", "b")).replica == "b"
     router.reported("a", time.time())
     assert router.pending["a"] == []
+
+
+def test_a_request_sent_elsewhere_moves_its_claim():
+    """Serve may send a request to its second-ranked replica; the index must not keep the first one's claim."""
+    router = Router("prefix-aware", BS)
+    held = router.request(list(range(8)))
+    router.index.add("a", held.block_keys)  # a holds the first 2 blocks
+    req = router.request(list(range(20)))  # 5 blocks: 2 held by a, 3 new
+    d = router.route(req, loads("a", "b"))
+    assert d.replica == "a" and router.index.num_blocks("a") == 5
+    router.moved(req, d, "b")
+    assert router.index.num_blocks("a") == 2  # what a held before stays
+    assert router.index.match(req.block_keys) == {"b": 5, "a": 2}
+    assert sum(n for _, n in router.pending["b"]) == 20 - 8 and not router.pending["a"]
