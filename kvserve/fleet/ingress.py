@@ -24,6 +24,7 @@ from typing import Any
 
 from kvserve.engine import EngineLimits
 from kvserve.errors import InvalidRequestError
+from kvserve.fleet.router_metrics import release_claims
 from kvserve.fleet.stats import merge_expositions, sum_stats
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
@@ -139,10 +140,12 @@ class FleetClient:
                 raise
             except Exception as exc:  # noqa: BLE001 - the replica died before it accepted: try another
                 response.cancel()
+                release_claims(payload["request_id"])
                 if attempt:
                     raise EngineDeadError(f"no engine replica could take the request: {exc}") from None
                 log.warning("replica failed before accepting request %s; retrying: %s", stream.request_id, exc)
         if isinstance(item, dict):
+            release_claims(payload["request_id"])
             raise _refusal(item)
         task = asyncio.get_running_loop().create_task(self._forward(response, stream))
         self._calls[stream.request_id] = (response, task)
@@ -162,6 +165,7 @@ class FleetClient:
         try:
             async for item in response:
                 if isinstance(item, dict):
+                    release_claims(prefill["request_id"])
                     raise _refusal(item)
         except asyncio.CancelledError:
             response.cancel()

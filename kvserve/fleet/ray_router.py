@@ -46,7 +46,9 @@ class KVServeRequestRouter(RequestRouter):
         self._loads: dict[str, Any] = {}  # replica -> EngineStats
         self._in_flight: Tally[str] = Tally()
         self._routed: dict[str, str] = {}  # internal request id -> replica
-        self._decided: dict[str, tuple[RouteRequest, Any]] = {}  # internal request id -> (request, decision)
+        self._decided: dict[str, tuple[str, RouteRequest, Any]] = {}  # internal id -> (request id, request, decision)
+        self._claims: dict[str, tuple[RouteRequest, Any, str]] = {}  # request id -> (request, decision, replica)
+        router_metrics.ROUTERS.add(self)
 
     async def _pull(self) -> None:
         now = time.monotonic()
@@ -89,7 +91,8 @@ class KVServeRequestRouter(RequestRouter):
         router_metrics.ROUTER_METRICS.matched.inc(decision.matched_tokens)
         if len(self._decided) > 4096:  # requests cancelled before Serve sent them: drop the oldest
             self._decided.pop(next(iter(self._decided)))
-        self._decided[pending_request.metadata.internal_request_id] = (request, decision)
+        payload_id = pending_request.args[0].get("request_id", "")
+        self._decided[pending_request.metadata.internal_request_id] = (payload_id, request, decision)
         first = by_name[decision.replica]
         return [[first], [r for r in candidate_replicas if r is not first]]
 
@@ -112,7 +115,17 @@ class KVServeRequestRouter(RequestRouter):
         self._routed[rid] = name
         decided = self._decided.pop(rid, None)
         if decided is not None:  # Serve may have fallen back to another rank: claims follow the request
-            self._router.moved(decided[0], decided[1], name)
+            payload_id, request, decision = decided
+            self._router.moved(request, decision, name)
+            self._claims[payload_id] = (request, decision, name)  # kept for a refusal that may follow
+            if len(self._claims) > 4096:  # the oldest ran long ago: their blocks are the events' business now
+                self._claims.pop(next(iter(self._claims)))
+
+    def release(self, request_id: str) -> None:
+        """The request never ran where it was sent: its claimed blocks go (kvserve/fleet/router_metrics.py)."""
+        claim = self._claims.pop(request_id, None)
+        if claim is not None:
+            self._router.unclaim(*claim)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         name = self._routed.pop(internal_request_id, None)

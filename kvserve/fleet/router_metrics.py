@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+ROUTERS: weakref.WeakSet[Any] = weakref.WeakSet()  # the fleet routers Serve built in this process
+
+
+def release_claims(request_id: str) -> None:
+    """A request the ingress sent was refused or lost before a replica accepted it: every router here drops
+    the blocks it claimed for it (they were never stored)."""
+    for router in list(ROUTERS):
+        router.release(request_id)
 
 
 class RouterMetrics:

@@ -80,6 +80,11 @@ class Router:
         if sent:
             self.pending.setdefault(replica, []).append(sent.pop())
 
+    def unclaim(self, request: RouteRequest, decision: Decision, replica: str) -> None:
+        """The request never ran on `replica` (refused, or lost before it was accepted): drop the blocks it
+        claimed there (what the replica held before stays)."""
+        self.index.remove(replica, request.block_keys[decision.matched_tokens // request.block_size :])
+
     def reported(self, replica: str, covers: float | None = None) -> None:
         """A load report of `replica` counts what was sent before wall time `covers` (None: everything)."""
         sent = self.pending.get(replica)

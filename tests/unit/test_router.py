@@ -217,3 +217,12 @@ def test_a_request_sent_elsewhere_moves_its_claim():
     assert router.index.num_blocks("a") == 2  # what a held before stays
     assert router.index.match(req.block_keys) == {"b": 5, "a": 2}
     assert sum(n for _, n in router.pending["b"]) == 20 - 8 and not router.pending["a"]
+
+
+def test_a_refused_request_gives_back_only_what_it_claimed():
+    router = Router("prefix-aware", BS)
+    router.index.add("a", router.request(list(range(8))).block_keys)  # a holds 2 blocks
+    req = router.request(list(range(20)))
+    d = router.route(req, loads("a", "b"))
+    router.unclaim(req, d, d.replica)
+    assert router.index.num_blocks("a") == 2 and router.index.match(req.block_keys) == {"a": 2}
