@@ -132,11 +132,11 @@ class LlamaModel:
                     [
                         layer.input_norm.data_ptr(),
                         layer.post_norm.data_ptr(),
-                        layer.qkv.packed.data_ptr(),
+                        layer.qkv.descriptor().data_ptr(),
                         0 if layer.qkv_bias is None else layer.qkv_bias.data_ptr(),
-                        layer.o_proj.packed.data_ptr(),
-                        layer.gate_up.packed.data_ptr(),
-                        layer.down.packed.data_ptr(),
+                        layer.o_proj.descriptor().data_ptr(),
+                        layer.gate_up.descriptor().data_ptr(),
+                        layer.down.descriptor().data_ptr(),
                     ]
                     for layer in self.layers
                 ],

@@ -133,6 +133,10 @@ def _build_and_load(cc: str) -> ctypes.CDLL | None:
     lib.kvserve_pack_swiglu.argtypes, lib.kvserve_pack_swiglu.restype = [i32, ptr, i64, i64, ptr], None
     lib.kvserve_linear_swiglu.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, ptr, i32]
     lib.kvserve_linear_swiglu.restype = None
+    lib.kvserve_linear_w.argtypes = [ptr, i32, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i32]
+    lib.kvserve_linear_w.restype = i32
+    lib.kvserve_q_panel_bytes.argtypes, lib.kvserve_q_panel_bytes.restype = [ptr, i64], i64
+    lib.kvserve_q_rows.argtypes, lib.kvserve_q_rows.restype = [ptr, i64, ptr, i64, i32, ptr, i32], None
     lib.kvserve_argmax_rows.argtypes, lib.kvserve_argmax_rows.restype = [ptr, i64, i64, ptr, i32], None
     lib.kvserve_layer_section_time.argtypes, lib.kvserve_layer_section_time.restype = [i32], ctypes.c_double
     return lib
@@ -196,6 +200,15 @@ class PackedLinear:
         self._call = lib.kvserve_linear_f32 if self.dtype == torch.float32 else lib.kvserve_linear_bf16
         self._swiglu = lib.kvserve_linear_swiglu
 
+    def descriptor(self) -> torch.Tensor:
+        """csrc/linear.c's WeightDesc of these panels (int64: kind, address, bits, group, offset, has_bias, f16),
+        rebuilt if the panels moved (place_in_huge_pages); the fused layer reads it by address."""
+        if getattr(self, "_desc", None) is None or int(self._desc[1]) != self.packed.data_ptr():
+            self._desc = torch.tensor([self._kind, self.packed.data_ptr(), *self._format], dtype=torch.int64)
+        return self._desc
+
+    _kind, _format = 0, (0, 0, 0, 0, 0)
+
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
@@ -243,6 +256,85 @@ class PackedLinear:
                 threads,
             )
         return y
+
+
+class QuantLinear(PackedLinear):
+    """A linear whose weight stays quantized as its GGUF file stores it (kvserve/model/quant.py's panels),
+    dequantized inside the kernel: the outputs of a PackedLinear of the dequantized weight, bit for bit.
+    dtype is the model's (activations and outputs); rows(ids) reads rows of the weight (an embedding table)."""
+
+    def __init__(self, parts: list, dtype: torch.dtype, swiglu: bool = False):
+        from kvserve.model import quant
+
+        lib = load()
+        assert lib is not None and dtype in (torch.float32, torch.bfloat16)
+        data, fmt, self.shape = quant.pack(parts, swiglu)
+        self.dtype, self.swiglu = dtype, swiglu
+        n, k = self.shape
+        if dtype == torch.bfloat16 and k % 2:
+            raise ValueError("bfloat16 linears need an even number of input features")
+        self.packed = torch.from_numpy(data)
+        self._kind = 1
+        self._format = (fmt.bits, fmt.group, fmt.offset, int(fmt.has_bias), int(fmt.f16))
+        self.format = fmt
+        panels = lib.kvserve_swiglu_panels(n // 2) if swiglu else (n + NR - 1) // NR
+        assert self.packed.numel() == panels * lib.kvserve_q_panel_bytes(self.descriptor().data_ptr(), k)
+        self._lib = lib
+
+    def element_size(self) -> int:  # bytes per weight as stored (for memory reports)
+        return 1
+
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n, k = self.shape
+        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+            raise ValueError(f"linear of a {tuple(x.shape)} {x.dtype} input with a {self.shape} {self.dtype} weight")
+        if self.swiglu and (bias is not None or residual is not None):
+            raise ValueError("a SwiGLU-packed linear takes no bias or residual")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, n // 2 if self.swiglu else n), dtype=x.dtype)
+        if bias is not None:
+            bias = bias.to(x.dtype).contiguous()
+            assert bias.shape == (n,)
+        if residual is not None:
+            residual = residual.to(x.dtype).contiguous()
+            assert residual.shape == (m, n)
+        rc = self._lib.kvserve_linear_w(
+            self.descriptor().data_ptr(),
+            int(x.dtype == torch.bfloat16),
+            x.data_ptr(),
+            x.stride(0),
+            m,
+            k,
+            n,
+            None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            out.data_ptr(),
+            n // 2 if self.swiglu else 0,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("the linear kernel could not allocate its scratch memory")
+        return out
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight (an embedding lookup), (len(ids), in) in the model dtype."""
+        assert not self.swiglu
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty((ids.numel(), self.shape[1]), dtype=self.dtype)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+            raise IndexError(f"token id out of range for an embedding of {self.shape[0]} rows")
+        bf = int(self.dtype == torch.bfloat16)
+        desc = self.descriptor().data_ptr()
+        threads = torch.get_num_threads()
+        self._lib.kvserve_q_rows(desc, self.shape[1], ids.data_ptr(), ids.numel(), bf, out.data_ptr(), threads)
+        return out
 
 
 def build_meta(tables: list[list[int]], counts: list[int], positions: torch.Tensor, device: torch.device) -> NativeMeta:

@@ -44,12 +44,8 @@ static inline void lap(int i, double *t) {
     *t = now;
 }
 
-void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t inter,
-                           void *act, int nthreads);
-void kvserve_linear_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const float *wp, int64_t N,
-                        const float *bias, const float *res, float *y, int nthreads);
-void kvserve_linear_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
-                         const uint16_t *bias, const uint16_t *res, uint16_t *y, int nthreads);
+int kvserve_linear_w(const int64_t *desc, int bf, const void *x, int64_t ldx, int64_t M, int64_t K, int64_t N,
+                     const void *bias, const void *res, void *y, int64_t inter, int nthreads);
 int kvserve_paged_attention(const void *q, float scale, const void *kv, int is_bf16, const int32_t *tables,
                             int max_blocks, const int32_t *segs, int num_segs, const int64_t *pos, float *out, int H,
                             int KVH, int64_t nb, int bs, int hd, int tile, int nthreads);
@@ -77,12 +73,11 @@ static void store_row(void *p, int64_t ofs, int64_t n, int bf, const float *src)
     }
 }
 
-static void linear(int bf, const void *x, int64_t M, int64_t K, const void *wp, int64_t N, const void *bias,
-                   const void *res, void *y, int nt) {
-    if (bf)
-        kvserve_linear_bf16(x, K, M, K, wp, N, bias, res, y, nt);
-    else
-        kvserve_linear_f32(x, K, M, K, wp, N, bias, res, y, nt);
+/* y = x W^T (+ bias) (+ res), or with inter the SwiGLU activation, W described by desc (linear.c's WeightDesc:
+ * plain or quantized panels). */
+static int linear(int bf, const void *x, int64_t M, int64_t K, const void *desc, int64_t N, const void *bias,
+                  const void *res, void *y, int64_t inter, int nt) {
+    return kvserve_linear_w((const int64_t *)desc, bf, x, K, M, K, N, bias, res, y, inter, nt);
 }
 
 #if KVSERVE_AVX512BW
@@ -226,7 +221,7 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
     double t = timing ? omp_get_wtime() : 0.0;
     kvserve_rmsnorm(x, in_norm, h, T, D, eps, bf, nt);
     lap(0, &t);
-    linear(bf, h, T, D, qkv_p, nqkv, qkv_bias, NULL, qkv, nt);
+    if (linear(bf, h, T, D, qkv_p, nqkv, qkv_bias, NULL, qkv, 0, nt)) return -1;
     lap(1, &t);
 #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; ++t) {
@@ -247,19 +242,20 @@ int kvserve_llama_layer(void *x, int64_t T, int64_t D, int bf, const void *in_no
         a = q;
     }
     lap(3, &t); /* with the rounding of its output */
-    linear(bf, a, T, qd, o_p, D, NULL, x, x, nt);
+    if (linear(bf, a, T, qd, o_p, D, NULL, x, x, 0, nt)) return -1;
     lap(4, &t);
     kvserve_rmsnorm(x, post_norm, h, T, D, eps, bf, nt);
     lap(0, &t);
-    kvserve_linear_swiglu(bf, h, D, T, D, gu_p, inter, act, nt); /* gate_up with SwiGLU in its epilogue */
+    if (linear(bf, h, T, D, gu_p, 2 * inter, NULL, NULL, act, inter, nt)) /* gate_up, SwiGLU in its epilogue */
+        return -1;
     lap(5, &t);
-    linear(bf, act, T, inter, down_p, D, NULL, x, x, nt);
+    if (linear(bf, act, T, inter, down_p, D, NULL, x, x, 0, nt)) return -1;
     lap(6, &t);
     return 0;
 }
 
-/* Every layer in one call: ptrs holds, per layer, (input norm, post norm, packed qkv, qkv bias or 0, packed
- * o_proj, packed gate_up, packed down); layer l's cache is at kv + l * kv_layer_bytes. Returns 0 or -1. */
+/* Every layer in one call: ptrs holds, per layer, (input norm, post norm, qkv, qkv bias or 0, o_proj, gate_up,
+ * down), each linear as the address of its weight descriptor (linear.c's WeightDesc); layer l's cache is at kv + l * kv_layer_bytes. Returns 0 or -1. */
 int kvserve_llama_layers(int n_layers, const int64_t *ptrs, void *x, int64_t T, int64_t D, int bf, float eps,
                          int64_t inter, const void *cs, const void *sn, const int64_t *pos, const int64_t *slots,
                          void *kv, int64_t kv_layer_bytes, const int32_t *tables, int max_blocks, const int32_t *segs,

@@ -26,6 +26,7 @@
  * explicit). Needs AVX-512 (and AVX512-BF16 for bfloat16): kvserve_linear_features says which.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -346,6 +347,47 @@ static inline void store_rows(__m512 acc[MR][3], int mr, int bf, int64_t r0, voi
     }
 }
 
+/* Rows m0 .. m1-1 of x times one plain packed panel p (in the dtype), out through store_rows. next: the next
+ * panel to prefetch while this one is in cache (NULL: none); ahead: the first tile also asks for the panel's
+ * lines AHEAD elements on (it streams the panel from memory). */
+static void panel_rows(int bf, const void *x, int64_t ldx, int64_t m0, int64_t m1, int64_t K, const char *panel,
+                       const char *next, int ahead, int64_t p, void *y, int64_t N, const void *bias, const void *res,
+                       int64_t inter) {
+    __m512 acc[MR][3];
+#if KVSERVE_AMX
+    if (bf && K % 32 == 0 && amx_granted()) {
+        float c[16 * NR];
+        int configured = 0;
+        for (int64_t r0 = m0; r0 < m1; r0 += 16) {
+            const int rows = m1 - r0 < 16 ? (int)(m1 - r0) : 16;
+            if (rows != configured) amx_configure(rows), configured = rows;
+            tile_amx((const uint16_t *)x + r0 * ldx, ldx, K, (const uint16_t *)panel, c);
+            for (int h = 0; h < rows; h += MR) { /* the epilogues take MR rows of accumulators at a time */
+                const int mr = rows - h < MR ? rows - h : MR;
+                for (int m = 0; m < mr; ++m)
+                    for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_loadu_ps(c + (h + m) * NR + 16 * v);
+                store_rows(acc, mr, bf, r0 + h, y, N, bias, res, p, inter);
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+        const int mr = m1 - r0 < MR ? (int)(m1 - r0) : MR, tile = (int)((r0 - m0) / MR);
+        /* tiles 1-3: one of the next panel's three 64-byte lines per k each; tile 0 reads 8 KB ahead */
+        const void *pf = tile >= 1 && tile <= 3 && next ? next + 64 * (tile - 1) : NULL;
+        if (bf) {
+#if KVSERVE_LINEAR_BF16
+            rows_bf16(mr, (const uint16_t *)x + r0 * ldx, ldx, K, (const uint16_t *)panel, pf, ahead && tile == 0,
+                      acc);
+#endif
+        } else {
+            rows_f32(mr, (const float *)x + r0 * ldx, ldx, K, (const float *)panel, pf, ahead && tile == 0, acc);
+        }
+        store_rows(acc, mr, bf, r0, y, N, bias, res, p, inter);
+    }
+}
+
 /* The blocked loop both dtypes share (e: bytes per element): (row block, panel) pairs split over the threads,
  * each pair's rows in tiles of MR; tiles of one panel after the first prefetch the next panel. */
 static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_t K, const void *wp, int64_t N,
@@ -358,40 +400,10 @@ static void linear_blocked(int bf, const void *x, int64_t ldx, int64_t M, int64_
     for (int64_t i = 0; i < nb; ++i)
         for (int64_t j = 0; j < np; ++j) {
             const int64_t b = panel_major ? (i * np + j) % nb : i, p = panel_major ? (i * np + j) / nb : j;
-            __m512 acc[MR][3];
             const int64_t m1 = (b + 1) * MB < M ? (b + 1) * MB : M;
             const char *panel = (const char *)wp + p * panel_bytes;
-#if KVSERVE_AMX
-            if (bf && K % 32 == 0 && amx_granted()) {
-                float c[16 * NR];
-                int configured = 0;
-                for (int64_t m0 = b * MB; m0 < m1; m0 += 16) {
-                    const int rows = m1 - m0 < 16 ? (int)(m1 - m0) : 16;
-                    if (rows != configured) amx_configure(rows), configured = rows;
-                    tile_amx((const uint16_t *)x + m0 * ldx, ldx, K, (const uint16_t *)panel, c);
-                    for (int h = 0; h < rows; h += MR) { /* the epilogues take MR rows of accumulators at a time */
-                        const int mr = rows - h < MR ? rows - h : MR;
-                        for (int m = 0; m < mr; ++m)
-                            for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_loadu_ps(c + (h + m) * NR + 16 * v);
-                        store_rows(acc, mr, bf, m0 + h, y, N, bias, res, p, inter);
-                    }
-                }
-                continue;
-            }
-#endif
-            for (int64_t m0 = b * MB; m0 < m1; m0 += MR) {
-                const int mr = m1 - m0 < MR ? (int)(m1 - m0) : MR, tile = (int)((m0 - b * MB) / MR);
-                /* tiles 1-3: one of the next panel's three 64-byte lines per k each; tile 0 reads 8 KB ahead */
-                const void *pf = tile >= 1 && tile <= 3 && p + 1 < np ? panel + panel_bytes + 64 * (tile - 1) : NULL;
-                if (bf) {
-#if KVSERVE_LINEAR_BF16
-                    rows_bf16(mr, (const uint16_t *)x + m0 * ldx, ldx, K, (const uint16_t *)panel, pf, tile == 0, acc);
-#endif
-                } else {
-                    rows_f32(mr, (const float *)x + m0 * ldx, ldx, K, (const float *)panel, pf, tile == 0, acc);
-                }
-                store_rows(acc, mr, bf, m0, y, N, bias, res, p, inter);
-            }
+            panel_rows(bf, x, ldx, b * MB, m1, K, panel, p + 1 < np ? panel + panel_bytes : NULL, 1, p, y, N, bias,
+                       res, inter);
         }
 }
 #endif
@@ -427,4 +439,301 @@ void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_
 #else
     (void)bf, (void)x, (void)ldx, (void)M, (void)K, (void)wp, (void)inter, (void)act, (void)nthreads;
 #endif
+}
+
+/* ------------------------------------------------------------------------------------------ quantized weights
+ *
+ * GGUF's Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights run as stored: kvserve/model/quant.py repacks each tensor at
+ * load, without a float copy, into panels of the same 48 columns (and the same SwiGLU column order) as the plain
+ * packs. A panel is K / group records, one per `group` input features: the 48 columns' scales S, their offsets B
+ * (has_bias), both float16 (f16: where the file's scales are float16, exactly) or float32 (the K-quants'
+ * products of two scales), then the codes: 8-bit, one signed byte per weight as [k][column]; 4-bit, one byte
+ * per pair of k as [k/2][column], the even k in the low nibble, value = nibble - offset.
+ *
+ * A weight is w = S * q, then + B, each rounded in float32: what gguf-py's dequantizer computes (and, for
+ * bfloat16, then rounded to bf16 as the dequantized bf16 model's weight is). The micro-kernels below multiply
+ * exactly those numbers in exactly the plain kernels' order (one chain of FMAs over k, VDPBF16PS over pairs of
+ * k), so a quantized linear's outputs have the bits of the plain linear over the dequantized weights, at every
+ * row count. Up to QROWS rows the weights are dequantized in registers, straight into the chain: a decode step
+ * streams the quantized bytes once. More rows (and AMX): each (row block, panel) work item dequantizes its
+ * panel once into a per-thread scratch in the plain layout, and the plain tile kernels read it for every row.
+ */
+typedef struct {
+    int64_t kind;     /* 0: plain packed panels in the dtype, at data; 1: quantized panels */
+    int64_t data;     /* address of the panels */
+    int64_t bits;     /* 4 or 8 */
+    int64_t group;    /* input features per record (16 or 32) */
+    int64_t offset;   /* 4-bit: value = nibble - offset */
+    int64_t has_bias; /* records hold B */
+    int64_t f16;      /* S and B stored as float16 */
+} WeightDesc;
+
+#define QROWS 4 /* rows dequantized in registers: 3 * QROWS accumulators, 3 scales, 3 offsets, weights */
+#define QMB 256 /* rows per work item above QROWS: each item dequantizes its panel once */
+
+static inline int64_t q_record_header(const WeightDesc *d) { return NR * (d->f16 ? 2 : 4) * (1 + d->has_bias); }
+static inline int64_t q_record_bytes(const WeightDesc *d) { return q_record_header(d) + NR * d->group * d->bits / 8; }
+
+/* Bytes of one quantized panel of K input features (the Python side sizes and fills them). */
+int64_t kvserve_q_panel_bytes(const int64_t *desc, int64_t K) {
+    const WeightDesc *d = (const WeightDesc *)desc;
+    return K / d->group * q_record_bytes(d);
+}
+
+#ifdef __AVX512F__
+typedef struct {
+    __m512 s[3], b[3];
+} QScales;
+
+static inline __attribute__((always_inline)) void q_scales(const int HB, const WeightDesc *d, const char *rec,
+                                                           QScales *q) {
+    for (int v = 0; v < 3; ++v) {
+        if (d->f16) {
+            q->s[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 32 * v)));
+            if (HB) q->b[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 96 + 32 * v)));
+        } else {
+            q->s[v] = _mm512_loadu_ps((const float *)rec + 16 * v);
+            if (HB) q->b[v] = _mm512_loadu_ps((const float *)rec + 48 + 16 * v);
+        }
+    }
+}
+
+/* The float32 weights of input features 2t and 2t + 1 of a record (codes c), columns 16v .. 16v + 15. BITS and
+ * HB compile-time constants at every call site; tbl[n] = n - offset (4-bit: the nibble read as its value). */
+static inline __attribute__((always_inline)) void q_pair(const int BITS, const int HB, const char *c, int64_t t,
+                                                         int v, __m512 tbl, const QScales *q, __m512 *w0,
+                                                         __m512 *w1) {
+    __m512 a, b;
+    if (BITS == 4) {
+        const __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + t * NR + 16 * v)));
+        a = _mm512_permutexvar_ps(n, tbl); /* the low 4 bits of each lane index the table */
+        b = _mm512_permutexvar_ps(_mm512_srli_epi32(n, 4), tbl);
+    } else {
+        a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 2 * t * NR + 16 * v))));
+        b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + (2 * t + 1) * NR + 16 * v))));
+    }
+    a = _mm512_mul_ps(q->s[v], a);
+    b = _mm512_mul_ps(q->s[v], b);
+    *w0 = HB ? _mm512_add_ps(a, q->b[v]) : a;
+    *w1 = HB ? _mm512_add_ps(b, q->b[v]) : b;
+}
+
+static inline __m512 q_table(const WeightDesc *d) {
+    return _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_ps((float)d->offset));
+}
+
+#if KVSERVE_LINEAR_BF16
+/* Two float32 weight vectors as 16 bf16 pairs (a's in the low halves): each rounded to nearest even, as
+ * f32_to_bf16 rounds (the weights are finite and never subnormal: products of a scale and a small integer). */
+static inline __m512bh q_bf16_pairs(__m512 a, __m512 b) {
+    static const uint16_t pairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i order = _mm512_loadu_si512(pairs);
+    return (__m512bh)_mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+#endif
+
+/* One panel's weights dequantized into out in the plain packed layout of the dtype (float32 [k][48], bf16
+ * [k/2][48][2]): the bits the plain pack of the dequantized weight holds. */
+static inline __attribute__((always_inline)) void q_unpack_panel_t(const int BITS, const int HB, const WeightDesc *d,
+                                                                   const char *panel, int64_t K, int bf, void *out) {
+    const int64_t G = d->group, rb = q_record_bytes(d), hdr = q_record_header(d);
+    const __m512 tbl = q_table(d);
+    for (int64_t g = 0; g < K / G; ++g) {
+        const char *rec = panel + g * rb;
+        QScales q;
+        q_scales(HB, d, rec, &q);
+        for (int64_t t = 0; t < G / 2; ++t) {
+            const int64_t k = g * G + 2 * t;
+            for (int v = 0; v < 3; ++v) {
+                __m512 w0, w1;
+                q_pair(BITS, HB, rec + hdr, t, v, tbl, &q, &w0, &w1);
+                if (bf) {
+#if KVSERVE_LINEAR_BF16
+                    _mm512_storeu_si512((uint16_t *)out + k * NR + 32 * v, (__m512i)q_bf16_pairs(w0, w1));
+#endif
+                } else {
+                    _mm512_storeu_ps((float *)out + k * NR + 16 * v, w0);
+                    _mm512_storeu_ps((float *)out + (k + 1) * NR + 16 * v, w1);
+                }
+            }
+        }
+    }
+}
+
+static void q_unpack_panel(const WeightDesc *d, const char *panel, int64_t K, int bf, void *out) {
+    if (d->bits == 4)
+        d->has_bias ? q_unpack_panel_t(4, 1, d, panel, K, bf, out) : q_unpack_panel_t(4, 0, d, panel, K, bf, out);
+    else
+        d->has_bias ? q_unpack_panel_t(8, 1, d, panel, K, bf, out) : q_unpack_panel_t(8, 0, d, panel, K, bf, out);
+}
+
+/* Up to QROWS rows of x times one quantized panel, weights dequantized in registers: the chain of tile_f32 /
+ * tile_bf16 over the same weight bits. */
+static inline __attribute__((always_inline)) void tile_q(const int MR_, const int BITS, const int HB, int bf,
+                                                         const WeightDesc *d, const void *x, int64_t ldx, int64_t K,
+                                                         const char *panel, __m512 acc[MR][3]) {
+    const int64_t G = d->group, rb = q_record_bytes(d), hdr = q_record_header(d);
+    const __m512 tbl = q_table(d);
+    for (int m = 0; m < MR_; ++m) acc[m][0] = acc[m][1] = acc[m][2] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / G; ++g) {
+        const char *rec = panel + g * rb;
+        _mm_prefetch(rec + 2048, _MM_HINT_T0);
+        QScales q;
+        q_scales(HB, d, rec, &q);
+        for (int64_t t = 0; t < G / 2; ++t) {
+            const int64_t k = g * G + 2 * t;
+            __m512 w0[3], w1[3];
+            for (int v = 0; v < 3; ++v) q_pair(BITS, HB, rec + hdr, t, v, tbl, &q, &w0[v], &w1[v]);
+            if (bf) {
+#if KVSERVE_LINEAR_BF16
+                __m512bh wb[3];
+                for (int v = 0; v < 3; ++v) wb[v] = q_bf16_pairs(w0[v], w1[v]);
+                for (int m = 0; m < MR_; ++m) {
+                    int32_t pair;
+                    memcpy(&pair, (const uint16_t *)x + m * ldx + k, sizeof pair);
+                    const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xb, wb[v]);
+                }
+#endif
+            } else {
+                for (int m = 0; m < MR_; ++m) {
+                    const __m512 xb = _mm512_set1_ps(((const float *)x)[m * ldx + k]);
+                    for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_fmadd_ps(xb, w0[v], acc[m][v]);
+                }
+                for (int m = 0; m < MR_; ++m) {
+                    const __m512 xb = _mm512_set1_ps(((const float *)x)[m * ldx + k + 1]);
+                    for (int v = 0; v < 3; ++v) acc[m][v] = _mm512_fmadd_ps(xb, w1[v], acc[m][v]);
+                }
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_q_t(const int BITS, const int HB, int mr, int bf,
+                                                           const WeightDesc *d, const void *x, int64_t ldx, int64_t K,
+                                                           const char *panel, __m512 acc[MR][3]) {
+#define TILE(R) tile_q(R, BITS, HB, bf, d, x, ldx, K, panel, acc)
+    KVSERVE_ROWS3(mr > 3 ? 0 : mr, TILE)
+    if (mr == 4) TILE(4);
+#undef TILE
+}
+
+static void rows_q(int mr, int bf, const WeightDesc *d, const void *x, int64_t ldx, int64_t K, const char *panel,
+                   __m512 acc[MR][3]) {
+    if (d->bits == 4)
+        d->has_bias ? rows_q_t(4, 1, mr, bf, d, x, ldx, K, panel, acc) : rows_q_t(4, 0, mr, bf, d, x, ldx, K, panel, acc);
+    else
+        d->has_bias ? rows_q_t(8, 1, mr, bf, d, x, ldx, K, panel, acc) : rows_q_t(8, 0, mr, bf, d, x, ldx, K, panel, acc);
+}
+
+/* A per-thread buffer of at least `bytes` (grown, never shrunk: OpenMP's threads live as long as the process). */
+static __thread char *q_scratch;
+static __thread int64_t q_scratch_bytes;
+
+static char *q_scratch_buffer(int64_t bytes) {
+    if (bytes > q_scratch_bytes) {
+        free(q_scratch);
+        q_scratch_bytes = (bytes + 4095) / 4096 * 4096;
+        q_scratch = aligned_alloc(64, (size_t)q_scratch_bytes);
+        if (!q_scratch) q_scratch_bytes = 0;
+    }
+    return q_scratch;
+}
+
+static int linear_q(int bf, const WeightDesc *d, const void *x, int64_t ldx, int64_t M, int64_t K, int64_t N,
+                    const void *bias, const void *res, void *y, int64_t inter, int nthreads) {
+    const int64_t np = inter ? kvserve_swiglu_panels(inter) : panels(N), pb = kvserve_q_panel_bytes((const int64_t *)d, K);
+    const char *wq = (const char *)(intptr_t)d->data;
+#if KVSERVE_AMX
+    const int amx = bf && K % 32 == 0 && amx_granted();
+#else
+    const int amx = 0;
+#endif
+    if (M <= QROWS && !amx) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t p = 0; p < np; ++p) {
+            __m512 acc[MR][3];
+            rows_q((int)M, bf, d, x, ldx, K, wq + p * pb, acc);
+            store_rows(acc, (int)M, bf, 0, y, N, bias, res, p, inter);
+        }
+        return 0;
+    }
+    const int64_t nb = (M + QMB - 1) / QMB, plain = K * NR * (bf ? 2 : 4);
+    int failed = 0;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < nb; ++b)
+        for (int64_t p = 0; p < np; ++p) {
+            char *panel = q_scratch_buffer(plain);
+            if (!panel) {
+                failed = 1;
+                continue;
+            }
+            q_unpack_panel(d, wq + p * pb, K, bf, panel);
+            panel_rows(bf, x, ldx, b * QMB, (b + 1) * QMB < M ? (b + 1) * QMB : M, K, panel, NULL, 0, p, y, N, bias,
+                       res, inter);
+        }
+    return failed ? -1 : 0;
+}
+#endif
+
+/* y = x W^T (+ bias) (+ res), or with inter > 0 the SwiGLU activation (M, inter) of W = [gate; up] packed for
+ * it, for W described by desc (a WeightDesc: plain panels in the dtype or quantized panels); bf: bfloat16
+ * (K even). Returns 0, or -1 when the scratch could not be allocated. */
+int kvserve_linear_w(const int64_t *desc, int bf, const void *x, int64_t ldx, int64_t M, int64_t K, int64_t N,
+                     const void *bias, const void *res, void *y, int64_t inter, int nthreads) {
+#ifdef __AVX512F__
+    const WeightDesc *d = (const WeightDesc *)desc;
+    if (bf && !KVSERVE_LINEAR_BF16) return -1;
+    if (M == 0) return 0;
+    if (d->kind == 0) {
+        linear_blocked(bf, x, ldx, M, K, (const void *)(intptr_t)d->data, inter ? 2 * inter : N, bias, res, y, inter,
+                       nthreads);
+        return 0;
+    }
+    return linear_q(bf, d, x, ldx, M, K, inter ? 2 * inter : N, bias, res, y, inter, nthreads);
+#else
+    (void)desc, (void)bf, (void)x, (void)ldx, (void)M, (void)K, (void)N, (void)bias, (void)res, (void)y, (void)inter,
+        (void)nthreads;
+    return -1;
+#endif
+}
+
+/* Rows ids[0..n-1] of a quantized weight (an embedding table) dequantized into out (n, K) in the dtype (bf:
+ * bfloat16): the values gguf-py's dequantizer gives, as the plain model's table holds them. */
+void kvserve_q_rows(const int64_t *desc, int64_t K, const int64_t *ids, int64_t n, int bf, void *out, int nthreads) {
+    const WeightDesc *d = (const WeightDesc *)desc;
+    const int64_t G = d->group, rb = q_record_bytes(d), hdr = q_record_header(d), pb = K / G * rb;
+    const char *wq = (const char *)(intptr_t)d->data;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= 16)
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = ids[i] / NR, j = ids[i] % NR;
+        for (int64_t g = 0; g < K / G; ++g) {
+            const char *rec = wq + p * pb + g * rb;
+            float s, b = 0.0f;
+            if (d->f16) {
+                uint16_t h[2];
+                memcpy(&h[0], rec + 2 * j, 2);
+                memcpy(&h[1], rec + 2 * (NR + j), 2);
+                s = _cvtsh_ss(h[0]);
+                if (d->has_bias) b = _cvtsh_ss(h[1]);
+            } else {
+                memcpy(&s, rec + 4 * j, 4);
+                if (d->has_bias) memcpy(&b, rec + 4 * (NR + j), 4);
+            }
+            const unsigned char *c = (const unsigned char *)rec + hdr;
+            for (int64_t t = 0; t < G; ++t) {
+                const float q = d->bits == 4 ? (float)((c[t / 2 * NR + j] >> (4 * (t & 1)) & 15) - d->offset)
+                                             : (float)(int8_t)c[t * NR + j];
+                float w = s * q;
+                if (d->has_bias) w = w + b;
+                const int64_t o = i * K + g * G + t;
+                if (bf)
+                    ((uint16_t *)out)[o] = f32_to_bf16(w);
+                else
+                    ((float *)out)[o] = w;
+            }
+        }
+    }
 }
