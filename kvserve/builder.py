@@ -67,8 +67,12 @@ def build_parts(config: EngineConfig, loaded: LoadedModel) -> EngineParts:
     backends = resolve_backends(device, dtype, config.attention_backend, config.linear_backend, gaps)
     per_block = kv_bytes_per_block(mc, config.block_size, dtype)
     num_blocks = _num_blocks(config, mc, per_block, dtype, max_model_len)
-    model_cls = HybridModel if mc.is_hybrid else LlamaModel
-    model = model_cls(mc, loaded.weights, dtype, device, max_model_len, backends)
+    if mc.is_hybrid:
+        model = HybridModel(mc, loaded.weights, dtype, device, max_model_len, backends)
+    else:
+        model = LlamaModel(mc, loaded.weights, dtype, device, max_model_len, backends, config.weights == "auto")
+        if config.weights == "auto" and not model.quantized and getattr(loaded.weights, "has_quantized", False):
+            log.info("weights: quantized tensors dequantized at load (kvserve's linear kernel does not run here)")
     cost_args = {"cost": _recompute_cost(mc, config.block_size), "block_bytes": max(per_block, 1)}
     policy = make_policy(config.eviction_policy, **(cost_args if config.eviction_policy == "cost-aware" else {}))
     pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching, policy=policy)

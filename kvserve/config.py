@@ -24,6 +24,7 @@ from kvserve.spec.drafter import SpeculativeConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
 LINEAR_BACKENDS = ("auto", "native", "onednn")
+WEIGHTS = ("auto", "dequantize")
 
 
 def _default_kv_cache_memory() -> int:
@@ -56,6 +57,12 @@ class EngineConfig:
         "auto",
         "CPU linear layers: kvserve's kernel (native) or oneDNN; auto = $KVSERVE_LINEAR, else native where it builds",
         choices=LINEAR_BACKENDS,
+    )
+    weights: str = knob(
+        "auto",
+        "GGUF quantized weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): auto keeps them as stored where kvserve's linear "
+        "kernel runs (the same outputs, bit for bit, in a fraction of the memory); dequantize expands them at load",
+        choices=WEIGHTS,
     )
     block_size: int = knob(16, "tokens per KV block (a power of two <= 256)")
     kv_cache_memory: int | None = knob(

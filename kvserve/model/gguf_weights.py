@@ -1,11 +1,13 @@
 """A GGUF file's tensors as :class:`WeightFiles` under Hugging Face names and layout, read on demand.
 
 Float tensors (F32, F16, BF16) come back in their stored dtype; quantized ones (Q4_1, Q8_0, ...) are
-dequantized to float32. A tensor is read with ``pread`` and dequantized a band of rows at a time straight
-into the tensor the model keeps, so loading holds the model's weights plus one band (about 16 MiB of
-float32), not a float32 copy of every tensor: ``GGUFReader`` memory-maps the file, and the pages a read
-through that map touches would stay resident for as long as the reader lives. llama.cpp stores Llama's q/k
-rows with each head's two rotary halves interleaved; each band (whole heads) is put back in HF order.
+dequantized to float32, or, through :meth:`GGUFWeights.quantized`, handed over as their raw blocks for the
+linear kernel to run as stored (kvserve/model/quant.py). A tensor is read with ``pread`` and dequantized a
+band of rows at a time straight into the tensor the model keeps, so loading holds the model's weights plus
+one band (about 16 MiB of float32), not a float32 copy of every tensor: ``GGUFReader`` memory-maps the
+file, and the pages a read through that map touches would stay resident for as long as the reader lives.
+llama.cpp stores Llama's q/k rows with each head's two rotary halves interleaved; each band (whole heads) is
+put back in HF order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from kvserve.model.config import ModelConfig
+from kvserve.model.quant import QuantTensor, native_types
 from kvserve.model.weights import WeightFiles
 
 # GGUF per-layer tensor name -> Hugging Face name (suffix after "model.layers.{i}.")
@@ -86,6 +89,23 @@ class GGUFWeights(WeightFiles):
             stop = min(rows, start + band)
             values = self._band(kind, offset, row_bytes, start, stop).reshape(stop - start, *shape[1:])
             out[start:stop].copy_(unpermute_qk(values, (stop - start) // unit) if heads else values)
+
+    @property
+    def has_quantized(self) -> bool:
+        """Whether any tensor is stored in a type the linear kernel runs as stored."""
+        return any(kind in native_types() for kind, _, _ in self._tensors.values())
+
+    def quantized(self, name: str) -> QuantTensor | None:
+        kind, offset, heads = self._tensors[name]
+        shape = self.shape(name)
+        if kind not in native_types() or len(shape) != 2:
+            return None
+        rows, row_bytes = shape[0], _row_bytes(kind, shape[1])
+        raw = np.empty((rows, row_bytes), dtype=np.uint8)
+        _pread_exact(self._fd, raw, offset)
+        if heads:  # whole rows of blocks: un-permuting rows needs no decoding
+            raw = unpermute_qk(torch.from_numpy(raw), heads).numpy()
+        return QuantTensor(np.ascontiguousarray(raw), kind, (rows, shape[1]))
 
     def _band(self, kind: Any, offset: int, row_bytes: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (stop - start, values per row): stored float dtype, else dequantized float32."""

@@ -35,7 +35,7 @@ from kvserve.model.families import (
 )
 from kvserve.model.invariant import linear, packs_linears, prepack_linears, prepack_model_linears
 from kvserve.model.rope import apply_rope, rope_tables
-from kvserve.model.weights import fuse, take
+from kvserve.model.weights import WeightFiles, fuse, take
 
 
 @dataclass
@@ -68,6 +68,7 @@ class LlamaModel:
         device: torch.device,
         max_len: int,
         backends: Backends | None = None,
+        quantized: bool = False,
     ):
         self.config = config
         self.dtype = dtype
@@ -80,17 +81,20 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:  # converted once from the file's dtype (model/weights.py)
             return take(weights, name, dtype, self.device)
 
+        # GGUF quantized weights kept as stored (EngineConfig.weights "auto"): only on kvserve's linear kernel
+        self.quantized = quantized and backends.native_linear and packs_linears(device, dtype, True)
+        self.quantized = self.quantized and dtype in (torch.float32, torch.bfloat16)
+
         def norm(name: str) -> torch.Tensor:  # Gemma's norms keep (1 + w) in float32, as transformers
             return norm_weight(w(name), self.gemma)
 
-        self.embed = w("model.embed_tokens.weight")  # (V, D)
+        self.embed = self._linear(weights, ("model.embed_tokens.weight",))  # (V, D): the lookup table
         self.embed_scale = embed_scale(config, dtype, device)
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else self._linear(weights, ("lm_head.weight",))
         if packs_linears(device, dtype, backends.native_linear):  # packed while little else is resident: the
             prepack_linears(self, ("lm_head",), backends.native_linear)  # plain copy's peak is the largest
         self.final_norm = norm("model.norm.weight")
         windows = active_windows(config, max_len)
-        self.layers = [self._layer(w, weights, norm, i, windows[i]) for i in range(config.num_hidden_layers)]
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
         # or torch dispatch between the layer's ops. A per-process choice, like the kernels themselves.
         fusable = (
@@ -101,9 +105,12 @@ class LlamaModel:
             # VDPBF16PS takes input features in pairs: every linear's input width even in bf16
             and (dtype != torch.bfloat16 or config.hidden_size % 2 == config.intermediate_size % 2 == 0)
         )
+        self._fusable = fusable  # quantized gate_up is packed for the fused layer's SwiGLU epilogue at once
+        self.layers = [self._layer(w, weights, norm, i, windows[i]) for i in range(config.num_hidden_layers)]
         if fusable:  # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up
             for layer in self.layers:
-                layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
+                if not isinstance(layer.gate_up, native.PackedLinear):  # quantized ones are packed so already
+                    layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
         # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
         if packs_linears(device, dtype, backends.native_linear):
             prepack_model_linears(self, backends.native_linear)
@@ -148,6 +155,24 @@ class LlamaModel:
         """The distinct sliding windows of the layers (the runner builds each one's key ranges per step)."""
         return tuple(sorted({layer.window for layer in self.layers if layer.window is not None}))
 
+    def _linear(self, weights, names: tuple[str, ...], swiglu: bool = False) -> torch.Tensor | native.QuantLinear:
+        """The named weights fused along dim 0: quantized panels where the model keeps GGUF quantized
+        weights and every part is stored in a type the kernel runs (swiglu: packed for the fused layer's
+        SwiGLU epilogue), else a tensor in the model dtype."""
+        if self.quantized:
+            parts = [weights.quantized(n) if isinstance(weights, WeightFiles) else None for n in names]
+            if all(part is not None for part in parts):
+                return native.QuantLinear(parts, self.dtype, swiglu)
+        if len(names) == 1:
+            return take(weights, names[0], self.dtype, self.device)
+        return fuse(weights, names, self.dtype, self.device)
+
+    def embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding table (a new tensor), read from its quantized panels where it is kept so."""
+        if isinstance(self.embed, native.QuantLinear):
+            return self.embed.rows(input_ids)
+        return self.embed[input_ids]
+
     def _layer(self, w, weights, norm, i: int, window: int | None) -> LayerWeights:
         cfg, p = self.config, f"model.layers.{i}."
         attn = p + "self_attn."
@@ -160,12 +185,12 @@ class LlamaModel:
             qkv_bias = fused(*(attn + f"{n}_proj.bias" for n in "qkv"))
         return LayerWeights(
             input_norm=norm(p + "input_layernorm.weight"),
-            qkv=fused(*(attn + f"{n}_proj.weight" for n in "qkv")),
+            qkv=self._linear(weights, tuple(attn + f"{n}_proj.weight" for n in "qkv")),
             qkv_bias=qkv_bias,
-            o_proj=w(attn + "o_proj.weight"),
+            o_proj=self._linear(weights, (attn + "o_proj.weight",)),
             post_norm=norm(p + "post_attention_layernorm.weight"),
-            gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            down=w(p + "mlp.down_proj.weight"),
+            gate_up=self._linear(weights, (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), self._fusable),
+            down=self._linear(weights, (p + "mlp.down_proj.weight",)),
             o_bias=w(attn + "o_proj.bias") if cfg.o_proj_bias else None,
             q_norm=norm(attn + "q_norm.weight") if cfg.qk_norm else None,
             k_norm=norm(attn + "k_norm.weight") if cfg.qk_norm else None,
@@ -189,7 +214,7 @@ class LlamaModel:
             return self._forward_fused(input_ids, kv_cache, meta, logits_rows)
         positions = meta.positions
         ropes = [(cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)) for cos, sin in self.ropes]  # (T, 1, rd)
-        x = self.embed[input_ids]  # (T, D)
+        x = self.embed_rows(input_ids)  # (T, D)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for layer, kv_layer in zip(self.layers, kv_cache):
@@ -241,7 +266,7 @@ class LlamaModel:
         assert kv_cache.is_contiguous() and meta.positions.dtype == meta.slot_mapping.dtype == torch.int64
         assert meta.positions.is_contiguous() and meta.slot_mapping.is_contiguous()
         assert T == 0 or int(meta.positions.max()) < self.cos.shape[0], "position past the RoPE tables"
-        x = self.embed[input_ids]  # (T, D), a new tensor: the layers update it in place
+        x = self.embed_rows(input_ids)  # (T, D), a new tensor: the layers update it in place
         work = torch.empty(lib.kvserve_llama_layer_scratch(T, D, H, KVH, hd, inter, bf), dtype=torch.uint8)
         _, _, _, nb, bs, _ = kv_cache.shape
         eps = cfg.rms_norm_eps

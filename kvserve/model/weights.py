@@ -34,6 +34,11 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         """Fill ``out`` (the right shape, any dtype and device) with ``name``; subclasses may skip the copy."""
         out.copy_(self.read(name).view(out.shape))
 
+    def quantized(self, name: str) -> object | None:
+        """``name`` as its file stores it, when that is a quantized type kvserve's kernel runs as stored
+        (a kvserve.model.quant.QuantTensor); None otherwise (read it with read / read_into)."""
+        return None
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape (Hugging Face layout), without reading it."""
         return self._shapes[name]
