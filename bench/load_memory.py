@@ -15,8 +15,13 @@ packed) with a one-block KV pool. Reported per case:
 * ``after_mb``: RSS once built, minus the same baseline (the weights, the tokenizer, allocator slack);
 * ``peak_ratio``: peak_mb / resident_mb, the number the loader is held to (<= 1.3).
 
-Cases: the bundled GGUF (``smollm2-135m``, Q4_1) and a random Llama saved by transformers in bfloat16 (a
-Hugging Face folder, built in a temporary directory), each in float32 and bfloat16.
+* ``file_mb`` and ``resident_over_file`` (GGUF): the file's tensor bytes, and what the built model keeps
+  against them; with ``--weights auto`` (quantized weights kept as stored) the issue holds it to <= 1.2.
+
+Cases: the bundled GGUF (``smollm2-135m``: Q4_1 layers, a Q8_0 embedding tied as lm_head) with its quantized
+weights kept as stored (``weights auto``) and dequantized at load (``dequantize``), and a random Llama saved
+by transformers in bfloat16 (a Hugging Face folder, built in a temporary directory), each in float32 and
+bfloat16.
 """
 
 from __future__ import annotations
@@ -76,7 +81,19 @@ def _resident_bytes(model) -> int:
     return total
 
 
-def measure(model: str, dtype: str) -> dict:
+def _file_tensor_bytes(model: str) -> int | None:
+    """Bytes of a GGUF file's tensors (None for a folder)."""
+    from kvserve.model.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not path.is_file():
+        return None
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
+def measure(model: str, dtype: str, weights: str = "auto") -> dict:
     """Load and build ``model`` in ``dtype`` in this process; memory figures in MiB."""
     import time
 
@@ -88,15 +105,21 @@ def measure(model: str, dtype: str) -> dict:
     reset = _reset_peak()
     start = time.perf_counter()
     loaded = load_model(model)
-    parts = build_parts(EngineConfig(model=model, dtype=dtype, num_kv_blocks=1, max_model_len=256), loaded)
+    config = EngineConfig(model=model, dtype=dtype, weights=weights, num_kv_blocks=1, max_model_len=256)
+    parts = build_parts(config, loaded)
     seconds = time.perf_counter() - start
     peak_kb, after_kb = _status_kb("VmHWM"), _status_kb("VmRSS")
     param_mb = _param_count(loaded.config) * _DTYPE_BYTES[dtype] / (1 << 20)
     resident_mb = _resident_bytes(parts.model) / (1 << 20)
     peak_mb = (peak_kb - base_kb) / 1024
+    file_bytes = _file_tensor_bytes(model)
     return {
         "model": model,
         "dtype": dtype,
+        "weights": weights,
+        "quantized": bool(getattr(parts.model, "quantized", False)),
+        "file_mb": None if file_bytes is None else round(file_bytes / (1 << 20), 1),
+        "resident_over_file": None if file_bytes is None else round(resident_mb * (1 << 20) / file_bytes, 3),
         "param_mb": round(param_mb, 1),
         "resident_mb": round(resident_mb, 1),
         "peak_mb": round(peak_mb, 1),
@@ -140,16 +163,16 @@ def _tiny_tokenizer():
     return Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
 
 
-def _run_case(model: str, dtype: str) -> dict:
+def _run_case(model: str, dtype: str, weights: str) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", model, dtype], check=True, capture_output=True, text=True
+        [sys.executable, __file__, "--measure", model, dtype, weights], check=True, capture_output=True, text=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", nargs=2, metavar=("MODEL", "DTYPE"), help="internal: measure one case")
+    parser.add_argument("--measure", nargs=3, metavar=("MODEL", "DTYPE", "WEIGHTS"), help="internal: one case")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -161,17 +184,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"llama-h{args.hidden}-l{args.layers}-bf16"
         build_bf16_folder(folder, args.hidden, args.layers)
-        for model in ("smollm2-135m", str(folder)):
+        cases = [("smollm2-135m", w) for w in ("auto", "dequantize")] + [(str(folder), "auto")]
+        for model, weights in cases:
             for dtype in ("float32", "bfloat16"):
-                row = _run_case(model, dtype)
+                row = _run_case(model, dtype, weights)
                 row["model"] = Path(model).name
                 rows.append(row)
-    head = ("model", "dtype", "params MiB", "resident MiB", "peak MiB", "after MiB", "peak/resident", "s")
-    print("{:<24} {:<9} {:>10} {:>12} {:>9} {:>9} {:>13} {:>6}".format(*head))
+    head = ("model", "dtype", "weights", "file MiB", "resident MiB", "res/file", "peak MiB", "peak/res", "s")
+    print("{:<24} {:<9} {:<10} {:>8} {:>12} {:>8} {:>9} {:>9} {:>6}".format(*head))
     for r in rows:
+        file_mb = "-" if r["file_mb"] is None else f"{r['file_mb']:.1f}"
+        ratio = "-" if r["resident_over_file"] is None else f"{r['resident_over_file']:.2f}"
+        weights = r["weights"] + ("" if r["quantized"] or r["file_mb"] is None else "*")
         print(
-            f"{r['model']:<24} {r['dtype']:<9} {r['param_mb']:>10.1f} {r['resident_mb']:>12.1f} {r['peak_mb']:>9.1f} "
-            f"{r['after_mb']:>9.1f} {r['peak_ratio']:>13.2f} {r['seconds']:>6.2f}"
+            f"{r['model']:<24} {r['dtype']:<9} {weights:<10} {file_mb:>8} {r['resident_mb']:>12.1f} {ratio:>8} "
+            f"{r['peak_mb']:>9.1f} {r['peak_ratio']:>9.2f} {r['seconds']:>6.2f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cases": rows}, indent=2) + "\n")

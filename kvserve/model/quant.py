@@ -10,9 +10,10 @@ quantized model's outputs have the bits of the dequantized one's.
 Tensors fused into one linear (q/k/v, gate/up) may differ in type (a Q4_K_M file keeps v in Q6_K): they are
 packed in the narrowest format that holds them all (:func:`join`), exactly.
 
-What the packs cost against the file: Q4_0/Q4_1/Q8_0 keep their float16 scales (Q4_1: 24 bytes per 32
-weights vs the file's 20, Q8_0: 36 vs 34); the K-quants store the products of their two-level scales in
-float32 (Q4_K: 0.75 bytes per weight vs 0.5625; Q6_K: 1.25 vs 0.82, its 6-bit codes in bytes).
+What the packs cost against the file: Q8_0, Q4_0 and Q4_1 keep their float16 scales and take exactly the
+file's bytes (plus zero columns filling a last partial panel); the K-quants store the products of their
+two-level scales in float32 (Q4_K: 0.75 bytes per weight vs the file's 0.5625; Q6_K: 1.25 vs 0.82, its 6-bit
+codes in bytes).
 """
 
 from __future__ import annotations
