@@ -451,7 +451,10 @@ void kvserve_linear_swiglu(int bf, const void *x, int64_t ldx, int64_t M, int64_
  * per pair of k as [k/2][column], the even k in the low nibble, value = nibble - offset.
  *
  * A weight is w = S * q, then + B, each rounded in float32: what gguf-py's dequantizer computes (and, for
- * bfloat16, then rounded to bf16 as the dequantized bf16 model's weight is). The micro-kernels below multiply
+ * bfloat16, then rounded to bf16 as the dequantized bf16 model's weight is). S * q never rounds: S is a float16
+ * (11 significant bits) or a K-quant's exact product of a float16 and its 6-bit (Q4_K) or int8 (Q6_K) scale
+ * (at most 18 bits), q an integer of at most 7 significant bits (4 with Q4_K's S, 5 with Q6_K's), so every
+ * product fits float32's 24 bits; hence one FMA, S * q + B rounded once, gives the two roundings' bits. The micro-kernels below multiply
  * exactly those numbers in exactly the plain kernels' order (one chain of FMAs over k, VDPBF16PS over pairs of
  * k), so a quantized linear's outputs have the bits of the plain linear over the dequantized weights, at every
  * row count. Up to QROWS rows the weights are dequantized in registers, straight into the chain: a decode step
@@ -512,10 +515,9 @@ static inline __attribute__((always_inline)) void q_pair(const int BITS, const i
         a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 2 * t * NR + 16 * v))));
         b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + (2 * t + 1) * NR + 16 * v))));
     }
-    a = _mm512_mul_ps(q->s[v], a);
-    b = _mm512_mul_ps(q->s[v], b);
-    *w0 = HB ? _mm512_add_ps(a, q->b[v]) : a;
-    *w1 = HB ? _mm512_add_ps(b, q->b[v]) : b;
+    /* S * q is exact in float32 for every format (see above), so fma(S, q, B) == round(round(S * q) + B) */
+    *w0 = HB ? _mm512_fmadd_ps(q->s[v], a, q->b[v]) : _mm512_mul_ps(q->s[v], a);
+    *w1 = HB ? _mm512_fmadd_ps(q->s[v], b, q->b[v]) : _mm512_mul_ps(q->s[v], b);
 }
 
 static inline __m512 q_table(const WeightDesc *d) {
