@@ -17,17 +17,21 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpu_peak, peers
 
 import torch
 from tqdm import tqdm
 
 from kvserve import LLM, SamplingParams
 from kvserve.engine import NewRequest
+from kvserve.model import native
 from kvserve.model.loader import load_model, resolve_model_path
 
 TEXT = (
@@ -205,6 +209,158 @@ def bench_floor(llm: LLM, device: str, rounds: int) -> dict:
     return {"weight_bytes": nbytes, **ranked[len(ranked) // 2], "rounds": per_round}
 
 
+def quantized_bytes_per_step(llm: LLM) -> tuple[int, int]:
+    """(bytes a batch-1 step reads from the weights as the model keeps them, weights multiplied per step)."""
+    m = llm.engine._runner.model
+    nbytes = weights = 0
+    for owner in (*m.layers, m):
+        for name in ("qkv", "o_proj", "gate_up", "down", "lm_head"):
+            w = getattr(owner, name, None)
+            if w is None or not isinstance(w, (torch.Tensor, native.PackedLinear)):
+                continue
+            t = getattr(w, "packed", w)
+            nbytes += t.numel() * t.element_size()
+            weights += w.shape[0] * w.shape[1]
+    return nbytes, weights
+
+
+def _prefill_tok_s(llm: LLM, n: int, repeats: int) -> float:
+    return n / best_of(lambda: timed_first_token(llm, prompt_ids(llm, n, salt=int(time.time() * 1e6) % 997)), repeats)
+
+
+def bench_quantized(model: str, dtype: str, rounds: int, steps: int, repeats: int) -> dict:
+    """The model's GGUF quantized weights run as stored (weights="auto") against the same model dequantized at
+    load ("dequantize"), same dtype, same process, alternating rounds; with the floors of the quantized step."""
+    from cpu_peak import measure
+
+    loaded = load_model(model)
+    kw = dict(loaded=loaded, dtype=dtype, max_num_seqs=64, enable_prefix_caching=False, max_num_batched_tokens=4096)
+    llms = {w: LLM(**kw, weights=w) for w in ("auto", "dequantize")}
+    if not llms["auto"].engine._runner.model.quantized:
+        raise SystemExit("the linear kernel does not run here: weights=auto dequantizes (nothing to compare)")
+    peak = measure(quiet=True)
+    per: dict = {w: {"b1": [], "b32": [], "prefill512": [], "prefill2048": []} for w in llms}
+    for _ in tqdm(range(rounds), desc=f"quantized vs dequantized ({dtype})"):
+        for w, llm in llms.items():
+            per[w]["b1"].append(bench_decode(llm, 1, steps)["step_ms"])
+            per[w]["b32"].append(bench_decode(llm, 32, steps // 2)["step_ms"])
+            per[w]["prefill512"].append(_prefill_tok_s(llm, 512, repeats))
+            per[w]["prefill2048"].append(_prefill_tok_s(llm, 2048, 1))
+    med = {w: {k: statistics.median(v) for k, v in d.items()} for w, d in per.items()}
+    nbytes, weights = quantized_bytes_per_step(llms["auto"])
+    dq_bytes, _ = quantized_bytes_per_step(llms["dequantize"])
+    bw = max(bandwidth_gbs()[1] for _ in range(3))
+    fp32, bf16 = peak["fp32_gflops"] * 1e9, peak["bf16_gflops"] * 1e9
+    # each weight: S * q + B as one float32 FMA, then its product with x (a float32 FMA, or half a VDPBF16PS)
+    arith_s = weights * 2 / fp32 + weights * 2 / (fp32 if dtype == "float32" else bf16)
+    floor_ms = max(nbytes / (bw * 1e9), arith_s) * 1e3
+    q, d = med["auto"], med["dequantize"]
+    return {
+        "dtype": dtype,
+        "rounds": per,
+        "median": med,
+        "weight_bytes_quantized": nbytes,
+        "weight_bytes_dequantized": dq_bytes,
+        "weights_per_step": weights,
+        "read_bandwidth_gbs": bw,
+        "peak": peak,
+        "bytes_floor_ms": nbytes / (bw * 1e9) * 1e3,
+        "arithmetic_floor_ms": arith_s * 1e3,
+        "floor_ms": floor_ms,
+        "b1_over_floor": q["b1"] / floor_ms,
+        "b1_speedup": d["b1"] / q["b1"],
+        "b32_ratio": q["b32"] / d["b32"],
+        "prefill512_ratio": d["prefill512"] / q["prefill512"],
+        "prefill2048_ratio": d["prefill2048"] / q["prefill2048"],
+    }
+
+
+def llama_server_speed(steps: int = 64, prompt: int = 512) -> dict | None:
+    """llama.cpp's server on the same GGUF (bench/peers.py), its own timings: batch-1 decode ms per token and
+    prefill tokens/s of a `prompt`-token prompt (prompt cache off for the request). None if not installed."""
+    import httpx
+    from peers import PEERS_BY_NAME, Launch, RunningPeer
+
+    peer = PEERS_BY_NAME["llama-server"]
+    if not peer.installed():
+        return None
+    text = TEXT * (prompt // 40 + 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with RunningPeer(peer, Launch(port=port)) as server:
+        decode, prefill = [], []
+        for i in range(4):
+            body = {"prompt": f"Run {i}. " + text, "n_predict": steps, "cache_prompt": False, "ignore_eos": True}
+            body["temperature"] = 0
+            t = httpx.post(server.base_url + "/completion", json=body, timeout=600).json()["timings"]
+            if i:  # the first request warms it up
+                decode.append(t["predicted_per_token_ms"])
+                prefill.append(t["prompt_per_second"])
+    return {
+        "b1_step_ms": statistics.median(decode),
+        "prefill_tok_s": statistics.median(prefill),
+        "prompt_tokens": t["prompt_n"],
+    }
+
+
+def quantized_report(res: dict) -> str:
+    lines = [
+        "| metric | " + " | ".join(res["dtypes"]) + " |",
+        "|---|" + "---|" * len(res["dtypes"]),
+    ]
+    rows: dict[str, list[str]] = {}
+    for r in res["dtypes"].values():
+        q, d = r["median"]["auto"], r["median"]["dequantize"]
+        add = lambda k, v: rows.setdefault(k, []).append(v)  # noqa: E731
+        add("weights read per batch-1 step, as stored (MB)", f"{r['weight_bytes_quantized'] / 1e6:.0f}")
+        add("weights read per batch-1 step, dequantized (MB)", f"{r['weight_bytes_dequantized'] / 1e6:.0f}")
+        add("batch-1 step, quantized (ms)", f"{q['b1']:.2f}")
+        add("batch-1 step, dequantized (ms)", f"{d['b1']:.2f}")
+        add("batch-1 speedup", f"{r['b1_speedup']:.2f}x")
+        add("bytes floor: quantized bytes / read bandwidth (ms)", f"{r['bytes_floor_ms']:.2f}")
+        add("arithmetic floor: dequantize + multiply at peak (ms)", f"{r['arithmetic_floor_ms']:.2f}")
+        add("batch-1 step / floor", f"{r['b1_over_floor']:.2f}x")
+        add("batch-32 step, quantized / dequantized (ms)", f"{q['b32']:.1f} / {d['b32']:.1f}")
+        add("batch-32 quantized / dequantized", f"{r['b32_ratio']:.3f}x")
+        add("prefill 512 tok/s, quantized / dequantized", f"{q['prefill512']:.0f} / {d['prefill512']:.0f}")
+        add("prefill 512 time, quantized / dequantized", f"{r['prefill512_ratio']:.3f}x")
+        add("prefill 2048 tok/s, quantized / dequantized", f"{q['prefill2048']:.0f} / {d['prefill2048']:.0f}")
+        add("prefill 2048 time, quantized / dequantized", f"{r['prefill2048_ratio']:.3f}x")
+    ls = res.get("llama_server")
+    if ls:
+        rows["llama-server batch-1 step (ms), same file"] = [f"{ls['b1_step_ms']:.2f}"] * len(res["dtypes"])
+        rows[f"llama-server prefill {ls['prompt_tokens']} tok/s"] = [f"{ls['prefill_tok_s']:.0f}"] * len(res["dtypes"])
+    lines += [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def main_quantized(args: argparse.Namespace) -> None:
+    import subprocess
+    import tempfile
+
+    if args.quantized_dtype:  # one dtype in this (fresh) process
+        r = bench_quantized(args.model, args.quantized_dtype, args.decode_rounds, args.decode_steps, args.repeats)
+        Path(args.out).write_text(json.dumps(r, indent=2))
+        return
+    res: dict = {"model": args.model, "threads": torch.get_num_threads(), "dtypes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes:
+            out = Path(tmp) / f"{dtype}.json"
+            cmd = [sys.executable, __file__, "--quantized", "--quantized-dtype", dtype, "--out", str(out)]
+            cmd += ["--model", args.model, "--decode-rounds", str(args.decode_rounds), "--repeats", str(args.repeats)]
+            cmd += ["--decode-steps", str(args.decode_steps)]
+            subprocess.run(cmd, check=True)
+            res["dtypes"][dtype] = json.loads(out.read_text())
+    res["llama_server"] = llama_server_speed()
+    out = Path(args.out if args.out != "bench/results/offline.json" else "bench/results/quantized.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    table = quantized_report(res)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
 def hf_model(model: str, dtype: torch.dtype, device: torch.device):
     import transformers
 
@@ -223,7 +379,15 @@ def main() -> None:
     ap.add_argument("--floor-rounds", type=int, default=5, help="alternating bandwidth / batch-1 step rounds")
     ap.add_argument("--model", default="smollm2-135m", help="bundled alias or a .gguf file")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the CPU numbers are the issue's)")
+    ap.add_argument(
+        "--quantized",
+        action="store_true",
+        help="only the quantized-weights section: weights=auto vs dequantize per dtype, floors, llama-server",
+    )
+    ap.add_argument("--quantized-dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quantized:
+        return main_quantized(args)
     if len(args.dtypes) > 1:  # one fresh process per dtype: measured, the second dtype in one process ran
         return _one_process_per_dtype(args)  # decode up to 30% slower (allocator and oneDNN state left over)
     loaded = load_model(args.model)
