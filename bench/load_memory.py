@@ -172,12 +172,14 @@ def _run_case(model: str, dtype: str, weights: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", nargs=3, metavar=("MODEL", "DTYPE", "WEIGHTS"), help="internal: one case")
+    parser.add_argument("--measure", nargs="+", metavar="MODEL DTYPE [WEIGHTS]", help="internal: one case")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.measure:
+        if len(args.measure) not in (2, 3):
+            parser.error("--measure takes MODEL DTYPE [WEIGHTS]")
         print(json.dumps(measure(*args.measure)))
         return
     rows = []

@@ -33,7 +33,15 @@ from kvserve.model.families import (
     rms_norm,
     softcap_,
 )
-from kvserve.model.invariant import linear, packs_linears, prepack_linears, prepack_model_linears
+from kvserve.model.invariant import (
+    linear,
+    packed_linears_of,
+    packs_linears,
+    place_in_huge_pages,
+    prepack_layer,
+    prepack_linears,
+    prepack_model_linears,
+)
 from kvserve.model.rope import apply_rope, rope_tables
 from kvserve.model.weights import WeightFiles, fuse, take
 
@@ -91,8 +99,9 @@ class LlamaModel:
         self.embed = self._linear(weights, ("model.embed_tokens.weight",))  # (V, D): the lookup table
         self.embed_scale = embed_scale(config, dtype, device)
         self.lm_head = self.embed if config.tie_word_embeddings else self._linear(weights, ("lm_head.weight",))
-        if packs_linears(device, dtype, backends.native_linear):  # packed while little else is resident: the
-            prepack_linears(self, ("lm_head",), backends.native_linear)  # plain copy's peak is the largest
+        if packs_linears(device, dtype, backends.native_linear):  # packed (and moved to huge pages) while little
+            prepack_linears(self, ("lm_head",), backends.native_linear)  # else is resident: the largest copies
+            place_in_huge_pages(packed_linears_of(self))
         self.final_norm = norm("model.norm.weight")
         windows = active_windows(config, max_len)
         # Where both CPU kernels run (attention and linears), one C call per layer (csrc/layer.c): no Python
@@ -106,14 +115,19 @@ class LlamaModel:
             and (dtype != torch.bfloat16 or config.hidden_size % 2 == config.intermediate_size % 2 == 0)
         )
         self._fusable = fusable  # quantized gate_up is packed for the fused layer's SwiGLU epilogue at once
-        self.layers = [self._layer(w, weights, norm, i, windows[i]) for i in range(config.num_hidden_layers)]
-        if fusable:  # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up
-            for layer in self.layers:
-                if not isinstance(layer.gate_up, native.PackedLinear):  # quantized ones are packed so already
-                    layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
-        # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
+        self.layers = []
+        for i in range(config.num_hidden_layers):  # each layer packed as it is built: one plain copy at a time
+            layer = self._layer(w, weights, norm, i, windows[i])
+            # gate_up packed for the kernel's SwiGLU epilogue: the layer never stores gate/up (quantized ones
+            # are packed so already)
+            if fusable and not isinstance(layer.gate_up, native.PackedLinear):
+                layer.gate_up = native.PackedLinear(layer.gate_up, swiglu=True)
+            # the kernel's panels (else oneDNN's blocked layout): faster at batch 1
+            if packs_linears(device, dtype, backends.native_linear):
+                prepack_layer(layer, backends.native_linear)
+            self.layers.append(layer)
         if packs_linears(device, dtype, backends.native_linear):
-            prepack_model_linears(self, backends.native_linear)
+            prepack_model_linears(self, backends.native_linear)  # what is left (nothing, for this model)
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         # (cos, sin) per RoPE base, (max_len, rotary_dim) in the model dtype: [0] global, [1] Gemma 3's local
         bases = [(config.rope_theta, config.rope_scaling)]
