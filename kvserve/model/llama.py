@@ -128,6 +128,8 @@ class LlamaModel:
             self.layers.append(layer)
         if packs_linears(device, dtype, backends.native_linear):
             prepack_model_linears(self, backends.native_linear)  # what is left (nothing, for this model)
+        linears = [self.embed, self.lm_head] + [getattr(la, n) for la in self.layers for n in ("qkv", "gate_up")]
+        self.quantized = any(isinstance(x, native.QuantLinear) for x in linears)  # kept as stored, not just allowed
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         # (cos, sin) per RoPE base, (max_len, rotary_dim) in the model dtype: [0] global, [1] Gemma 3's local
         bases = [(config.rope_theta, config.rope_scaling)]

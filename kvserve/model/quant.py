@@ -165,38 +165,50 @@ def source_rows(n: int, swiglu: bool) -> np.ndarray:
 
 
 def pack(parts: list[QuantTensor], swiglu: bool = False) -> tuple[np.ndarray, Format, tuple[int, int]]:
-    """The rows of ``parts`` (fused in order) as the kernel's quantized panels: (bytes, format, (N, K))."""
-    decoded = [decode(p) for p in parts]
-    fmt = join([d.fmt for d in decoded])
-    decoded = [convert(d, fmt) for d in decoded]
+    """The rows of ``parts`` (fused in order) as the kernel's quantized panels: (bytes, format, (N, K)).
+    Decoded and packed a band of panels at a time, so the transient copies are a band's, not the tensor's."""
     k = parts[0].shape[1]
     if any(p.shape[1] != k for p in parts):
         raise ValueError(f"cannot fuse quantized tensors of {[p.shape for p in parts]}")
-    codes = np.concatenate([d.codes for d in decoded]) if len(decoded) > 1 else decoded[0].codes
-    scales = np.concatenate([d.scales for d in decoded])
-    bias = np.concatenate([d.bias for d in decoded]) if fmt.has_bias else None
-    del decoded
-    n = codes.shape[0]
+    fmt = join([Format(*native_types()[p.kind]) for p in parts])
+    starts = np.cumsum([0] + [p.shape[0] for p in parts])
+    n = int(starts[-1])
     rows = source_rows(n, swiglu)
-    panels, groups, g = len(rows) // NR, k // fmt.group, fmt.group
-    keep = rows >= 0
-    src = np.where(keep, rows, 0)
+    panels = len(rows) // NR
+    record = NR * fmt.scale_dtype.itemsize * (1 + fmt.has_bias) + NR * fmt.group * fmt.bits // 8
+    panel_bytes = k // fmt.group * record
+    out = np.empty(panels * panel_bytes, dtype=np.uint8)
+    band = max(1, (4 << 20) // max(k * NR, 1))  # panels per band: about 4 M weights
+    for p0 in range(0, panels, band):
+        p1 = min(panels, p0 + band)
+        out[p0 * panel_bytes : p1 * panel_bytes] = _pack_band(parts, starts, fmt, rows[p0 * NR : p1 * NR], k)
+    return out, fmt, (n, k)
 
-    def gather(a: np.ndarray) -> np.ndarray:  # packed column order, zero columns zeroed
-        out = a[src]
-        out[~keep] = 0
-        return out
 
+def _pack_band(parts: list[QuantTensor], starts: np.ndarray, fmt: Format, rows: np.ndarray, k: int) -> np.ndarray:
+    """Packed bytes of the panels whose columns come from fused rows ``rows`` (-1: zero column)."""
+    g, groups, panels = fmt.group, k // fmt.group, len(rows) // NR
+    codes = np.zeros((len(rows), k), dtype=np.int8 if fmt.bits == 8 else np.uint8)
+    scales = np.zeros((len(rows), groups), dtype=np.float32)
+    bias = np.zeros((len(rows), groups), dtype=np.float32) if fmt.has_bias else None
+    for i, part in enumerate(parts):  # each part's rows this band needs, decoded as one slice
+        mine = np.nonzero((rows >= starts[i]) & (rows < starts[i + 1]))[0]
+        if not len(mine):
+            continue
+        local = rows[mine] - starts[i]
+        lo, hi = int(local.min()), int(local.max()) + 1
+        d = convert(decode(QuantTensor(part.raw[lo:hi], part.kind, (hi - lo, k))), fmt)
+        codes[mine], scales[mine] = d.codes[local - lo], d.scales[local - lo]
+        if bias is not None:
+            bias[mine] = d.bias[local - lo]
     sdt = fmt.scale_dtype
-    fields = [gather(scales).astype(sdt).reshape(panels, NR, groups).transpose(0, 2, 1).copy().view(np.uint8)]
+    fields = [scales.astype(sdt).reshape(panels, NR, groups).transpose(0, 2, 1).copy().view(np.uint8)]
     if bias is not None:
-        fields.append(gather(bias).astype(sdt).reshape(panels, NR, groups).transpose(0, 2, 1).copy().view(np.uint8))
-    c = gather(codes).reshape(panels, NR, groups, g).transpose(0, 2, 3, 1)  # (panels, groups, g, 48)
+        fields.append(bias.astype(sdt).reshape(panels, NR, groups).transpose(0, 2, 1).copy().view(np.uint8))
+    c = codes.reshape(panels, NR, groups, g).transpose(0, 2, 3, 1)  # (panels, groups, g, 48)
     if fmt.bits == 4:
-        c = c.astype(np.uint8)
         c = (c[:, :, 0::2] | (c[:, :, 1::2] << 4)).reshape(panels, groups, g // 2 * NR)
     else:
-        c = c.astype(np.int8).view(np.uint8).reshape(panels, groups, g * NR)
+        c = c.view(np.uint8).reshape(panels, groups, g * NR)
     fields = [f.reshape(panels, groups, -1) for f in fields] + [c]
-    out = np.concatenate(fields, axis=2).reshape(-1)
-    return out, fmt, (n, k)
+    return np.concatenate(fields, axis=2).reshape(-1)
