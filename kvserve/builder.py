@@ -76,7 +76,9 @@ def build_parts(config: EngineConfig, loaded: LoadedModel) -> EngineParts:
     cost_args = {"cost": _recompute_cost(mc, config.block_size), "block_bytes": max(per_block, 1)}
     policy = make_policy(config.eviction_policy, **(cost_args if config.eviction_policy == "cost-aware" else {}))
     pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching, policy=policy)
-    kv = KVCacheManager(pool, config.block_size, enable_caching=config.enable_prefix_caching)
+    kv = KVCacheManager(
+        pool, config.block_size, enable_caching=config.enable_prefix_caching, window=release_window(model)
+    )
     limits = SchedulerLimits(config.max_num_batched_tokens, config.max_num_seqs, config.long_prefill_token_threshold)
     scheduler = Scheduler(limits, kv)
     recurrent = None
@@ -92,6 +94,15 @@ def build_parts(config: EngineConfig, loaded: LoadedModel) -> EngineParts:
     return EngineParts(
         device, dtype, backends, max_model_len, num_blocks, model, pool, kv, scheduler, runner, recurrent
     )
+
+
+def release_window(model: LlamaModel | HybridModel) -> int | None:
+    """The window past which a request's KV blocks can be given back: where every layer attends a sliding
+    window (Mistral, Phi-3), the largest; None where any layer attends everything before it."""
+    windows = [getattr(layer, "window", None) for layer in model.layers]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
 
 
 def _num_blocks(config: EngineConfig, mc: ModelConfig, per_block: int, dtype: torch.dtype, max_model_len: int) -> int:

@@ -53,6 +53,9 @@ class EngineLimits:
     kv_capacity_tokens: int  # tokens the whole KV pool holds
     vocab_size: int  # token ids are in [0, vocab_size)
     max_logprobs: int
+    # sliding-window models: the most tokens' worth of blocks a request holds at once (blocks below every
+    # window are given back while it runs); None: a request holds all its tokens' blocks
+    kv_window_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,15 @@ class LLMEngine:
             self._parts.num_blocks * self._config.block_size,
             min(self.model_config.vocab_size, self._tokenizer.vocab_size),
             self._config.max_logprobs,
+            self._window_tokens(),
         )
+
+    def _window_tokens(self) -> int | None:
+        window = self._parts.kv.window
+        if window is None:
+            return None
+        c = self._config  # one step computes at most a chunk, which may begin in a partly filled block
+        return window + (c.long_prefill_token_threshold or c.max_num_batched_tokens) + 2 * c.block_size
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, with its chat template (thread-safe: callers may tokenize off the engine's

@@ -38,7 +38,8 @@ def check_request(prompt: list[int], params: SamplingParams, limits: EngineLimit
         if k is not None and k > limits.max_logprobs:
             raise InvalidRequestError(f"{name} {k} exceeds max_logprobs {limits.max_logprobs}", param=name)
     total = min(n + (params.max_tokens or limits.max_model_len), limits.max_model_len)
-    if total > limits.kv_capacity_tokens:
+    window = getattr(limits, "kv_window_tokens", None)
+    if (total if window is None else min(total, window)) > limits.kv_capacity_tokens:
         raise ContextLengthError(
             f"the request needs up to {total} tokens of KV (prompt {n} + max_tokens), but the KV cache holds "
             f"{limits.kv_capacity_tokens} tokens ({num_blocks} blocks); lower max_tokens or "

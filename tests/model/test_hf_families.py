@@ -143,6 +143,59 @@ def test_sliding_window_matches_transformers(family, tmp_path, hf_tokenizer_dir,
     assert got == [_reference(model, hf_tokenizer.encode(p), 16) for p in prompts]
 
 
+def _watch_held(llm) -> list[int]:
+    """Blocks each running request holds after every step (invariants checked each step)."""
+    kv, held, step = llm.engine._parts.kv, [], llm.engine.step
+
+    def watched():
+        out = step()
+        held.extend(kv.num_held(r) for r in llm.engine._parts.scheduler.running)
+        kv.check_invariants()
+        return out
+
+    llm.engine.step = watched
+    return held
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_blocks_below_every_window_are_given_back(caching, tmp_path, hf_tokenizer_dir, hf_tokenizer):
+    """Mistral windows every layer (24 keys): a request holds only the blocks its window still reaches, so
+    prompts of up to 450 tokens run three at a time in a 20-block pool (320 tokens) and give transformers'
+    tokens."""
+    cls, config = WINDOWED["mistral"]
+    model = _save(cls, config, hf_tokenizer_dir, tmp_path)
+    llm = LLM(
+        model=str(tmp_path), dtype="float32", num_kv_blocks=20, max_num_batched_tokens=32,
+        enable_prefix_caching=caching,
+    )  # fmt: skip
+    assert llm.engine._parts.kv.window == 24
+    held = _watch_held(llm)
+    prompts = [LONG, LONG[:200], PROMPTS[2]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    refs = [_reference(model, hf_tokenizer.encode(p), 16) for p in prompts]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == refs
+    # a request's blocks: the window (24) + a chunk (32) + two partly filled blocks, never its whole prompt
+    assert held and max(held) <= (24 + 32) // 16 + 2
+    assert llm.engine.get_stats().num_used_blocks == 0
+
+
+def test_window_prefix_hit_takes_only_the_window(tmp_path, hf_tokenizer_dir, hf_tokenizer):
+    """A cached long prompt asked again: the hit covers it, but the request takes only the blocks its window
+    reaches; same tokens as transformers."""
+    cls, config = WINDOWED["mistral"]
+    model = _save(cls, config, hf_tokenizer_dir, tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=64, max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = _reference(model, hf_tokenizer.encode(LONG), 8)
+    assert llm.generate([LONG], params)[0].outputs[0].token_ids == ref
+    held = _watch_held(llm)
+    again = llm.generate([LONG], params)[0]
+    assert again.outputs[0].token_ids == ref
+    assert again.num_cached_tokens >= 400
+    assert held and max(held) <= (24 + 32) // 16 + 2
+    assert llm.engine.get_stats().num_used_blocks == 0
+
+
 def test_window_as_long_as_the_context_keeps_the_kernel(tmp_path, hf_tokenizer_dir):
     """A window no shorter than max_model_len hides no key: the attention kernel stays (where it builds)."""
     from kvserve.model import native

@@ -26,13 +26,14 @@ STEMS = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]
 
 class KVMachine(RuleBasedStateMachine):
     policy = "lru"
+    window: int | None = None  # sliding window of every layer: blocks below it are given back
 
     def __init__(self):
         super().__init__()
         args = {"cost": recompute_cost(0.01, BS)} if self.policy == "cost-aware" else {}
         self.pool = BlockPool(NUM_BLOCKS, policy=make_policy(self.policy, **args))
         self.pool.on_evict = self._on_evict
-        self.kv = KVCacheManager(self.pool, BS)
+        self.kv = KVCacheManager(self.pool, BS, window=self.window)
         self.num_evicted = 0
         self.running: dict[str, Request] = {}
         self.shadow: dict[tuple[int, int], int] = {}  # (block_id, offset) -> token written there
@@ -108,7 +109,10 @@ class KVMachine(RuleBasedStateMachine):
         for req in self.running.values():
             ids = self.kv.block_ids(req)
             assert len(ids) * BS >= req.num_computed_tokens
-            for pos in range(req.num_computed_tokens):
+            # with a window, only the positions a future query can attend must be intact (and held)
+            low = 0 if self.window is None else max(0, req.num_computed_tokens - self.window) // BS * BS
+            for pos in range(low, req.num_computed_tokens):
+                assert self.kv._blocks[req.request_id][pos // BS] is not None, (req.request_id, pos)
                 assert self.shadow.get((ids[pos // BS], pos % BS)) == req.all_token_ids[pos], (req.request_id, pos)
 
     @invariant()
@@ -116,6 +120,8 @@ class KVMachine(RuleBasedStateMachine):
         owners: dict[int, int] = {}
         for req in self.running.values():
             for b in self.kv._blocks[req.request_id]:
+                if b is None:
+                    continue
                 owners[b.block_id] = owners.get(b.block_id, 0) + 1
                 if owners[b.block_id] > 1:
                     assert b.block_hash is not None, f"mutable block {b.block_id} shared"
@@ -135,8 +141,15 @@ class CostAwareMachine(KVMachine):
     policy = "cost-aware"
 
 
-for machine in (KVMachine, LFUMachine, CostAwareMachine):
+class WindowMachine(KVMachine):
+    """Every layer windowed (6 keys): blocks below it given back while requests run, hits skip them."""
+
+    window = 6
+
+
+for machine in (KVMachine, LFUMachine, CostAwareMachine, WindowMachine):
     machine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 TestKVPropertiesLRU = KVMachine.TestCase
+TestKVPropertiesWindow = WindowMachine.TestCase
 TestKVPropertiesLFU = LFUMachine.TestCase
 TestKVPropertiesCostAware = CostAwareMachine.TestCase
