@@ -193,13 +193,13 @@ def main() -> None:
                 row["model"] = Path(model).name
                 rows.append(row)
     head = ("model", "dtype", "weights", "file MiB", "resident MiB", "res/file", "peak MiB", "peak/res", "s")
-    print("{:<24} {:<9} {:<10} {:>8} {:>12} {:>8} {:>9} {:>9} {:>6}".format(*head))
+    print("{:<24} {:<9} {:<12} {:>8} {:>12} {:>8} {:>9} {:>9} {:>6}".format(*head))
     for r in rows:
         file_mb = "-" if r["file_mb"] is None else f"{r['file_mb']:.1f}"
         ratio = "-" if r["resident_over_file"] is None else f"{r['resident_over_file']:.2f}"
         weights = r["weights"] + ("" if r["quantized"] or r["file_mb"] is None else "*")
         print(
-            f"{r['model']:<24} {r['dtype']:<9} {weights:<10} {file_mb:>8} {r['resident_mb']:>12.1f} {ratio:>8} "
+            f"{r['model']:<24} {r['dtype']:<9} {weights:<12} {file_mb:>8} {r['resident_mb']:>12.1f} {ratio:>8} "
             f"{r['peak_mb']:>9.1f} {r['peak_ratio']:>9.2f} {r['seconds']:>6.2f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
