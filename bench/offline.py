@@ -164,9 +164,8 @@ def _sync() -> None:
 
 
 def weight_bytes_per_step(llm: LLM) -> int:
-    m = llm.engine._runner.model
-    per_layer = sum(t.numel() * t.element_size() for t in vars(m.layers[0]).values() if t is not None)
-    return per_layer * len(m.layers) + m.lm_head.numel() * m.lm_head.element_size()
+    """Bytes of the weights a batch-1 step reads, as the model keeps them (packed, quantized or plain)."""
+    return quantized_bytes_per_step(llm)[0]
 
 
 def forward_share(llm: LLM, steps: int = 20) -> dict:
@@ -210,7 +209,8 @@ def bench_floor(llm: LLM, device: str, rounds: int) -> dict:
 
 
 def quantized_bytes_per_step(llm: LLM) -> tuple[int, int]:
-    """(bytes a batch-1 step reads from the weights as the model keeps them, weights multiplied per step)."""
+    """(bytes a batch-1 step reads from the linear weights and lm_head as the model keeps them, weights
+    multiplied per step); norms and biases, a few KB, are left out."""
     m = llm.engine._runner.model
     nbytes = weights = 0
     for owner in (*m.layers, m):

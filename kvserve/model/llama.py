@@ -89,9 +89,9 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:  # converted once from the file's dtype (model/weights.py)
             return take(weights, name, dtype, self.device)
 
-        # GGUF quantized weights kept as stored (EngineConfig.weights "auto"): only on kvserve's linear kernel
-        self.quantized = quantized and backends.native_linear and packs_linears(device, dtype, True)
-        self.quantized = self.quantized and dtype in (torch.float32, torch.bfloat16)
+        # GGUF quantized weights may stay as stored (EngineConfig.weights "auto"): only on kvserve's linear kernel
+        self._keep_quantized = quantized and backends.native_linear and packs_linears(device, dtype, True)
+        self._keep_quantized &= dtype in (torch.float32, torch.bfloat16)
 
         def norm(name: str) -> torch.Tensor:  # Gemma's norms keep (1 + w) in float32, as transformers
             return norm_weight(w(name), self.gemma)
@@ -175,7 +175,7 @@ class LlamaModel:
         """The named weights fused along dim 0: quantized panels where the model keeps GGUF quantized
         weights and every part is stored in a type the kernel runs (swiglu: packed for the fused layer's
         SwiGLU epilogue), else a tensor in the model dtype."""
-        if self.quantized:
+        if self._keep_quantized:
             parts = [weights.quantized(n) if isinstance(weights, WeightFiles) else None for n in names]
             if all(part is not None for part in parts):
                 return native.QuantLinear(parts, self.dtype, swiglu)

@@ -281,12 +281,6 @@ class QuantLinear(PackedLinear):
         assert self.packed.numel() == panels * lib.kvserve_q_panel_bytes(self.descriptor().data_ptr(), k)
         self._lib = lib
 
-    def element_size(self) -> int:  # bytes per weight as stored (for memory reports)
-        return 1
-
-    def nbytes(self) -> int:
-        return self.packed.numel()
-
     def __call__(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
