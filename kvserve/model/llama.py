@@ -128,7 +128,8 @@ class LlamaModel:
             self.layers.append(layer)
         if packs_linears(device, dtype, backends.native_linear):
             prepack_model_linears(self, backends.native_linear)  # what is left (nothing, for this model)
-        linears = [self.embed, self.lm_head] + [getattr(la, n) for la in self.layers for n in ("qkv", "gate_up")]
+        names = ("qkv", "o_proj", "gate_up", "down")
+        linears = [self.embed, self.lm_head] + [getattr(la, n) for la in self.layers for n in names]
         self.quantized = any(isinstance(x, native.QuantLinear) for x in linears)  # kept as stored, not just allowed
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         # (cos, sin) per RoPE base, (max_len, rotary_dim) in the model dtype: [0] global, [1] Gemma 3's local
@@ -143,7 +144,6 @@ class LlamaModel:
         self.scale = config.query_scale if config.query_scale is not None else config.head_dim**-0.5
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
-        names = ("qkv", "o_proj", "gate_up", "down")
         self.fused = fusable
         # the SwiGLU-packed gate_up is only for the fused layer; fusable implies every linear is on the kernel
         assert not fusable or all(
